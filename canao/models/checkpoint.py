@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CanaoError
@@ -43,7 +43,7 @@ def read_config(folder: Path) -> dict:
 def _load_one(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise CanaoError(f"{path}: corrupt or unreadable safetensors file ({exc}); re-download or re-save it") from None
 
 
@@ -82,4 +82,5 @@ def save_checkpoint(folder: Path, config: dict, state: dict[str, torch.Tensor], 
     # safetensors refuses shared storage (tied weights): store contiguous copies.
     save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(folder / SINGLE), metadata={"format": "pt"})
     for name, src in (extra_files or {}).items():
-        (folder / name).write_bytes(Path(src).read_bytes())
+        if Path(src).resolve() != (folder / name).resolve():
+            (folder / name).write_bytes(Path(src).read_bytes())
