@@ -1,0 +1,233 @@
+"""Read GGUF files (llama.cpp's format) into float32 PyTorch tensors and model configs.
+
+The `gguf` package parses the file and knows the quantized block layouts; this module adds
+what a PyTorch model needs on top: metadata as plain Python values, dequantized tensors in
+PyTorch's [out, in] orientation, llama.cpp tensor names mapped to our module names, and the
+undoing of the Q/K row permutation llama.cpp's converter applies for its RoPE kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CanaoError
+
+# Tensor types we dequantize. The reference numpy kernels in `gguf.quants` cover more
+# (K-quants, IQ*), but these are the ones this project is tested on.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+SUPPORTED_ARCHS = ("llama", "gpt2")
+
+
+@dataclass
+class GGUFFile:
+    """An opened GGUF: its metadata (plain Python values) and its tensors by name."""
+
+    path: Path
+    metadata: dict = field(repr=False)
+    tensors: dict = field(repr=False)  # name -> gguf.ReaderTensor (memory-mapped, not yet decoded)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", "?"))
+
+    def get(self, key: str, default=None):
+        return self.metadata.get(key, default)
+
+    def require(self, key: str):
+        if key not in self.metadata:
+            raise CanaoError(f"{self.path}: GGUF metadata key '{key}' is missing; the file is incomplete or not a model")
+        return self.metadata[key]
+
+
+def open_gguf(path: str | Path) -> GGUFFile:
+    """Parse the header, metadata and tensor index; tensor data stays memory-mapped."""
+    import gguf  # imported here so that the package loads without it for encoder-only work
+
+    path = Path(path)
+    if not path.is_file():
+        raise CanaoError(f"GGUF file not found: {path}")
+    try:
+        reader = gguf.GGUFReader(str(path))
+        metadata = {name: f.contents() for name, f in reader.fields.items()}
+        tensors = {t.name: t for t in reader.tensors}
+    except Exception as exc:  # the reader raises ValueError, struct/numpy errors, IndexError... on bad bytes
+        raise CanaoError(
+            f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc}); it is corrupt or truncated, "
+            "download or convert it again"
+        ) from None
+    return GGUFFile(path=path, metadata=metadata, tensors=tensors)
+
+
+def dequantize(gf: GGUFFile, name: str) -> torch.Tensor:
+    """One tensor as float32, shaped the PyTorch way (GGUF lists dimensions innermost first)."""
+    from gguf import quants
+
+    if name not in gf.tensors:
+        raise CanaoError(f"{gf.path}: tensor '{name}' is missing; the file does not hold a complete {gf.architecture} model")
+    t = gf.tensors[name]
+    kind = t.tensor_type.name
+    if kind not in SUPPORTED_TYPES:
+        raise CanaoError(
+            f"{gf.path}: tensor '{name}' has type {kind}, which canao does not read; "
+            f"re-quantize the model to one of {', '.join(SUPPORTED_TYPES)} (e.g. llama-quantize ... Q8_0)"
+        )
+    shape = tuple(int(d) for d in reversed(t.shape))
+    try:
+        values = quants.dequantize(t.data, t.tensor_type)
+        array = np.asarray(values, dtype=np.float32).reshape(shape)
+    except Exception as exc:
+        raise CanaoError(f"{gf.path}: tensor '{name}' could not be decoded ({exc}); the file is corrupt") from None
+    # Copy: the reader's arrays are read-only views of the memory map.
+    return torch.from_numpy(array.copy())
+
+
+def reverse_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K permutation.
+
+    HF Llama rotates halves of each head (rotate_half); llama.cpp rotates adjacent pairs, so its
+    converter reorders each head's rows from [x0..x(d/2-1), y0..] to [x0, y0, x1, y1, ...].
+    Going back: split each head's rows into (d/2, 2) and transpose to (2, d/2).
+    """
+    rows = w.shape[0]
+    head_dim = rows // n_head
+    return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# ---------------------------------------------------------------- llama
+
+
+def llama_config(gf: GGUFFile):
+    from .llama import LlamaConfig
+
+    arch = gf.architecture
+    if arch != "llama":
+        raise CanaoError(f"{gf.path}: GGUF architecture '{arch}' is not llama")
+    n_embd = int(gf.require("llama.embedding_length"))
+    n_head = int(gf.require("llama.attention.head_count"))
+    head_dim = int(gf.get("llama.attention.key_length", n_embd // n_head))
+    rope_dims = int(gf.get("llama.rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        raise CanaoError(f"{gf.path}: partial rotary embedding ({rope_dims} of {head_dim} dims) is not supported")
+    if gf.get("llama.rope.scaling.type") not in (None, "none"):
+        raise CanaoError(f"{gf.path}: RoPE scaling '{gf.get('llama.rope.scaling.type')}' is not supported")
+    if gf.get("llama.expert_count"):
+        raise CanaoError(f"{gf.path}: mixture-of-experts llama models are not supported")
+    has_output = "output.weight" in gf.tensors
+    vocab = gf.get("llama.vocab_size")
+    if vocab is None:
+        vocab = len(gf.require("tokenizer.ggml.tokens"))
+    return LlamaConfig(
+        vocab_size=int(vocab),
+        hidden_size=n_embd,
+        intermediate_size=int(gf.require("llama.feed_forward_length")),
+        num_layers=int(gf.require("llama.block_count")),
+        num_heads=n_head,
+        num_kv_heads=int(gf.get("llama.attention.head_count_kv", n_head)),
+        head_dim=head_dim,
+        rms_norm_eps=float(gf.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(gf.get("llama.rope.freq_base", 10000.0)),
+        max_seq_len=int(gf.get("llama.context_length", 2048)),
+        tie_embeddings=not has_output,
+    )
+
+
+LLAMA_BLOCK_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def llama_state_dict(gf: GGUFFile, config) -> dict[str, torch.Tensor]:
+    """GGUF tensors renamed to `canao.models.llama.Llama` parameter names."""
+    state = {
+        "embed_tokens.weight": dequantize(gf, "token_embd.weight"),
+        "norm.weight": dequantize(gf, "output_norm.weight"),
+    }
+    if not config.tie_embeddings:
+        state["lm_head.weight"] = dequantize(gf, "output.weight")
+    for i in range(config.num_layers):
+        for src, dst in LLAMA_BLOCK_NAMES.items():
+            w = dequantize(gf, f"blk.{i}.{src}")
+            if src == "attn_q.weight":
+                w = reverse_permute(w, config.num_heads)
+            elif src == "attn_k.weight":
+                w = reverse_permute(w, config.num_kv_heads)
+            state[f"layers.{i}.{dst}"] = w
+    return state
+
+
+# ---------------------------------------------------------------- gpt2
+
+
+def gpt2_config(gf: GGUFFile):
+    from .gpt2 import GPT2Config
+
+    n_embd = int(gf.require("gpt2.embedding_length"))
+    vocab = len(gf.require("tokenizer.ggml.tokens"))
+    return GPT2Config(
+        vocab_size=int(gf.get("gpt2.vocab_size", vocab)),
+        n_positions=int(gf.require("gpt2.context_length")),
+        n_embd=n_embd,
+        n_layer=int(gf.require("gpt2.block_count")),
+        n_head=int(gf.require("gpt2.attention.head_count")),
+        n_inner=int(gf.get("gpt2.feed_forward_length", 4 * n_embd)),
+        layer_norm_epsilon=float(gf.get("gpt2.attention.layer_norm_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in gf.tensors,
+    )
+
+
+GPT2_BLOCK_NAMES = {
+    "attn_norm.weight": "ln_1.weight",
+    "attn_norm.bias": "ln_1.bias",
+    "attn_qkv.weight": "attn.c_attn.weight",
+    "attn_qkv.bias": "attn.c_attn.bias",
+    "attn_output.weight": "attn.c_proj.weight",
+    "attn_output.bias": "attn.c_proj.bias",
+    "ffn_norm.weight": "ln_2.weight",
+    "ffn_norm.bias": "ln_2.bias",
+    "ffn_up.weight": "mlp.c_fc.weight",
+    "ffn_up.bias": "mlp.c_fc.bias",
+    "ffn_down.weight": "mlp.c_proj.weight",
+    "ffn_down.bias": "mlp.c_proj.bias",
+}
+
+
+def gpt2_state_dict(gf: GGUFFile, config) -> dict[str, torch.Tensor]:
+    """GGUF tensors renamed to `canao.models.gpt2.GPT2` parameter names.
+
+    llama.cpp stores GPT-2's matrices as ordinary [out, in] linear weights (its converter
+    transposes HF's Conv1D), which is the layout our nn.Linear layers use, so no transpose here.
+    """
+    state = {
+        "wte.weight": dequantize(gf, "token_embd.weight"),
+        "wpe.weight": dequantize(gf, "position_embd.weight"),
+        "ln_f.weight": dequantize(gf, "output_norm.weight"),
+        "ln_f.bias": dequantize(gf, "output_norm.bias"),
+    }
+    if not config.tie_embeddings:
+        state["lm_head.weight"] = dequantize(gf, "output.weight")
+    for i in range(config.n_layer):
+        for src, dst in GPT2_BLOCK_NAMES.items():
+            state[f"h.{i}.{dst}"] = dequantize(gf, f"blk.{i}.{src}")
+    return state
+
+
+def check_architecture(gf: GGUFFile) -> str:
+    arch = gf.architecture
+    if arch not in SUPPORTED_ARCHS:
+        raise CanaoError(
+            f"{gf.path}: GGUF architecture '{arch}' is not supported; canao runs {', '.join(SUPPORTED_ARCHS)} "
+            "(convert a supported model, e.g. SmolLM2 or GPT-2)"
+        )
+    return arch
