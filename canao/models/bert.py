@@ -30,6 +30,7 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
     num_labels: int = 2  # sequence classification only
+    dropout: float = 0.1  # hidden and attention dropout; active only in train()
 
     def __post_init__(self) -> None:
         if len(self.layer_heads) != len(self.layer_ffn):
@@ -79,6 +80,7 @@ class BertConfig:
             layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-12)),
             pad_token_id=int(cfg.get("pad_token_id") or 0),
             num_labels=int(cfg.get("num_labels", len(cfg.get("id2label", {})) or 2)),
+            dropout=float(cfg.get("hidden_dropout_prob", 0.1)),
         )
 
     def to_hf(self, architecture: str) -> dict:
@@ -101,6 +103,8 @@ class BertConfig:
             "pad_token_id": self.pad_token_id,
             "num_labels": self.num_labels,
             "position_embedding_type": "absolute",
+            "hidden_dropout_prob": self.dropout,
+            "attention_probs_dropout_prob": self.dropout,
         }
 
     def is_uniform(self) -> bool:
@@ -123,17 +127,18 @@ class Embeddings(nn.Module):
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None] + self.token_type_embeddings(token_type_ids)
-        return self.LayerNorm(x)
+        return self.dropout(self.LayerNorm(x))
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, hidden: int, heads: int, head_dim: int):
+    def __init__(self, hidden: int, heads: int, head_dim: int, dropout: float = 0.0):
         super().__init__()
-        self.heads, self.head_dim = heads, head_dim
+        self.heads, self.head_dim, self.dropout = heads, head_dim, dropout
         self.query = nn.Linear(hidden, heads * head_dim)
         self.key = nn.Linear(hidden, heads * head_dim)
         self.value = nn.Linear(hidden, heads * head_dim)
@@ -148,30 +153,31 @@ class SelfAttention(nn.Module):
         if want_probs:  # distillation needs the attention maps themselves
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + mask_bias
             probs = scores.softmax(-1)
-            ctx = probs @ v
+            ctx = F.dropout(probs, self.dropout, self.training) @ v
         else:
             probs = None
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias, dropout_p=self.dropout if self.training else 0.0)
         return ctx.transpose(1, 2).reshape(b, s, self.heads * self.head_dim), probs
 
 
 class DenseResidualNorm(nn.Module):
     """dense -> + residual -> LayerNorm (BERT's 'output' blocks)."""
 
-    def __init__(self, d_in: int, hidden: int, eps: float):
+    def __init__(self, d_in: int, hidden: int, eps: float, dropout: float = 0.0):
         super().__init__()
         self.dense = nn.Linear(d_in, hidden)
         self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: BertConfig, heads: int):
         super().__init__()
-        self.self = SelfAttention(cfg.hidden_size, heads, cfg.head_dim)
-        self.output = DenseResidualNorm(heads * cfg.head_dim, cfg.hidden_size, cfg.layer_norm_eps)
+        self.self = SelfAttention(cfg.hidden_size, heads, cfg.head_dim, cfg.dropout)
+        self.output = DenseResidualNorm(heads * cfg.head_dim, cfg.hidden_size, cfg.layer_norm_eps, cfg.dropout)
 
 
 class Intermediate(nn.Module):
@@ -188,7 +194,7 @@ class Layer(nn.Module):
         super().__init__()
         self.attention = Attention(cfg, heads)
         self.intermediate = Intermediate(cfg.hidden_size, ffn)
-        self.output = DenseResidualNorm(ffn, cfg.hidden_size, cfg.layer_norm_eps)
+        self.output = DenseResidualNorm(ffn, cfg.hidden_size, cfg.layer_norm_eps, cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask_bias: torch.Tensor, want_probs: bool = False):
         ctx, probs = self.attention.self(x, mask_bias, want_probs)

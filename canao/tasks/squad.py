@@ -80,11 +80,13 @@ class Features:
         return self.attention_mask.sum(1)
 
 
-def _configure(tok: Tokenizer, max_len: int, stride: int) -> Tokenizer:
+def _configure(tok: Tokenizer, max_len: int, stride: int, max_query_tokens: int) -> Tokenizer:
     if max_len > 512:
         raise CanaoError(f"max length {max_len} exceeds the encoder's 512 positions")
-    if not 0 <= stride < max_len // 2:
-        raise CanaoError(f"doc stride {stride} must be below half the max length {max_len}")
+    room = max_len - max_query_tokens - 3  # [CLS] question [SEP] context [SEP]
+    if not 0 <= stride < room:
+        raise CanaoError(f"doc stride {stride} must be below {room} for max length {max_len} "
+                         f"(the windows must advance past a {max_query_tokens}-token question)")
     tok.enable_truncation(max_len, stride=stride, strategy="only_second")
     tok.no_padding()
     return tok
@@ -100,7 +102,7 @@ def make_features(tok: Tokenizer, examples: list[Example], max_len: int = 384, s
         q_ids = tok.encode(ex.question.lstrip(), add_special_tokens=False)
         questions.append(ex.question.lstrip() if len(q_ids) <= max_query_tokens
                          else ex.question.lstrip()[: q_ids.offsets[max_query_tokens - 1][1]])
-    _configure(tok, max_len, stride)
+    _configure(tok, max_len, stride, max_query_tokens)
     try:
         encodings = tok.encode_batch(list(zip(questions, [ex.context for ex in examples])))
     finally:
