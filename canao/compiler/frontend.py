@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import CanaoError
-from .ir import SEQ, Graph, Mapping, Op, Tensor, broadcast_mapping
+from .ir import SEQ, VIEW_KINDS, Graph, Mapping, Op, Tensor, broadcast_mapping
 
 INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -67,7 +67,9 @@ class _Builder:
     def shape(self, node) -> tuple:
         return tuple(_dim(d) for d in node.meta["val"].shape)
 
-    def emit(self, kind, mapping, inputs, shape, attrs=None, dtype="float32") -> str:
+    def emit(self, kind, mapping, inputs, shape, attrs=None) -> str:
+        # views keep their input's dtype; computed tensors are float32
+        dtype = self.g.tensors[inputs[0]].dtype if mapping in VIEW_KINDS else "float32"
         out = self.g.new_tensor(kind, shape, dtype)
         self.g.ops.append(Op(kind, mapping, list(inputs), out, attrs or {}, self.src))
         return out

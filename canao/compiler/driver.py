@@ -1,0 +1,69 @@
+"""The compile pipeline: model -> IR -> passes -> C -> shared library -> artifact folder."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from ..errors import CanaoError
+from . import artifact
+from .build import build_library, copy_support_files
+from .codegen.c import generate
+from .frontend import capture
+from .passes import optimize
+from .targets import get_target
+
+PRECISIONS = ("fp32",)
+
+
+def compile_model(model, out: str | Path, precision: str = "fp32", max_seq: int = 384,
+                  target: str = "host", threads: int | None = None) -> dict:
+    """Compile a BertForQuestionAnswering-style model into the artifact folder `out`; returns a summary."""
+    if precision not in PRECISIONS:
+        raise CanaoError(f"precision '{precision}' is not implemented yet; available: {', '.join(PRECISIONS)}")
+    limit = model.config.max_position_embeddings
+    if not 2 <= max_seq <= limit:
+        raise CanaoError(f"--max-seq {max_seq} must be between 2 and the model's {limit} positions")
+    tgt = get_target(target)
+    times = {}
+    t0 = time.perf_counter()
+    graph = capture(model, max_seq)
+    times["frontend_ms"] = (time.perf_counter() - t0) * 1e3
+    t0 = time.perf_counter()
+    graph, report = optimize(graph, max_seq)
+    times["passes_ms"] = (time.perf_counter() - t0) * 1e3
+    t0 = time.perf_counter()
+    program = generate(graph, tgt, max_seq)
+    times["codegen_ms"] = (time.perf_counter() - t0) * 1e3
+    final = Path(out)
+    if final.exists() and not (final / artifact.MANIFEST).exists():
+        raise CanaoError(f"{final} exists and is not a canao artifact; choose another --out")
+    out = final.with_name(final.name + ".partial")  # a failed build never leaves a half artifact
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    (out / "model.c").write_text(program.source)
+    copy_support_files(out)
+    artifact.write_weights(out / artifact.WEIGHTS, program.weights)
+    t0 = time.perf_counter()
+    build_library(out, tgt, out / artifact.LIBRARY)
+    times["cc_ms"] = (time.perf_counter() - t0) * 1e3
+    cfg = model.config
+    info = {
+        "target": {"name": tgt.name, "features": list(tgt.features), "cflags": list(tgt.cflags)},
+        "precision": precision,
+        "max_seq": max_seq,
+        "threads": threads,
+        "model": {"hidden_size": cfg.hidden_size, "layer_heads": list(cfg.layer_heads),
+                  "layer_ffn": list(cfg.layer_ffn), "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size},
+        "outputs": ["start_logits", "end_logits"],
+        "memory": {"arena_peak_bytes": program.plan.peak_bytes, "arena_naive_bytes": program.plan.naive_bytes,
+                   "weight_bytes": len(program.weights)},
+        "fusion": report,
+        "kernels": program.kernels,
+    }
+    manifest = artifact.write_manifest(out, info)
+    shutil.rmtree(final, ignore_errors=True)
+    out.rename(final)
+    return {"artifact": str(final), **{k: manifest[k] for k in ("target", "precision", "max_seq", "memory")},
+            "fusion": report, "times": times}

@@ -1,0 +1,50 @@
+/* Vector layer for AVX2 + FMA: 8 fp32 lanes. Kernels are written against these names. */
+#include <immintrin.h>
+
+#define VL 8
+typedef __m256 vf;
+
+static inline vf vzero(void) { return _mm256_setzero_ps(); }
+static inline vf vset1(float x) { return _mm256_set1_ps(x); }
+static inline vf vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float *p, vf v) { _mm256_storeu_ps(p, v); }
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }  /* a*b + c */
+static inline vf vabs(vf a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+static inline vf vcopysign(vf mag, vf sign) {
+    vf s = _mm256_and_ps(sign, _mm256_set1_ps(-0.0f));
+    return _mm256_or_ps(vabs(mag), s);
+}
+/* lanes where a > b keep x, others become 0 */
+static inline vf vkeep_gt(vf x, vf a, vf b) { return _mm256_and_ps(x, _mm256_cmp_ps(a, b, _CMP_GT_OQ)); }
+static inline vf vpow2i(vf n) {  /* 2^n for integral n in the normal range */
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_castsi256_ps(e);
+}
+static inline vf vround(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+
+static inline __m256i vtail_mask(int n) {
+    static const int bits[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    return _mm256_loadu_si256((const __m256i *)(bits + 8 - n));
+}
+/* the first n lanes (n <= VL); the rest read as 0 and are never written */
+static inline vf vload_n(const float *p, int n) { return n >= VL ? vload(p) : _mm256_maskload_ps(p, vtail_mask(n)); }
+static inline void vstore_n(float *p, vf v, int n) { if (n >= VL) vstore(p, v); else _mm256_maskstore_ps(p, vtail_mask(n), v); }
+static inline vf vfirst_n(vf v, int n) { return n >= VL ? v : _mm256_and_ps(v, _mm256_castsi256_ps(vtail_mask(n))); }
+
+static inline float vhsum(vf v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline float vhmax(vf v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}

@@ -1,0 +1,34 @@
+/* Vector layer for AVX-512 (F/BW/VL/DQ): 16 fp32 lanes. Same names as vec_avx2.h. */
+#include <immintrin.h>
+
+#define VL 16
+typedef __m512 vf;
+
+static inline vf vzero(void) { return _mm512_setzero_ps(); }
+static inline vf vset1(float x) { return _mm512_set1_ps(x); }
+static inline vf vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float *p, vf v) { _mm512_storeu_ps(p, v); }
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vabs(vf a) { return _mm512_abs_ps(a); }
+static inline vf vcopysign(vf mag, vf sign) {
+    __m512i s = _mm512_and_si512(_mm512_castps_si512(sign), _mm512_set1_epi32((int)0x80000000));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(vabs(mag)), s));
+}
+static inline vf vkeep_gt(vf x, vf a, vf b) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), x); }
+static inline vf vpow2i(vf n) {
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_castsi512_ps(e);
+}
+static inline vf vround(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+
+static inline __mmask16 vtail_mask(int n) { return n >= VL ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+static inline vf vload_n(const float *p, int n) { return n >= VL ? vload(p) : _mm512_maskz_loadu_ps(vtail_mask(n), p); }
+static inline void vstore_n(float *p, vf v, int n) { if (n >= VL) vstore(p, v); else _mm512_mask_storeu_ps(p, vtail_mask(n), v); }
+static inline vf vfirst_n(vf v, int n) { return n >= VL ? v : _mm512_maskz_mov_ps(vtail_mask(n), v); }
+static inline float vhsum(vf v) { return _mm512_reduce_add_ps(v); }
+static inline float vhmax(vf v) { return _mm512_reduce_max_ps(v); }

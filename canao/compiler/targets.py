@@ -1,0 +1,57 @@
+"""Targets are data: the ISA features a build needs, its compiler flags and vector shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CanaoError
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    features: tuple[str, ...]   # /proc/cpuinfo flags the generated code executes
+    cflags: tuple[str, ...]
+    vec_header: str             # the kernels' vector layer for this ISA
+    vl: int                     # fp32 lanes per vector register
+    gemm_mr: int                # default microkernel rows (the tuner may pick others)
+    gemm_nr: int                # default microkernel columns (a multiple of vl)
+
+
+TARGETS = {
+    "avx512": Target("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"),
+                     ("-march=x86-64-v4", "-mtune=znver4", "-mprefer-vector-width=512"), "vec_avx512.h", 16, 8, 32),
+    "avx2": Target("avx2", ("avx2", "fma"), ("-march=x86-64-v3", "-mtune=znver3"), "vec_avx2.h", 8, 6, 16),
+}
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def host_target() -> Target:
+    """The widest target this CPU runs."""
+    flags = cpu_flags()
+    for name in ("avx512", "avx2"):
+        if set(TARGETS[name].features) <= flags:
+            return TARGETS[name]
+    raise CanaoError("this CPU has neither AVX-512 nor AVX2+FMA; canao's x86 code generator needs one of them")
+
+
+def get_target(name: str) -> Target:
+    if name == "host":
+        return host_target()
+    if name not in TARGETS:
+        raise CanaoError(f"unknown target '{name}'; choose host or one of {sorted(TARGETS)}")
+    return TARGETS[name]
+
+
+def missing_features(target: Target) -> list[str]:
+    return sorted(set(target.features) - cpu_flags())
