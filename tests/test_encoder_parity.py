@@ -105,3 +105,15 @@ def test_vocab_txt_only_tokenizer_matches_tokenizer_json(teacher, teacher_dir, t
     (tmp_path / "vocab.txt").write_bytes((teacher_dir / "vocab.txt").read_bytes())
     _, tok = teacher
     assert load_wordpiece(tmp_path).encode(QUESTION, CONTEXT).ids == tok.encode(QUESTION, CONTEXT).ids
+
+
+def test_sharded_float16_checkpoint_loads(teacher, tmp_path):
+    from canao.models.checkpoint import load_state_dict, save_checkpoint
+
+    model, _ = teacher
+    state = model.state_dict()
+    save_checkpoint(tmp_path, model.config.to_hf(model.architecture), state, dtype=torch.float16, max_shard_bytes=16 << 20)
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) == 3
+    loaded = load_state_dict(tmp_path)
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k].half().float()) for k in state)

@@ -74,13 +74,37 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
 
 
-def save_checkpoint(folder: Path, config: dict, state: dict[str, torch.Tensor], extra_files: dict[str, Path] | None = None) -> None:
-    """Write a Hugging Face layout folder (config.json + model.safetensors [+ tokenizer files])."""
+def save_checkpoint(folder: Path, config: dict, state: dict[str, torch.Tensor], extra_files: dict[str, Path] | None = None,
+                    dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> None:
+    """Write a Hugging Face layout folder (config.json + model.safetensors [+ tokenizer files]).
+
+    `dtype` stores floating-point tensors in that type (float16 halves the size);
+    `max_shard_bytes` splits the weights into model-0000N-of-0000M.safetensors files
+    with an index, as Hugging Face does for large models.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     # safetensors refuses shared storage (tied weights): store contiguous copies.
-    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(folder / SINGLE), metadata={"format": "pt"})
+    tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().contiguous().clone() for k, v in state.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / SINGLE), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(folder / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     for name, src in (extra_files or {}).items():
         if Path(src).resolve() != (folder / name).resolve():
             (folder / name).write_bytes(Path(src).read_bytes())
