@@ -19,6 +19,7 @@ from .errors import CanaoError
 # Stage modules that contribute subcommands, in help order.
 COMMAND_MODULES = [
     "canao.apps.commands",
+    "canao.compiler.command",
 ]
 
 
