@@ -20,6 +20,7 @@ from .errors import CanaoError
 COMMAND_MODULES = [
     "canao.apps.commands",
     "canao.compiler.command",
+    "canao.serve.command",
 ]
 
 

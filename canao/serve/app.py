@@ -1,0 +1,458 @@
+"""The demo's ASGI app: a JSON API over loaded QA pipelines and generators, and the page.
+
+    POST /api/qa         {"context", "question", "model"?}           -> answer, span, stage timings
+    POST /api/generate   {"prompt", "max_new_tokens"?, ..., "stream"?} -> server-sent events (or JSON)
+    GET  /api/models     the loaded models, their size/precision, and the request limits
+    GET  /api/health     liveness and queue depths
+    GET  /openapi.json   an OpenAPI 3.1 description of the above
+    GET  /               the page (static/index.html, app.js, style.css)
+
+Every error is JSON, `{"error": code, "message": one line}`, with a 4xx status for
+a bad request (400 invalid, 404 unknown model, 413 too large, 415 not JSON),
+503 when the model's bounded queue is full, and 500 (no trace) otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from ..errors import CanaoError
+from .openapi import openapi_schema
+from .workers import Busy, Cancelled, ModelWorker, generation_call
+
+log = logging.getLogger("canao.serve")
+
+STATIC_DIR = Path(__file__).parent / "static"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for. Larger requests get a 4xx answer, never a model call."""
+
+    max_body_bytes: int = 1 << 20
+    max_context_chars: int = 20_000
+    max_question_chars: int = 500
+    max_prompt_chars: int = 4_000
+    max_new_tokens: int = 256
+    max_stop_strings: int = 4
+    max_stop_chars: int = 32
+    max_queue: int = 8  # per model, beyond the request it is running
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, dict(headers or {})
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars -> Python, non-finite floats -> None, recursively."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+        try:
+            value = value.item()
+        except (TypeError, ValueError):
+            return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+class JSON(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(_jsonable(content), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSON:
+    return JSON({"error": code, "message": message}, status_code=status, headers=dict(headers or {}))
+
+
+def _sse(event: str, data: Any) -> str:
+    return f"event: {event}\ndata: {json.dumps(_jsonable(data), ensure_ascii=False)}\n\n"
+
+
+# ----------------------------------------------------------------------------- request parsing
+
+
+async def read_json(request: Request, limits: Limits) -> dict:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send the request body as JSON (Content-Type: application/json)")
+    too_large = ApiError(413, "too_large", f"the request body is larger than {limits.max_body_bytes} bytes")
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limits.max_body_bytes:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limits.max_body_bytes:
+            raise too_large
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ApiError(400, "invalid_json", f"the request body is not valid JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_json", "the request body must be a JSON object")
+    return data
+
+
+def _only(data: dict, allowed: Sequence[str]) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ApiError(400, "unknown_field", f"unknown field '{unknown[0]}'; the fields are {', '.join(allowed)}")
+
+
+def _text(data: dict, name: str, *, limit: int, what: str, required: bool = True, default: str = "") -> str:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise ApiError(400, f"missing_{name}", f"'{name}' is missing: give {what}")
+        return default
+    if not isinstance(value, str):
+        raise ApiError(400, "invalid_field", f"'{name}' must be a string")
+    if required and not value.strip():
+        raise ApiError(400, f"empty_{name}", f"'{name}' is empty: give {what}")
+    if len(value) > limit:
+        raise ApiError(413, f"{name}_too_long", f"'{name}' has {len(value)} characters; the limit is {limit}: shorten it")
+    return value
+
+
+def _number(data: dict, name: str, default, lo, hi, *, integer: bool):
+    value = data.get(name, default)
+    if value is None:
+        value = default
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or (not integer and not math.isfinite(value)):
+        raise ApiError(400, "invalid_field", f"'{name}' must be {kind}")
+    if not lo <= value <= hi:
+        raise ApiError(400, f"invalid_{name}", f"'{name}' is {value}; it must be between {lo} and {hi}")
+    return value
+
+
+def _bool(data: dict, name: str, default: bool) -> bool:
+    value = data.get(name, default)
+    if not isinstance(value, bool):
+        raise ApiError(400, "invalid_field", f"'{name}' must be true or false")
+    return value
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+class _Guard:
+    """Pure ASGI middleware: refuse foreign Host headers (DNS rebinding) and set security headers."""
+
+    HEADERS = [
+        (b"x-content-type-options", b"nosniff"),
+        (b"referrer-policy", b"no-referrer"),
+        (b"x-frame-options", b"DENY"),
+        (b"content-security-policy",
+         b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+         b"connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"),
+    ]
+
+    def __init__(self, app, allowed_hosts: Sequence[str] | None):
+        self.app = app
+        self.allowed = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.allowed is not None:
+            host = ""
+            for key, value in scope.get("headers", []):
+                if key == b"host":
+                    host = value.decode("latin-1")
+                    break
+            name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]")[0]
+            if name.lower() not in self.allowed:
+                response = error_response(400, "invalid_host", f"host '{host}' is not served here")
+                return await response(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": list(message.get("headers", [])) + self.HEADERS}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _name_models(models, kind: str) -> dict[str, Any]:
+    if models is None:
+        return {}
+    if isinstance(models, Mapping):
+        return dict(models)
+    named: dict[str, Any] = {}
+    for model in models:
+        info = _info(model)
+        base = Path(str(info.get("model") or kind)).name.removesuffix(".gguf") or kind
+        name, n = base, 2
+        while name in named:
+            name, n = f"{base}-{n}", n + 1
+        named[name] = model
+    return named
+
+
+def _info(model: Any) -> dict:
+    info = getattr(model, "info", None)
+    if callable(info):
+        try:
+            info = info()
+        except Exception:  # noqa: BLE001 - info is decoration, never fatal
+            info = None
+    info = dict(info) if isinstance(info, Mapping) else {}
+    if "size_mb" not in info and isinstance(info.get("path"), str):  # e.g. a GGUF file: its size on disk
+        try:
+            info["size_mb"] = round(Path(info["path"]).stat().st_size / 2**20, 1)
+        except OSError:
+            pass
+    return info
+
+
+def create_app(
+    qa_models: Mapping[str, Any] | Sequence[Any] | None = None,
+    lm_models: Mapping[str, Any] | Sequence[Any] | None = None,
+    limits: Limits | None = None,
+    allowed_hosts: Sequence[str] | None = None,
+) -> Starlette:
+    """The demo app over loaded models.
+
+    qa_models: QAPipeline-like objects (`answer(context, question)`, `info`);
+    lm_models: Generator-like objects (`generate(..., on_token=)` or `stream(...)`, `info`).
+    Either may be a {id: model} mapping or a list (ids from the model paths); the
+    first of each is the default. allowed_hosts: Host names to answer (None = any).
+    """
+    limits = limits or Limits()
+    shared: dict[int, ModelWorker] = {}  # one worker (one lock) per model object, however many ids name it
+
+    def worker(kind: str, key: str, model: Any) -> ModelWorker:
+        if id(model) not in shared:
+            shared[id(model)] = ModelWorker(kind, key, model, limits.max_queue)
+        return shared[id(model)]
+
+    qa = {k: worker("qa", k, m) for k, m in _name_models(qa_models, "qa").items()}
+    lm = {k: worker("lm", k, m) for k, m in _name_models(lm_models, "lm").items()}
+    if not qa and not lm:
+        raise CanaoError("nothing to serve: give at least one QA model or one generation model")
+    calls = {k: generation_call(w.model) for k, w in lm.items()}
+    infos = {("qa", k): _info(w.model) for k, w in qa.items()} | {("lm", k): _info(w.model) for k, w in lm.items()}
+    schema = openapi_schema(limits, list(qa), list(lm))
+
+    def pick(workers: dict[str, ModelWorker], data: dict, kind: str) -> tuple[str, ModelWorker]:
+        if not workers:
+            raise ApiError(404, "no_model", f"this server has no {kind} model loaded")
+        name = data.get("model")
+        if name is None:
+            name = next(iter(workers))
+        if not isinstance(name, str) or name not in workers:
+            raise ApiError(404, "unknown_model", f"no {kind} model '{name}'; the loaded ones are {', '.join(workers)}")
+        return name, workers[name]
+
+    def describe(kind: str, workers: dict[str, ModelWorker]) -> list[dict]:
+        return [{"id": k, "default": i == 0, "info": infos[(kind, k)], "queued": w.load, "capacity": w.capacity}
+                for i, (k, w) in enumerate(workers.items())]
+
+    async def page(request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "index.html", headers={"cache-control": "no-cache"})
+
+    async def models(request: Request) -> Response:
+        return JSON({"qa": describe("qa", qa), "lm": describe("lm", lm), "limits": asdict(limits)})
+
+    async def health(request: Request) -> Response:
+        return JSON({"status": "ok", "queues": {f"{w.kind}/{w.id}": {"queued": w.load, "served": w.served,
+                                                                       "rejected": w.rejected, "cancelled": w.cancelled} for w in shared.values()}})
+
+    async def openapi(request: Request) -> Response:
+        return JSON(schema)
+
+    async def answer(request: Request) -> Response:
+        data = await read_json(request, limits)
+        _only(data, ("context", "question", "model"))
+        name, worker = pick(qa, data, "QA")
+        context = _text(data, "context", limit=limits.max_context_chars, what="the passage to answer from")
+        question = _text(data, "question", limit=limits.max_question_chars, what="a question about the passage")
+        worker.admit()
+        try:
+            result, queue_ms = await worker.submit(lambda model: model.answer(context, question))
+        except CanaoError as exc:
+            raise ApiError(400, "bad_input", str(exc).splitlines()[0]) from None
+        return JSON({"model": name, **result, "queue_ms": queue_ms})
+
+    async def generate(request: Request) -> Response:
+        data = await read_json(request, limits)
+        _only(data, ("prompt", "model", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "chat",
+                     "stop", "stream"))
+        name, worker = pick(lm, data, "generation")
+        prompt = _text(data, "prompt", limit=limits.max_prompt_chars, what="a prompt")
+        settings = {
+            "max_new_tokens": _number(data, "max_new_tokens", min(128, limits.max_new_tokens), 1,
+                                      limits.max_new_tokens, integer=True),
+            "temperature": float(_number(data, "temperature", 0.0, 0.0, 2.0, integer=False)),
+            "top_k": _number(data, "top_k", 0, 0, 1000, integer=True),
+            "top_p": float(_number(data, "top_p", 1.0, 0.0, 1.0, integer=False)),
+            "seed": _number(data, "seed", 0, 0, 2**32 - 1, integer=True),
+            "chat": _bool(data, "chat", True),
+        }
+        if settings["top_p"] <= 0.0:
+            raise ApiError(400, "invalid_top_p", "'top_p' must be above 0 (1 keeps every token)")
+        stop = data.get("stop")
+        if stop is not None:
+            if isinstance(stop, str):
+                stop = [stop]
+            if (not isinstance(stop, list) or len(stop) > limits.max_stop_strings
+                    or not all(isinstance(s, str) and 0 < len(s) <= limits.max_stop_chars for s in stop)):
+                raise ApiError(400, "invalid_stop", f"'stop' must be up to {limits.max_stop_strings} non-empty strings "
+                                                    f"of at most {limits.max_stop_chars} characters")
+            settings["stop"] = stop
+        stream = _bool(data, "stream", True)
+        call = calls[name]
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+
+        if not stream:
+            def on_token(piece: str) -> None:
+                if cancel.is_set():
+                    raise Cancelled()
+
+            worker.admit()
+            try:
+                result, queue_ms = await worker.submit(call, prompt, on_token, **settings)
+            except CanaoError as exc:
+                raise ApiError(400, "bad_input", str(exc).splitlines()[0]) from None
+            except asyncio.CancelledError:
+                cancel.set()
+                raise
+            return JSON({"model": name, **result, "queue_ms": queue_ms})
+
+        events: asyncio.Queue = asyncio.Queue()
+
+        def push(kind: str, payload: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+            except RuntimeError:  # the event loop has closed: nobody is listening
+                cancel.set()
+
+        def on_token(piece: str) -> None:
+            if cancel.is_set():
+                raise Cancelled()
+            if piece:
+                push("token", (piece, time.perf_counter()))
+
+        def job(model):
+            try:
+                push("done", call(model, prompt, on_token, **settings))
+            except CanaoError as exc:
+                push("error", {"error": "bad_input", "message": str(exc).splitlines()[0]})
+            except Cancelled:
+                raise
+            except Exception:  # noqa: BLE001 - logged here, never shown to the client
+                log.exception("generation failed")
+                push("error", {"error": "internal", "message": "generation failed on the server; see its log"})
+
+        t0 = time.perf_counter()
+        worker.admit()
+        future = worker.submit(job)
+
+        async def stream_events():
+            n = 0
+            try:
+                yield _sse("start", {"model": name, "queued": worker.load - 1, **settings})
+                while True:
+                    kind, payload = await events.get()
+                    if kind == "token":
+                        n += 1
+                        piece, at = payload  # t_ms: when the model produced it, from the request's arrival
+                        yield _sse("token", {"text": piece, "n": n, "t_ms": (at - t0) * 1e3})
+                    elif kind == "done":
+                        _result, queue_ms = await future
+                        yield _sse("done", {"model": name, **payload, "queue_ms": queue_ms})
+                        return
+                    else:
+                        yield _sse("error", payload)
+                        return
+            finally:
+                cancel.set()  # a no-op once finished; stops the worker if the client went away
+
+        response = _EventStream(stream_events(), media_type="text/event-stream",
+                                headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        response.on_close = cancel.set
+        return response
+
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    async def busy(request: Request, exc: Busy) -> Response:
+        return error_response(503, "busy", str(exc), {"retry-after": "1"})
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        messages = {404: "no such page or API endpoint", 405: "method not allowed here"}
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, messages.get(exc.status_code, str(exc.detail)), exc.headers)
+
+    async def internal(request: Request, exc: Exception) -> Response:
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal", "internal server error; see the server's log")
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        for w in shared.values():
+            w.shutdown()
+
+    routes = [
+        Route("/", page, methods=["GET"]),
+        Route("/api/models", models, methods=["GET"]),
+        Route("/api/health", health, methods=["GET"]),
+        Route("/api/qa", answer, methods=["POST"]),
+        Route("/api/generate", generate, methods=["POST"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={ApiError: api_error, Busy: busy, HTTPException: http_error, Exception: internal},
+        lifespan=lifespan,
+    )
+    app.add_middleware(_Guard, allowed_hosts=allowed_hosts)
+    app.state.qa_workers, app.state.lm_workers, app.state.limits = qa, lm, limits
+    app.state.workers = list(shared.values())
+    return app
+
+
+class _EventStream(StreamingResponse):
+    """A streaming response that always closes its iterator, so a client that leaves stops the model."""
+
+    on_close = None
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            if self.on_close is not None:
+                self.on_close()
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()

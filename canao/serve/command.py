@@ -1,0 +1,131 @@
+"""`canao serve`: load the models once, then run the demo app under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import re
+import sys
+import time
+from pathlib import Path
+
+from ..errors import CanaoError
+from .app import LOOPBACK_HOSTS, Limits, create_app
+
+_NAMED = re.compile(r"^([A-Za-z0-9_.-]{1,40})=(.+)$")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..cli import add_common
+
+    p = sub.add_parser("serve", help="the real-time demo: a local web app and JSON API for QA and generation")
+    p.add_argument("--qa-model", action="append", default=[], metavar="M",
+                   help="QA checkpoint folder or artifact; repeat to switch between models on the page "
+                        "(NAME=PATH names it)")
+    p.add_argument("--lm-model", action="append", default=[], metavar="M",
+                   help="generation model: a GGUF file, a folder, or 'smollm2'; repeatable, NAME=PATH names it")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-queue", type=int, default=Limits.max_queue,
+                   help="requests that may wait per model; beyond that the answer is 503 busy")
+    p.add_argument("--max-new-tokens", type=int, default=Limits.max_new_tokens,
+                   help="the most tokens one generation request may ask for")
+    p.add_argument("--max-context-chars", type=int, default=Limits.max_context_chars,
+                   help="the longest passage a QA request may send")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_common(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def split_spec(spec: str) -> tuple[str | None, str]:
+    """'teacher=/path/model' -> ('teacher', '/path/model'); a plain path or name -> (None, spec)."""
+    m = _NAMED.match(spec)
+    if m and not Path(spec).exists():
+        return m.group(1), m.group(2)
+    return None, spec
+
+
+def _unique(name: str, taken: dict) -> str:
+    out, n = name, 2
+    while out in taken:
+        out, n = f"{name}-{n}", n + 1
+    return out
+
+
+def load_models(qa_specs: list[str], lm_specs: list[str], threads: int | None = None, quiet: bool = False):
+    """Load every model once (each load warms up); returns ({id: QAPipeline}, {id: Generator})."""
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    qa, lm = {}, {}
+    if qa_specs:
+        from ..apps.qa import QAPipeline
+
+        for spec in qa_specs:
+            name, path = split_spec(spec)
+            t0 = time.perf_counter()
+            model = QAPipeline.load(path)
+            key = _unique(name or Path(path.rstrip("/")).name or "qa", qa)
+            qa[key] = model
+            say(f"canao serve: QA model '{key}' loaded from {path} in {time.perf_counter() - t0:.1f} s")
+    if lm_specs:
+        from ..apps.generate import Generator
+
+        for spec in lm_specs:
+            name, path = split_spec(spec)
+            t0 = time.perf_counter()
+            model = Generator.load(path, threads=threads)
+            key = _unique(name or Path(path.rstrip("/")).name.removesuffix(".gguf") or "lm", lm)
+            lm[key] = model
+            say(f"canao serve: generation model '{key}' loaded from {path} in {time.perf_counter() - t0:.1f} s")
+    return qa, lm
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args) -> dict:
+    if not args.qa_model and not args.lm_model:
+        raise CanaoError("give at least one model: --qa-model DIR and/or --lm-model M (for example smollm2)")
+    if not 0 <= args.port <= 65535:
+        raise CanaoError(f"--port {args.port} is not a TCP port (0-65535)")
+    if args.max_queue < 0 or args.max_new_tokens < 1 or args.max_context_chars < 1:
+        raise CanaoError("--max-queue must be >= 0, --max-new-tokens and --max-context-chars >= 1")
+    try:
+        import uvicorn
+    except ImportError:
+        raise CanaoError("canao serve needs starlette and uvicorn: pip install 'canao[serve]'") from None
+
+    qa, lm = load_models(args.qa_model, args.lm_model, threads=args.threads)
+    limits = Limits(max_queue=args.max_queue, max_new_tokens=args.max_new_tokens,
+                    max_context_chars=args.max_context_chars)
+    local = is_loopback(args.host)
+    allowed = [*LOOPBACK_HOSTS, args.host] if local else None
+    if not local:
+        print(f"canao serve: warning: binding {args.host} makes the demo reachable from other machines; "
+              "it has no authentication", file=sys.stderr)
+    app = create_app(qa, lm, limits, allowed_hosts=allowed)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"canao serve: open http://{shown}:{args.port}/  (Ctrl+C stops)", file=sys.stderr, flush=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after its graceful shutdown: a normal stop here
+        pass
+    return {
+        "url": f"http://{shown}:{args.port}/",
+        "qa_models": list(qa),
+        "lm_models": list(lm),
+        "served": {f"{w.kind}/{w.id}": w.served for w in app.state.workers},
+        "rejected_busy": sum(w.rejected for w in app.state.workers),
+    }

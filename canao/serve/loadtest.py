@@ -1,0 +1,194 @@
+"""A bounded load test of a running `canao serve`: N QA requests from C concurrent clients.
+
+    canao serve --qa-model teacher=../shared/models/minilm-l6-h384-squad --threads 1 --max-queue 4 &
+    python -m canao.serve.loadtest --url http://127.0.0.1:8000 --requests 200 --clients 8 --json
+
+Each client keeps one connection and sends its requests one after another. A
+response counts as `ok` when it is 200 and gives the same answer span as the
+same question asked alone (the reference, asked first), `busy` when it is a clean
+503 {"error": "busy"} with Retry-After (the client then waits `--backoff` seconds),
+and `bad` otherwise. Latency is measured at the client, per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import math
+import sys
+import threading
+import time
+from urllib.parse import urlsplit
+
+CASES = [
+    ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after "
+     "the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889.",
+     "Who is the tower named after?"),
+    ("The Amazon rainforest covers much of the Amazon basin of South America. The majority of the forest is "
+     "contained within Brazil, with 60% of the rainforest, followed by Peru with 13%.",
+     "Which country contains most of the forest?"),
+    ("BERT, published by researchers at Google in 2018, is an encoder-only transformer. It is pre-trained with "
+     "masked language modelling and is widely fine-tuned for extractive question answering.",
+     "When was BERT published?"),
+]
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile (p in 0..100)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+class _Client:
+    def __init__(self, url: str, timeout: float):
+        parts = urlsplit(url)
+        self.host, self.port, self.timeout = parts.hostname, parts.port or 80, timeout
+        self.conn: http.client.HTTPConnection | None = None
+
+    def post(self, path: str, body: dict) -> tuple[int, dict, dict]:
+        data = json.dumps(body).encode()
+        for attempt in (0, 1):  # one reconnect if the server closed a kept-alive connection
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                self.conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+                res = self.conn.getresponse()
+                raw = res.read()
+                headers = {k.lower(): v for k, v in res.getheaders()}
+                if headers.get("connection", "").lower() == "close":
+                    self.close()
+                try:
+                    payload = json.loads(raw)
+                except ValueError:
+                    payload = {"_raw": raw[:200].decode("utf-8", "replace")}
+                return res.status, payload, headers
+            except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine):
+                self.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def run_load(url: str, cases=None, requests: int = 200, clients: int = 8, model: str | None = None,
+             backoff: float = 0.2, timeout: float = 60.0, references: list[dict] | None = None) -> dict:
+    """Send `requests` QA requests from `clients` threads; returns counts, latencies and failures.
+
+    references: the expected {"answer", "start_char", "end_char"} per case; by default each
+    case is asked once, alone, before the load starts.
+    """
+    cases = list(cases or CASES)
+    url = url.rstrip("/")
+    bodies = [{"context": c, "question": q, **({"model": model} if model else {})} for c, q in cases]
+    if references is None:
+        warm = _Client(url, timeout)
+        references = []
+        for body in bodies:
+            status, payload, _ = warm.post("/api/qa", body)
+            if status != 200:
+                raise RuntimeError(f"reference request failed: HTTP {status} {payload}")
+            references.append(payload)
+        warm.close()
+
+    lock = threading.Lock()
+    next_index = [0]
+    records: list[dict] = []
+
+    def worker() -> None:
+        client = _Client(url, timeout)
+        try:
+            while True:
+                with lock:
+                    i = next_index[0]
+                    if i >= requests:
+                        return
+                    next_index[0] += 1
+                k = i % len(bodies)
+                t0 = time.perf_counter()
+                try:
+                    status, payload, headers = client.post("/api/qa", bodies[k])
+                except Exception as exc:  # noqa: BLE001 - a failed request is a result here
+                    status, payload, headers = -1, {"_exception": repr(exc)}, {}
+                ms = (time.perf_counter() - t0) * 1e3
+                ref = references[k]
+                if status == 200 and all(payload.get(f) == ref.get(f) for f in ("answer", "start_char", "end_char")):
+                    outcome = "ok"
+                elif (status == 503 and payload.get("error") == "busy" and payload.get("message")
+                      and "retry-after" in headers):
+                    outcome = "busy"
+                else:
+                    outcome = "bad"
+                rec = {"i": i, "case": k, "status": status, "outcome": outcome, "ms": ms,
+                       "server_total_ms": payload.get("total_ms"), "queue_ms": payload.get("queue_ms")}
+                if outcome == "bad":
+                    rec["payload"] = payload
+                with lock:
+                    records.append(rec)
+                if outcome == "busy" and backoff > 0:
+                    time.sleep(backoff)
+        finally:
+            client.close()
+
+    t_start = time.perf_counter()
+    threads = [threading.Thread(target=worker, name=f"load-client-{c}") for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t_start
+
+    ok = [r["ms"] for r in records if r["outcome"] == "ok"]
+    busy = [r["ms"] for r in records if r["outcome"] == "busy"]
+    server = [r["server_total_ms"] for r in records if r["outcome"] == "ok" and r["server_total_ms"] is not None]
+    queue = [r["queue_ms"] for r in records if r["outcome"] == "ok" and r["queue_ms"] is not None]
+    allms = [r["ms"] for r in records]
+    return {
+        "url": url,
+        "requests": len(records),
+        "clients": clients,
+        "ok": len(ok),
+        "busy": len(busy),
+        "bad": sum(r["outcome"] == "bad" for r in records),
+        "wall_s": wall,
+        "throughput_rps": len(ok) / wall if wall > 0 else 0.0,
+        "p50_ms": percentile(ok, 50),
+        "p99_ms": percentile(ok, 99),
+        "max_ms": max(ok) if ok else None,
+        "p50_all_ms": percentile(allms, 50),
+        "p99_all_ms": percentile(allms, 99),
+        "busy_p50_ms": percentile(busy, 50),
+        "busy_p99_ms": percentile(busy, 99),
+        "server_total_p50_ms": percentile(server, 50),
+        "queue_p50_ms": percentile(queue, 50),
+        "failures": [r for r in records if r["outcome"] == "bad"][:10],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m canao.serve.loadtest", description=__doc__.splitlines()[0])
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--requests", "-n", type=int, default=200)
+    ap.add_argument("--clients", "-c", type=int, default=8)
+    ap.add_argument("--model", help="QA model id (default: the server's first)")
+    ap.add_argument("--backoff", type=float, default=0.2, help="seconds a client waits after a 503 busy")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    result = run_load(args.url, requests=args.requests, clients=args.clients, model=args.model, backoff=args.backoff)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['requests']} requests from {result['clients']} clients in {result['wall_s']:.1f} s: "
+              f"{result['ok']} ok, {result['busy']} busy (503), {result['bad']} bad; "
+              f"ok latency p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms")
+    return 0 if result["bad"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Fixtures for the demo server: real models loaded once per session, one app over them.
+
+The TestClient is used without its context manager (no lifespan), so the API tests,
+the live uvicorn server and the browser test all share one app and one worker (one
+lock) per model: a model is never called from two threads at once.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("starlette", reason="canao serve needs starlette (pip install 'canao[serve]')")
+pytest.importorskip("uvicorn", reason="canao serve needs uvicorn (pip install 'canao[serve]')")
+
+from serve_helpers import CONTEXT, GEN_TOKENS, PROMPT, QUESTION
+
+
+@pytest.fixture(scope="session")
+def qa_pipeline(teacher_dir):
+    from canao.apps.qa import QAPipeline
+
+    return QAPipeline.load(str(teacher_dir))
+
+
+@pytest.fixture(scope="session")
+def qa_pipeline_b(teacher_dir):
+    """A second, separate instance: the page's model switch needs two QA models."""
+    from canao.apps.qa import QAPipeline
+
+    return QAPipeline.load(str(teacher_dir))
+
+
+@pytest.fixture(scope="session")
+def generator():
+    from canao.apps.generate import Generator
+
+    return Generator.load("smollm2")
+
+
+@pytest.fixture(scope="session")
+def qa_reference(qa_pipeline) -> dict:
+    return qa_pipeline.answer(CONTEXT, QUESTION)
+
+
+@pytest.fixture(scope="session")
+def gen_reference(generator) -> dict:
+    return generator.generate(PROMPT, max_new_tokens=GEN_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def app(qa_pipeline, qa_pipeline_b, generator):
+    from canao.serve import Limits, create_app
+
+    return create_app({"teacher": qa_pipeline, "teacher-b": qa_pipeline_b}, {"smollm2": generator},
+                      Limits(max_new_tokens=64, max_context_chars=5_000, max_prompt_chars=1_000))
+
+
+@pytest.fixture(scope="session")
+def client(app):
+    from starlette.testclient import TestClient
+
+    return TestClient(app, raise_server_exceptions=False)
+
+
+@pytest.fixture(scope="session")
+def live_url(app):
+    """The same app under a real uvicorn on 127.0.0.1 (a free port), in a background thread."""
+    from canao.serve.live import BackgroundServer
+
+    with BackgroundServer(app) as url:
+        yield url
