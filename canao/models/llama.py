@@ -114,8 +114,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.pow(2).mean(-1, keepdim=True)
-        return self.weight * (x * torch.rsqrt(variance + self.eps))
+        # Statistics in float32 even when the model runs in bfloat16 (as HF does).
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -132,8 +134,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Rotate x: [B, heads, T, head_dim] for positions start_pos .. start_pos+T-1."""
         t = x.shape[2]
-        cos = self.cos[start_pos:start_pos + t]
-        sin = self.sin[start_pos:start_pos + t]
+        cos = self.cos[start_pos:start_pos + t].to(x.dtype)
+        sin = self.sin[start_pos:start_pos + t].to(x.dtype)
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
@@ -223,25 +225,44 @@ class Llama(nn.Module):
 
     @classmethod
     def from_state_dict(cls, cfg: LlamaConfig, state: dict[str, torch.Tensor]) -> "Llama":
-        """Build the model and load weights; HF `model.` prefixes are accepted."""
+        """Build the model around checkpoint tensors; HF `model.` prefixes are accepted."""
         state = {k.removeprefix("model."): v for k, v in state.items()}
-        if cfg.tie_embeddings:
-            state.pop("lm_head.weight", None)
-        model = cls(cfg)
-        expected = set(model.state_dict())
-        if cfg.tie_embeddings:
-            expected.discard("lm_head.weight")
-        missing, unexpected = expected - set(state), set(state) - expected
-        if missing or unexpected:
-            raise CanaoError(
-                f"checkpoint does not match the Llama config: missing {sorted(missing)[:3]}, "
-                f"unexpected {sorted(unexpected)[:3]}"
-            )
-        model.load_state_dict(state, strict=False)
-        return model.eval()
+        model = adopt_weights(lambda: cls(cfg), state, cfg.tie_embeddings, "Llama")
+        model.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)  # was built on meta
+        return model
+
+    def get_input_embeddings_weight(self) -> nn.Parameter:
+        return self.embed_tokens.weight
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def adopt_weights(make, state: dict[str, torch.Tensor], tied: bool, arch: str) -> nn.Module:
+    """Construct a model on the meta device and adopt the checkpoint's tensors as its parameters.
+
+    Skips the random initialization (seconds for 135M parameters) and a second copy of the
+    weights. `tied`: lm_head shares the token embedding (the checkpoint's copy, if any, is ignored).
+    Buffers computed in __init__ stay on meta; the caller rebuilds them.
+    """
+    with torch.device("meta"):
+        model = make()
+    if tied:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    expected = {k for k in model.state_dict() if not (tied and k == "lm_head.weight")}
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise CanaoError(
+            f"checkpoint does not match the {arch} config: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+        )
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # shape mismatches
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise CanaoError(f"checkpoint tensors do not fit the {arch} config: {first}") from None
+    if tied:
+        model.lm_head.weight = model.get_input_embeddings_weight()
+    return model.eval().requires_grad_(False)
 
 
 def flops_per_token(cfg: LlamaConfig) -> float:
@@ -251,4 +272,4 @@ def flops_per_token(cfg: LlamaConfig) -> float:
     return 2.0 * (cfg.num_layers * (attn + mlp) + cfg.hidden_size * cfg.vocab_size)
 
 
-__all__ = ["LlamaConfig", "KVCache", "Llama", "causal_attention", "flops_per_token"]
+__all__ = ["LlamaConfig", "KVCache", "Llama", "adopt_weights", "causal_attention", "flops_per_token"]
