@@ -29,8 +29,10 @@ SCALAR_OP = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 
 @dataclass
 class Schedule:
-    mr: int
-    nr: int
+    mr: int        # tile rows
+    nr: int        # tile columns (a multiple of the vector length)
+    kc: int = 384  # K block: a panel's block (kc x nr floats) stays in L1
+    mc: int = 288  # row block: A's block (mc x kc floats) stays in L2
 
 
 @dataclass
@@ -197,39 +199,53 @@ class _Gen:
         c_view = self.views[op.output]
         ldc = cexpr(c_view.strides[self.row_dim(out_shape, op.source)]) if self.row_dim(out_shape, "") is not None else "0"
         pre: list[str] = []
-        leaves = {0: "acc[r][j]"}
+        leaves = {0: "x"}
         leaves.update(self.leaf_loads(op, {i + 1: name for i, name in enumerate(op.inputs[2:])},
                                       out_shape, "row", plan, pre))
         expr = self.vexpr(op.attrs.get("epilogue", ("in", 0)), leaves)
-        pre_code = "\n".join(" " * 20 + p for p in pre)
+        pre_code = "\n".join(" " * 24 + p for p in pre)
+        kc = min(k, sch.kc)
         return f"""/* {op.output}: [{self.rows_expr(out_shape)} x {k}] x [{k} x {n}] (packed {sch.nr}-column panels), epilogue {op.attrs.get('epilogue', 'none')}
- * from {op.source} */
+ * from {op.source}
+ * schedule: {sch.mr}x{sch.nr} tiles; K in blocks of {kc}, rows in blocks of {sch.mc} (A block stays in L2,
+ * a panel's K block in L1); threads split the panels (or the rows when panels are few). */
 static void {fn}({ARGS}) {{
     const long M = {self.rows_expr(out_shape)}, lda = {lda}, ldc = {ldc};
     const int K = {k}, N = {n}, NP = (N + {sch.nr - 1}) / {sch.nr};
     const float *A = {a_ptr};
     const float *P = {self.weight(w_name, sch.nr)};
     float *C = {self.ptr(c_view, plan)};
-    const long MB = (M + {sch.mr - 1}) / {sch.mr};
-#pragma omp for collapse(2) schedule(static)
-    for (int p = 0; p < NP; p++)
-        for (long ib = 0; ib < MB; ib++) {{
-            const long i0 = ib * {sch.mr};
-            const int m = (int)MIN({sch.mr}, M - i0);
-            vf acc[{sch.mr}][{nv}];
-            tile_{sch.mr}x{sch.nr}(A + i0 * lda, lda, m, P + (long)p * K * {sch.nr}, K, acc);
+    const int T = omp_get_num_threads(), t = omp_get_thread_num();
+    int p_begin = 0, p_end = NP;
+    long r_begin = 0, r_end = M;
+    if (NP >= 2 * T || M <= {sch.mr}) {{ p_begin = NP * t / T; p_end = NP * (t + 1) / T; }}
+    else {{ const long MB = (M + {sch.mr - 1}) / {sch.mr}; r_begin = MB * t / T * {sch.mr}; r_end = MIN(M, MB * (t + 1) / T * {sch.mr}); }}
+    for (int k0 = 0; k0 < K; k0 += {kc}) {{
+        const int kc = MIN({kc}, K - k0), last = k0 + kc == K;
+        for (long ic = r_begin; ic < r_end; ic += {sch.mc})
+            for (int p = p_begin; p < p_end; p++)
+                for (long i0 = ic; i0 < MIN(ic + {sch.mc}, r_end); i0 += {sch.mr}) {{
+                    const int m = (int)MIN({sch.mr}, r_end - i0);
+                    vf acc[{sch.mr}][{nv}];
+                    tile_{sch.mr}x{sch.nr}(A + i0 * lda + k0, lda, m, P + ((long)p * K + k0) * {sch.nr}, kc, acc);
 #pragma GCC unroll {sch.mr}
-            for (int r = 0; r < {sch.mr}; r++) {{
-                if (r >= m) break;
-                const long row = i0 + r;
+                    for (int r = 0; r < {sch.mr}; r++) {{
+                        if (r >= m) break;
+                        const long row = i0 + r;
 {pre_code}
 #pragma GCC unroll {nv}
-                for (int j = 0; j < {nv}; j++) {{
-                    const int c = p * {sch.nr} + j * VL, n = N - c;
-                    if (n > 0) vstore_n(C + row * ldc + c, {expr}, n);
+                        for (int j = 0; j < {nv}; j++) {{
+                            const int c = p * {sch.nr} + j * VL, n = N - c;
+                            if (n <= 0) break;
+                            vf x = acc[r][j];
+                            if (k0 > 0) x = vadd(x, vload_n(C + row * ldc + c, n));
+                            if (last) x = {expr};
+                            vstore_n(C + row * ldc + c, x, n);
+                        }}
+                    }}
                 }}
-            }}
-        }}
+    }}
+#pragma omp barrier
 }}"""
 
     def layernorm(self, fn: str, op: Op, plan: Plan) -> str:
