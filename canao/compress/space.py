@@ -1,0 +1,145 @@
+"""The search space: depth, per-layer heads and FFN size, sequence length, precision.
+
+Every candidate is a sub-network of the teacher: its layers are a subset of the
+teacher's (chosen by a fixed depth rule), each keeps the first `heads` heads and
+the first `ffn` FFN neurons of its teacher layer (after importance reordering,
+see importance.py), and the hidden size and head dimension are the teacher's.
+So a candidate inherits teacher weights by slicing, and one weight set (the
+supernet) holds every candidate.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+
+from ..errors import CanaoError
+from ..models.bert import BertConfig
+
+
+def keep_layers(depth: int, teacher_layers: int) -> list[int]:
+    """Teacher layers a depth-`depth` student keeps: evenly spaced, always the last one
+    (DynaBERT-style), e.g. depth 3 of 6 -> [1, 3, 5]."""
+    if not 1 <= depth <= teacher_layers:
+        raise CanaoError(f"depth {depth} outside 1..{teacher_layers}")
+    return [((i + 1) * teacher_layers) // depth - 1 for i in range(depth)]
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One candidate. heads[i], ffn[i] describe the i-th kept layer."""
+
+    heads: tuple[int, ...]
+    ffn: tuple[int, ...]
+    seq: int = 384
+    precision: str = "fp32"
+
+    def __post_init__(self):
+        if len(self.heads) != len(self.ffn) or not self.heads:
+            raise CanaoError(f"arch: {len(self.heads)} head counts and {len(self.ffn)} FFN sizes; need one of each per layer (>= 1 layer)")
+
+    @property
+    def depth(self) -> int:
+        return len(self.heads)
+
+    def key(self) -> str:
+        return f"L{self.depth}-h{'.'.join(map(str, self.heads))}-f{'.'.join(map(str, self.ffn))}-s{self.seq}-{self.precision}"
+
+    def to_dict(self) -> dict:
+        return {"heads": list(self.heads), "ffn": list(self.ffn), "seq": self.seq, "precision": self.precision}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Arch":
+        return cls(tuple(int(h) for h in d["heads"]), tuple(int(f) for f in d["ffn"]), int(d.get("seq", 384)),
+                   str(d.get("precision", "fp32")))
+
+    def bert_config(self, teacher: BertConfig) -> BertConfig:
+        cfg = BertConfig(**{**asdict(teacher), "layer_heads": list(self.heads), "layer_ffn": list(self.ffn)})
+        return cfg
+
+
+@dataclass
+class SearchSpace:
+    teacher_layers: int
+    teacher_heads: int  # per layer, the maximum
+    teacher_ffn: int
+    hidden_size: int
+    head_dim: int
+    depths: list[int]
+    head_choices: list[int]
+    ffn_choices: list[int]
+    seq_choices: list[int] = field(default_factory=lambda: [384])
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+
+    @classmethod
+    def from_teacher(cls, cfg: BertConfig, seq: int | list[int] = 384, precisions: list[str] | None = None,
+                     min_depth: int = 1, head_step: int | None = None, ffn_fracs: tuple[float, ...] | None = None) -> "SearchSpace":
+        """A space bounded by the teacher: depths min_depth..L, heads in steps (2 for 12 heads),
+        FFN in fractions of the teacher's width (multiples of 32 for tidy GEMMs)."""
+        if len(set(cfg.layer_heads)) != 1 or len(set(cfg.layer_ffn)) != 1:
+            raise CanaoError("search space: the teacher must have uniform layers (a pruned teacher is not a supernet)")
+        heads, ffn, L = cfg.layer_heads[0], cfg.layer_ffn[0], cfg.num_layers
+        step = head_step or max(1, heads // 6)
+        head_choices = sorted({h for h in range(step, heads + 1, step)} | {heads})
+        fracs = ffn_fracs or (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
+        ffn_choices = sorted({max(32, int(round(ffn * f / 32)) * 32) for f in fracs} | {ffn})
+        seqs = [seq] if isinstance(seq, int) else list(seq)
+        return cls(L, heads, ffn, cfg.hidden_size, cfg.head_dim, list(range(min_depth, L + 1)), head_choices,
+                   [f for f in ffn_choices if f <= ffn], seqs, precisions or ["fp32"])
+
+    # --- candidates -------------------------------------------------------
+    def largest(self, seq: int | None = None) -> Arch:
+        L = max(self.depths)
+        return Arch((self.teacher_heads,) * L, (self.teacher_ffn,) * L, seq or max(self.seq_choices), self.precisions[0])
+
+    def smallest(self, seq: int | None = None) -> Arch:
+        d = min(self.depths)
+        return Arch((min(self.head_choices),) * d, (min(self.ffn_choices),) * d, seq or min(self.seq_choices), self.precisions[0])
+
+    def sample(self, rng: random.Random) -> Arch:
+        d = rng.choice(self.depths)
+        return Arch(tuple(rng.choice(self.head_choices) for _ in range(d)),
+                    tuple(rng.choice(self.ffn_choices) for _ in range(d)),
+                    rng.choice(self.seq_choices), rng.choice(self.precisions))
+
+    def uniform(self, depth: int, heads: int, ffn: int, seq: int | None = None) -> Arch:
+        return Arch((heads,) * depth, (ffn,) * depth, seq or self.seq_choices[0], self.precisions[0])
+
+    def contains(self, arch: Arch) -> bool:
+        return (arch.depth in self.depths and all(h in self.head_choices for h in arch.heads)
+                and all(f in self.ffn_choices for f in arch.ffn) and arch.seq in self.seq_choices
+                and arch.precision in self.precisions)
+
+    def layers_of(self, arch: Arch) -> list[int]:
+        return keep_layers(arch.depth, self.teacher_layers)
+
+    def size(self) -> int:
+        per_layer = len(self.head_choices) * len(self.ffn_choices)
+        return sum(per_layer ** d for d in self.depths) * len(self.seq_choices) * len(self.precisions)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchSpace":
+        return cls(**d)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict())
+
+
+def model_bytes(arch: Arch, teacher: BertConfig) -> int:
+    """Weight bytes of the candidate (4 per fp32 parameter, 2 bf16, 1 int8 + fp32 embeddings)."""
+    cfg = arch.bert_config(teacher)
+    n = cfg.num_parameters() + cfg.hidden_size * 2 + 2
+    per = {"fp32": 4, "bf16": 2, "int8": 1}.get(arch.precision, 4)
+    return n * per
+
+
+def peak_activation_bytes(arch: Arch, teacher: BertConfig, batch: int = 1) -> int:
+    """Upper estimate of live activation memory at batch 1: the widest layer's buffers
+    (hidden in/out, QKV, one head's scores per head, FFN intermediate), fp32."""
+    s, h, d = arch.seq, teacher.hidden_size, teacher.head_dim
+    widest = max(3 * s * hd * d + hd * s * s + s * f for hd, f in zip(arch.heads, arch.ffn))
+    return 4 * batch * (2 * s * h + widest)
