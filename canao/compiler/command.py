@@ -1,4 +1,4 @@
-"""`canao compile`: checkpoint folder -> native artifact."""
+"""`canao compile` (checkpoint folder -> native artifact) and `canao bench` (latency vs other engines)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="data folder for --verify's real inputs (default $CANAO_DATA)")
     add_common(p)
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("bench", help="latency of canao vs other engines on the same weights, interleaved")
+    p.add_argument("--model", required=True, help="QA checkpoint folder")
+    p.add_argument("--artifact", help="canao artifact of that model (default: compile one into --out)")
+    p.add_argument("--engines", default="canao,pytorch,onnxruntime")
+    p.add_argument("--seq", default="128,384", help="comma-separated sequence lengths")
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--out", default="out/bench", help="folder for bench.json and bench.md")
+    add_common(p)
+    p.set_defaults(func=cmd_bench)
 
 
 def cmd_compile(args) -> dict:
@@ -55,3 +65,31 @@ def cmd_compile(args) -> dict:
         if args.verify:
             print(f"  verify: max abs error {summary['verify']['max_abs_err']:.2e} on {len(summary['verify']['cases'])} inputs")
     return summary
+
+
+def cmd_bench(args) -> dict:
+    import json
+    import os
+    from pathlib import Path
+
+    from ..models.encoders import load_encoder
+    from ..paths import resolve_model_path
+    from . import compile_model
+    from .bench import markdown, run_bench
+
+    model, _ = load_encoder(resolve_model_path(args.model), task="qa")
+    seqs = [int(s) for s in args.seq.split(",")]
+    threads = [args.threads] if args.threads else [1, os.cpu_count() or 1]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    artifact = Path(args.artifact) if args.artifact else out / "artifact"
+    if not args.artifact:
+        compile_model(model, artifact, max_seq=max(seqs))
+    report = run_bench(model, artifact, args.engines.split(","), seqs, threads, runs=args.runs,
+                       progress=lambda line: print(line, file=sys.stderr))
+    report["command"] = "canao bench " + " ".join(sys.argv[2:])
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "bench.md").write_text(markdown(report))
+    if not args.json:
+        print(markdown(report))
+    return report
