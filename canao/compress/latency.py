@@ -1,0 +1,294 @@
+"""The search's only window onto the compiler: a latency oracle and a fitted predictor.
+
+`LatencyOracle.measure(arch)` builds a random-weight model of the architecture
+(latency does not depend on the weights), compiles it with canao's compiler
+(`canao.compiler.compile_model`, `load_artifact(...).run`) and times it at batch 1,
+padded to `arch.seq` tokens, on a fixed number of threads: warm-up, then the
+median and p95 of `runs` timings. Results go in a JSON database keyed by the
+host's CPU, the backend, the architecture and the threads, so nothing is
+measured twice (the compiler's own build cache makes a re-compile cheap too).
+`backend="torch"` times PyTorch eager instead, behind the same interface, for
+precisions the compiler does not have yet or when no C compiler is available.
+
+`LatencyPredictor` is a linear model of per-layer costs (projections, attention,
+FFN, per-layer fixed work) plus overhead, fitted on measurements by relative
+least squares; `holdout_error` reports its error on held-out candidates and
+`recalibrate` refits it for a new device from a few dozen measurements (or
+rescales it from fewer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CanaoError
+from .space import Arch
+
+FEATURES = ("overhead", "layers", "proj", "attn", "ffn")
+
+
+def host_id() -> str:
+    """CPU model + core count: measurements from another machine are never reused."""
+    model = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}|{os.cpu_count()}"
+
+
+def timing_stats(times_ms: list[float]) -> dict:
+    a = np.asarray(times_ms)
+    return {"median_ms": float(np.median(a)), "p95_ms": float(np.percentile(a, 95)),
+            "min_ms": float(a.min()), "runs": int(a.size)}
+
+
+class LatencyOracle:
+    """measure(arch, seq=None, threads=None) -> {"median_ms", "p95_ms", ...}."""
+
+    def __init__(self, teacher_config, threads: int = 1, backend: str = "canao", db_path: str | Path | None = None,
+                 runs: int = 30, warmup: int = 5, progress=None):
+        if backend not in ("canao", "torch"):
+            raise CanaoError(f"latency backend '{backend}' unknown; use canao or torch")
+        self.teacher = teacher_config
+        self.threads, self.backend, self.runs, self.warmup = threads, backend, runs, warmup
+        self.db_path = Path(db_path) if db_path else None
+        self.db: dict[str, dict] = {}
+        if self.db_path and self.db_path.exists():
+            try:
+                self.db = json.loads(self.db_path.read_text())
+            except json.JSONDecodeError:
+                self.db = {}  # a torn write: re-measure rather than fail
+        self.host = host_id()
+        self.progress = progress
+        self.measured_now = 0  # measurements taken by this process (not from the database)
+
+    def _key(self, arch: Arch, threads: int) -> str:
+        t = self.teacher
+        return f"{self.backend}|{self.host}|H{t.hidden_size}d{t.head_dim}v{t.vocab_size}|{arch.key()}|t{threads}"
+
+    def cached(self, arch: Arch, threads: int | None = None) -> dict | None:
+        return self.db.get(self._key(arch, threads or self.threads))
+
+    def all_cached(self, threads: int | None = None) -> list[tuple[Arch, dict]]:
+        prefix = f"{self.backend}|{self.host}|"
+        t = threads or self.threads
+        return [(Arch.from_dict(v["arch"]), v) for k, v in self.db.items() if k.startswith(prefix) and v.get("threads") == t]
+
+    def _save(self) -> None:
+        if not self.db_path:
+            return
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.db_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.db, indent=0))
+        tmp.replace(self.db_path)
+
+    def measure(self, arch: Arch, seq: int | None = None, threads: int | None = None, fresh: bool = False,
+                model=None) -> dict:
+        """Median/p95 ms of one batch-1 inference at `seq` tokens. `model` (optional): time these
+        weights instead of random ones (same architecture; used to verify the final model)."""
+        if seq is not None and seq != arch.seq:
+            arch = Arch(arch.heads, arch.ffn, seq, arch.precision)
+        threads = threads or self.threads
+        key = self._key(arch, threads)
+        if not fresh and model is None and key in self.db:
+            return self.db[key]
+        import torch
+
+        from ..models.bert import BertForQuestionAnswering
+
+        if model is None:
+            torch.manual_seed(0)
+            model = BertForQuestionAnswering(arch.bert_config(self.teacher)).eval()
+        rng = np.random.default_rng(0)
+        ids = rng.integers(1, self.teacher.vocab_size, (1, arch.seq))
+        tt = np.zeros_like(ids)
+        tt[:, arch.seq // 4:] = 1
+        mask = np.ones_like(ids)
+        t0 = time.perf_counter()
+        old_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            if self.backend == "canao":
+                times, compile_s = self._time_canao(model, arch, threads, ids, tt, mask)
+            else:
+                times, compile_s = self._time_torch(model, ids, tt, mask), 0.0
+        finally:
+            torch.set_num_threads(old_threads)
+        result = {**timing_stats(times), "arch": arch.to_dict(), "threads": threads, "backend": self.backend,
+                  "compile_s": compile_s, "measure_s": time.perf_counter() - t0, "when": time.time()}
+        self.measured_now += 1
+        if self.progress:
+            self.progress(arch, result)
+        self.db[key] = result
+        self._save()
+        return result
+
+    def _loop(self, fn) -> list[float]:
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.runs):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return times
+
+    def _time_canao(self, model, arch, threads, ids, tt, mask):
+        from ..compiler import compile_model, load_artifact
+
+        tmp = Path(tempfile.mkdtemp(prefix="canao-lat-"))
+        try:
+            t0 = time.perf_counter()
+            compile_model(model, tmp / "artifact", precision=arch.precision, max_seq=arch.seq, threads=threads)
+            compile_s = time.perf_counter() - t0
+            art = load_artifact(tmp / "artifact", threads=threads)
+            try:
+                times = self._loop(lambda: art.run(ids, tt, mask))
+            finally:
+                art.close()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return times, compile_s
+
+    def time_artifact(self, path, seq: int, threads: int | None = None) -> dict:
+        """Median/p95 of an already compiled artifact (the final model), batch 1, `seq` tokens."""
+        from ..compiler import load_artifact
+
+        threads = threads or self.threads
+        rng = np.random.default_rng(0)
+        ids = rng.integers(1, self.teacher.vocab_size, (1, seq))
+        tt, mask = np.zeros_like(ids), np.ones_like(ids)
+        art = load_artifact(path, threads=threads)
+        try:
+            return {**timing_stats(self._loop(lambda: art.run(ids, tt, mask))), "threads": threads, "seq": seq}
+        finally:
+            art.close()
+
+    def _time_torch(self, model, ids, tt, mask):
+        import torch
+
+        args = [torch.as_tensor(a) for a in (ids, tt, mask)]
+        with torch.inference_mode():
+            return self._loop(lambda: model(*args))
+
+
+def features(arch: Arch, teacher) -> np.ndarray:
+    """Per-layer work summed over layers, in GFLOP-like units, plus a constant."""
+    s, H, d = arch.seq, teacher.hidden_size, teacher.head_dim
+    heads, ffn = np.asarray(arch.heads, float), np.asarray(arch.ffn, float)
+    return np.array([
+        1.0,
+        arch.depth * s * H / 1e6,  # LayerNorms, residuals, biases
+        (heads * d).sum() * s * H * 4 * 2 / 1e9,  # Q, K, V, output projections
+        (heads * d).sum() * s * s * 2 * 2 / 1e9,  # scores and context (+ softmax)
+        ffn.sum() * s * H * 2 * 2 / 1e9,  # FFN in + out (+ GELU)
+    ])
+
+
+class LatencyPredictor:
+    """latency_ms ~= features(arch) @ coef, coef >= 0, fitted to minimise relative error."""
+
+    def __init__(self, teacher, coef: np.ndarray | None = None, threads: int = 1, key: str = "p95_ms"):
+        self.teacher, self.threads, self.key = teacher, threads, key
+        self.coef = None if coef is None else np.asarray(coef, float)
+        self.n_fit = 0
+
+    def fit(self, samples: list[tuple[Arch, dict]]) -> "LatencyPredictor":
+        if len(samples) < 2:
+            raise CanaoError("latency predictor: need at least 2 measurements to fit")
+        X = np.stack([features(a, self.teacher) for a, _ in samples])
+        y = np.array([m[self.key] for _, m in samples])
+        self.coef = _nnls_relative(X, y)
+        self.n_fit = len(samples)
+        return self
+
+    def recalibrate(self, samples: list[tuple[Arch, dict]]) -> "LatencyPredictor":
+        """For a new device: refit when there are enough measurements (>= 3 per feature),
+        otherwise keep the cost ratios and fit one scale factor."""
+        if self.coef is None or len(samples) >= 3 * len(FEATURES):
+            return self.fit(samples)
+        pred = np.array([self.predict(a) for a, _ in samples])
+        y = np.array([m[self.key] for _, m in samples])
+        self.coef = self.coef * float(np.median(y / pred))
+        return self
+
+    def predict(self, arch: Arch) -> float:
+        if self.coef is None:
+            raise CanaoError("latency predictor used before fitting")
+        return float(features(arch, self.teacher) @ self.coef)
+
+    def errors(self, samples: list[tuple[Arch, dict]]) -> dict:
+        y = np.array([m[self.key] for _, m in samples])
+        p = np.array([self.predict(a) for a, _ in samples])
+        return {"mae_ms": float(np.mean(np.abs(p - y))), "mape_pct": float(100 * np.mean(np.abs(p - y) / y)),
+                "max_pct": float(100 * np.max(np.abs(p - y) / y)), "n": int(len(y))}
+
+    def to_dict(self) -> dict:
+        return {"features": list(FEATURES), "coef": None if self.coef is None else self.coef.tolist(),
+                "threads": self.threads, "key": self.key, "n_fit": self.n_fit}
+
+    @classmethod
+    def from_dict(cls, d: dict, teacher) -> "LatencyPredictor":
+        p = cls(teacher, d.get("coef"), d.get("threads", 1), d.get("key", "p95_ms"))
+        p.n_fit = d.get("n_fit", 0)
+        return p
+
+
+def _nnls_relative(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """min ||(X c - y) / y|| with c >= 0: active-set by dropping negative coefficients."""
+    Xw, yw = X / y[:, None], np.ones_like(y)
+    active = list(range(X.shape[1]))
+    coef = np.zeros(X.shape[1])
+    while active:
+        sol, *_ = np.linalg.lstsq(Xw[:, active], yw, rcond=None)
+        if (sol >= 0).all():
+            coef[:] = 0
+            coef[active] = sol
+            return coef
+        active.pop(int(np.argmin(sol)))
+    return coef
+
+
+def holdout_error(predictor: LatencyPredictor, samples: list[tuple[Arch, dict]], frac: float = 0.3,
+                  seed: int = 0) -> dict:
+    """Fit on (1-frac) of the measurements, report the error on the rest; then refit on all."""
+    rng = random.Random(seed)
+    idx = list(range(len(samples)))
+    rng.shuffle(idx)
+    n_test = max(1, int(round(len(samples) * frac)))
+    test = [samples[i] for i in idx[:n_test]]
+    train = [samples[i] for i in idx[n_test:]]
+    predictor.fit(train)
+    err = predictor.errors(test)
+    err["train"] = predictor.errors(train)
+    predictor.fit(samples)
+    return err
+
+
+def calibration_set(space, n: int, seed: int = 0) -> list[Arch]:
+    """Candidates that span the space: the largest, the smallest, uniform shapes and random ones."""
+    rng = random.Random(seed)
+    out = [space.largest(space.seq_choices[0]), space.smallest(space.seq_choices[0])]
+    while len(out) < n:
+        a = space.sample(rng)
+        if a not in out:
+            out.append(a)
+    return out[:n]
+
+
+def arch_hash(arch: Arch) -> str:
+    return hashlib.sha256(arch.key().encode()).hexdigest()[:12]

@@ -1,0 +1,60 @@
+import random
+
+import numpy as np
+import pytest
+
+from canao.compress.latency import LatencyOracle, LatencyPredictor, calibration_set, features, holdout_error
+from canao.compress.space import Arch, SearchSpace
+from canao.models.bert import BertConfig
+
+TEACHER = BertConfig()
+
+
+def synthetic(space, n, coef, noise=0.01, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for a in calibration_set(space, n, seed):
+        y = float(features(a, TEACHER) @ coef) * (1 + noise * rng.standard_normal())
+        out.append((a, {"p95_ms": y, "median_ms": y}))
+    return out
+
+
+def test_predictor_recovers_linear_costs_and_reports_holdout_error():
+    space = SearchSpace.from_teacher(TEACHER, seq=[128, 384])
+    coef = np.array([0.3, 0.02, 12.0, 9.0, 11.0])
+    samples = synthetic(space, 40, coef)
+    pred = LatencyPredictor(TEACHER)
+    err = holdout_error(pred, samples)
+    assert err["n"] == 12 and err["mape_pct"] < 3.0
+    fresh = synthetic(space, 20, coef, seed=1)
+    assert pred.errors(fresh)["mape_pct"] < 3.0
+    again = LatencyPredictor.from_dict(pred.to_dict(), TEACHER)
+    assert again.predict(space.largest()) == pytest.approx(pred.predict(space.largest()))
+
+
+def test_recalibration_for_a_slower_device():
+    space = SearchSpace.from_teacher(TEACHER)
+    coef = np.array([0.3, 0.02, 12.0, 9.0, 11.0])
+    pred = LatencyPredictor(TEACHER).fit(synthetic(space, 30, coef))
+    slow = synthetic(space, 6, coef * 2.5, seed=3)
+    assert pred.errors(slow)["mape_pct"] > 50
+    pred.recalibrate(slow)  # few samples: one scale factor
+    assert pred.errors(synthetic(space, 10, coef * 2.5, seed=4))["mape_pct"] < 3.0
+
+
+def test_torch_oracle_and_database(tmp_path):
+    small = BertConfig(vocab_size=200, hidden_size=64, layer_heads=[4] * 2, layer_ffn=[128] * 2, head_dim=16)
+    oracle = LatencyOracle(small, threads=1, backend="torch", db_path=tmp_path / "db.json", runs=5, warmup=1)
+    a = Arch((2, 4), (64, 128), 32)
+    m = oracle.measure(a)
+    assert 0 < m["median_ms"] <= m["p95_ms"] and m["runs"] == 5
+    again = LatencyOracle(small, threads=1, backend="torch", db_path=tmp_path / "db.json")
+    assert again.cached(a) == m and again.measure(a) == m and again.measured_now == 0
+    assert len(again.all_cached()) == 1
+
+
+def test_compiler_oracle_measures_compiled_code(tmp_path):
+    small = BertConfig(vocab_size=200, hidden_size=64, layer_heads=[4] * 2, layer_ffn=[128] * 2, head_dim=16)
+    oracle = LatencyOracle(small, threads=1, backend="canao", db_path=tmp_path / "db.json", runs=5, warmup=1)
+    m = oracle.measure(Arch((2,), (64,), 32))
+    assert m["backend"] == "canao" and m["compile_s"] > 0 and 0 < m["median_ms"] <= m["p95_ms"]
