@@ -21,7 +21,7 @@ class Target:
 
 TARGETS = {
     "avx512": Target("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"),
-                     ("-march=x86-64-v4", "-mtune=znver4", "-mprefer-vector-width=512"), "vec_avx512.h", 16, 8, 32),
+                     ("-march=x86-64-v4", "-mtune=znver3", "-mprefer-vector-width=512"), "vec_avx512.h", 16, 8, 32),
     "avx2": Target("avx2", ("avx2", "fma"), ("-march=x86-64-v3", "-mtune=znver3"), "vec_avx2.h", 8, 6, 16),
 }
 
