@@ -96,6 +96,9 @@ def _squad_eval(model: str, path, limit, max_len: int, stride: int, batch_size: 
     from .engine import load_qa_engine
 
     engine = load_qa_engine(model)
+    if max_len > engine.info["max_seq"]:
+        raise CanaoError(f"{model} runs at most {engine.info['max_seq']} tokens; pass --max-len {engine.info['max_seq']} "
+                         "or compile it with a larger --max-seq")
     examples = squad.read_squad(path, limit)
     t0 = time.perf_counter()
     result = squad.evaluate(engine.run, engine.tokenizer, examples, max_len, stride, batch_size, progress=True)

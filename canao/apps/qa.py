@@ -19,7 +19,10 @@ class QAPipeline:
 
     @classmethod
     def load(cls, spec: str, **kw) -> "QAPipeline":
-        pipeline = cls(load_qa_engine(spec), **kw)
+        engine = load_qa_engine(spec)
+        kw.setdefault("max_len", min(384, int(engine.info["max_seq"])))  # an artifact may be built for less
+        kw.setdefault("stride", min(128, kw["max_len"] // 4))
+        pipeline = cls(engine, **kw)
         pipeline.answer("canao warms up its kernels here.", "What warms up?")  # first call pays one-off set-up
         return pipeline
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..errors import CanaoError
 
@@ -39,9 +40,18 @@ def cmd_compile(args) -> dict:
     from . import compile_model, load_artifact
     from .verify import random_cases, squad_cases, verify
 
-    model, tokenizer = load_encoder(resolve_model_path(args.model), task="qa")
+    import shutil
+
+    from ..models.wordpiece import TOKENIZER_FILES
+
+    source = resolve_model_path(args.model)
+    model, tokenizer = load_encoder(source, task="qa")
     summary = compile_model(model, args.out, precision=args.precision, max_seq=args.max_seq,
                             target=args.target, threads=args.threads)
+    # The apps tokenize before they run the artifact: it carries the model's tokenizer.
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copyfile(source / name, Path(summary["artifact"]) / name)
     if args.verify:
         compiled = load_artifact(args.out, threads=args.threads)
         cases = random_cases(model.config.vocab_size, args.max_seq)
