@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "canao.apps.commands",
     "canao.compiler.command",
     "canao.serve.command",
+    "canao.compress.command",
 ]
 
 

@@ -292,3 +292,56 @@ def calibration_set(space, n: int, seed: int = 0) -> list[Arch]:
 
 def arch_hash(arch: Arch) -> str:
     return hashlib.sha256(arch.key().encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- the final model through the compiler
+def compile_final(model, out: str | Path, arch: Arch, threads: int) -> dict:
+    """Compile the trained model to an artifact folder (the same compiler call the oracle times)."""
+    from ..compiler import compile_model
+
+    return compile_model(model, out, precision=arch.precision, max_seq=arch.seq, threads=threads)
+
+
+def artifact_runner(path, threads: int):
+    """(run(ids, types, mask) -> (start, end) numpy, close) for squad.predict."""
+    from ..compiler import load_artifact
+
+    art = load_artifact(path, threads=threads)
+    return (lambda ids, tt, mask: art.run(ids, tt, mask, as_torch=False)), art.close
+
+
+def verify_artifact(path, model, feats, threads: int, n: int = 8) -> dict:
+    """Max |logit difference| between the artifact and PyTorch on `n` real windows at their lengths."""
+    import torch
+
+    run, close = artifact_runner(path, threads)
+    worst = 0.0
+    try:
+        for i in range(min(n, len(feats))):
+            L = int(feats.lengths()[i])
+            args = [a[i:i + 1, :L] for a in (feats.input_ids, feats.token_type_ids, feats.attention_mask)]
+            s, e = run(*args)
+            with torch.no_grad():
+                rs, re_ = model(*[torch.as_tensor(a) for a in args])
+            worst = max(worst, float(np.abs(s - rs.numpy()).max()), float(np.abs(e - re_.numpy()).max()))
+    finally:
+        close()
+    return {"max_abs_diff": worst, "windows": min(n, len(feats)), "ok": worst < 1e-3}
+
+
+def per_question_latency(path, feats, threads: int, n: int = 100, warmup: int = 5) -> dict:
+    """p50/p95 of single-window runs at each window's real (unpadded) length."""
+    run, close = artifact_runner(path, threads)
+    times = []
+    try:
+        idx = list(range(min(n, len(feats))))
+        for i in idx[:warmup] + idx:
+            L = int(feats.lengths()[i])
+            args = [a[i:i + 1, :L] for a in (feats.input_ids, feats.token_type_ids, feats.attention_mask)]
+            t = time.perf_counter()
+            run(*args)
+            times.append((time.perf_counter() - t) * 1e3)
+    finally:
+        close()
+    st = timing_stats(times[warmup:])
+    return {**st, "mean_len": float(feats.lengths()[:len(times) - warmup].mean())}

@@ -1,0 +1,446 @@
+"""`canao search` end to end, as resumable stages recorded in OUT/state.json.
+
+ 1 reachable      measure the smallest architecture: an impossible budget stops here
+ 2 teacher        F1 on the held-out eval slice
+ 3 calibration    measure candidates through the compiler, fit the latency predictor, held-out error
+ 4 supernet       importance reordering, then phase-1 sandwich distillation (checkpointed)
+ 5 search         controllers (RL, evolution, random) over the space, every candidate logged
+ 6 confirm        measure the best candidates in order of F1: the first within budget is taken
+ 7 phase2         TinyBERT-style distillation of the chosen architecture (checkpointed)
+ 8 final          compile, verify against PyTorch, measure p50/p95 (padded and per question),
+                  F1 of the compiled model; over budget -> the next confirmed candidate
+ 9 baselines      uniformly shrunk students with the same phase-2 budget, the teacher
+10 report         search log, Pareto PNG, report.md, result.json
+
+A finished stage is never redone with --resume; training stages resume from their
+last checkpoint. `measure=False` runs the stages that need no target device (for a
+GPU machine) using a predictor file; a later run with measure=True and resume
+finishes the device stages on the target.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import CanaoError
+from ..models.encoders import load_encoder, save_encoder
+from ..tasks import squad
+from . import report
+from .distill import DistillConfig, distill_student, steps_for, train_supernet
+from .importance import compute_importance, reorder
+from .latency import (LatencyOracle, LatencyPredictor, calibration_set, compile_final, holdout_error,
+                      per_question_latency, verify_artifact)
+from .search import Evaluator, Search, SearchConfig, check_reachable
+from .space import Arch, SearchSpace, keep_layers
+from .supernet import SuperNet, copy_teacher
+
+
+@dataclass
+class Preset:
+    train_limit: int | None
+    train_len: int
+    train_stride: int
+    importance_batches: int
+    supernet_epochs: float
+    supernet_steps: int | None  # overrides epochs
+    batch_size: int
+    n_random: int
+    search_dev: int  # dev questions for candidate F1 (the search slice)
+    eval_dev: int  # further dev questions for the final F1 (disjoint from the search slice)
+    calibration: int
+    proposals: int
+    phase2_inter: float  # epochs, or steps when phase2_steps
+    phase2_pred: float
+    phase2_steps: bool
+    lr_supernet: float = 5e-5
+    lr_phase2: float = 1e-4
+    runs: int = 30
+    baselines: bool = True
+
+
+PRESETS = {
+    # minutes on 2 CPU cores: tiny training slices, the whole pipeline exercised
+    "quick": Preset(train_limit=240, train_len=256, train_stride=96, importance_batches=2, supernet_epochs=0,
+                    supernet_steps=10, batch_size=8, n_random=1, search_dev=32, eval_dev=120, calibration=8,
+                    proposals=12, phase2_inter=8, phase2_pred=12, phase2_steps=True, lr_supernet=5e-5,
+                    lr_phase2=5e-5, runs=20),
+    # the real run (hours on a CPU; CUDA is used when present)
+    "full": Preset(train_limit=None, train_len=384, train_stride=128, importance_batches=16, supernet_epochs=3,
+                   supernet_steps=None, batch_size=32, n_random=2, search_dev=500, eval_dev=2000, calibration=30,
+                   proposals=100, phase2_inter=2, phase2_pred=3, phase2_steps=False, lr_supernet=5e-5,
+                   lr_phase2=1e-4, runs=50),
+}
+
+
+@dataclass
+class Job:
+    teacher: Path
+    data: Path
+    out: Path
+    budget_ms: float
+    threads: int = 1
+    seq: int = 384
+    preset: str = "quick"
+    controllers: tuple[str, ...] = ("rl", "evolution", "random")
+    max_mb: float | None = None
+    max_mem_mb: float | None = None
+    latency_db: Path | None = None
+    backend: str = "canao"
+    measure: bool = True  # False: no target device here (GPU run); needs predictor_file
+    predictor_file: Path | None = None
+    seed: int = 0
+    overrides: dict = field(default_factory=dict)
+
+
+def _log(msg: str) -> None:
+    print(f"[search] {msg}", file=sys.stderr, flush=True)
+
+
+def data_files(data: Path) -> tuple[Path, Path]:
+    data = Path(data)
+    if data.is_file():
+        return data, data
+    train, dev = data / "squad" / "train-subset-v1.1.json", data / "squad" / "dev-v1.1.json"
+    for p in (train, dev):
+        if not p.exists():
+            raise CanaoError(f"{p} not found: --data takes a folder laid out like ../shared/data (squad/...)")
+    return train, dev
+
+
+class State:
+    def __init__(self, out: Path):
+        self.path = out / "state.json"
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def __contains__(self, k):
+        return k in self.data
+
+    def __getitem__(self, k):
+        return self.data[k]
+
+    def set(self, k, v):
+        self.data[k] = v
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+
+def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
+    t_start = time.perf_counter()
+    if job.preset not in PRESETS:
+        raise CanaoError(f"unknown preset '{job.preset}'; choose quick or full")
+    pre = replace(PRESETS[job.preset], **job.overrides)
+    out = Path(job.out)
+    if (out / "state.json").exists() and not resume:
+        raise CanaoError(f"{out} holds an earlier search; pass --resume to continue it or choose another --out")
+    if job.budget_ms <= 0:
+        raise CanaoError("--budget-ms must be positive")
+    out.mkdir(parents=True, exist_ok=True)
+    st = State(out)
+    prev = st.data.get("job")
+    if prev and (prev["budget_ms"], prev["seq"], prev["threads"]) != (job.budget_ms, job.seq, job.threads):
+        raise CanaoError(f"{out} was started with budget {prev['budget_ms']} ms, seq {prev['seq']}, {prev['threads']} "
+                         "thread(s); --resume needs the same settings")
+    st.set("job", {"budget_ms": job.budget_ms, "seq": job.seq, "threads": job.threads, "preset": job.preset,
+                   "teacher": str(job.teacher), "data": str(job.data), "overrides": job.overrides})
+    torch.set_num_threads(job.threads)
+    train_file, dev_file = data_files(job.data)
+    teacher_model, tok = load_encoder(job.teacher)
+    tcfg = teacher_model.config
+    space = SearchSpace.from_teacher(tcfg, seq=job.seq)
+    dev = squad.read_squad(dev_file, pre.search_dev + pre.eval_dev)
+    search_ex, eval_ex = dev[:pre.search_dev], dev[pre.search_dev:]
+    if len(eval_ex) < 1:
+        raise CanaoError(f"{dev_file}: only {len(dev)} dev questions; the search and eval slices need more")
+    stride = min(128, (job.seq - 67) // 2)
+    eval_feats = squad.make_features(tok, eval_ex, job.seq, stride)
+
+    def f1_of(run_fn) -> float:
+        s, e = squad.predict(run_fn, eval_feats, 32)
+        return squad.squad_metrics(eval_ex, squad.decode_spans(eval_ex, eval_feats, s, e))["f1"]
+
+    def torch_runner(model):
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device).eval()
+
+        @torch.no_grad()
+        def run_fn(ids, tt, mask):
+            s, e = model(*[torch.as_tensor(a, device=device) for a in (ids, tt, mask)])
+            return s.float().cpu().numpy(), e.float().cpu().numpy()
+        return run_fn
+
+    oracle = None
+    if job.measure:
+        db = job.latency_db or Path(os.environ.get("CANAO_CACHE", Path.home() / ".cache" / "canao")) / "latency-db.json"
+        oracle = LatencyOracle(tcfg, job.threads, job.backend, db, runs=pre.runs,
+                               progress=lambda a, m: _log(f"measured {a.key()}: p50 {m['median_ms']:.2f} ms, "
+                                                          f"p95 {m['p95_ms']:.2f} ms"))
+        # 1 reachable ---------------------------------------------------------
+        if "reachable" not in st:
+            _log(f"checking the budget against the smallest architecture ({job.backend} backend)")
+            st.set("reachable", check_reachable(space, oracle, job.budget_ms, job.threads))
+    # 2 teacher -------------------------------------------------------------
+    if "teacher" not in st:
+        _log(f"teacher F1 on {len(eval_ex)} held-out dev questions")
+        st.set("teacher", {"f1": f1_of(torch_runner(teacher_model)), "arch": space.largest().to_dict(),
+                           "eval_questions": len(eval_ex)})
+
+    # 3 calibration ---------------------------------------------------------
+    predictor = LatencyPredictor(tcfg, threads=job.threads)
+    if "calibration" in st:
+        predictor = LatencyPredictor.from_dict(st["calibration"]["predictor"], tcfg)
+    elif not job.measure:
+        if not job.predictor_file:
+            raise CanaoError("without measurement (measure=False) a fitted predictor file is needed")
+        cal = json.loads(Path(job.predictor_file).read_text())
+        predictor = LatencyPredictor.from_dict(cal["predictor"], tcfg)
+        st.set("calibration", {**cal, "from": str(job.predictor_file)})
+    else:
+        _log(f"calibrating the latency predictor on {pre.calibration} compiled candidates")
+        archs = calibration_set(space, pre.calibration, job.seed)
+        samples = [(a, oracle.measure(a)) for a in archs]
+        # every other measurement of this host/threads in the database helps too
+        extra = [(a, m) for a, m in oracle.all_cached(job.threads) if a.seq == job.seq and a not in archs
+                 and space.contains(a)]
+        samples += extra
+        err = holdout_error(predictor, samples, seed=job.seed)
+        st.set("calibration", {"predictor": predictor.to_dict(), "holdout": err, "measured": len(samples),
+                               "backend": job.backend, "host": oracle.host})
+        _log(f"predictor held-out error: {err['mape_pct']:.2f} % ({err['mae_ms']:.2f} ms) on {err['n']} candidates")
+    (out / "predictor.json").write_text(json.dumps(st["calibration"], indent=1))
+
+    # 4 supernet ------------------------------------------------------------
+    sup_file = out / "supernet" / "model.safetensors"
+    net_model = copy.deepcopy(teacher_model)
+    train_feats = None
+
+    def get_train_feats():
+        nonlocal train_feats
+        if train_feats is None:
+            ex = squad.read_squad(train_file, pre.train_limit)
+            train_feats = squad.make_features(tok, ex, pre.train_len, pre.train_stride, with_labels=True)
+        return train_feats
+
+    if "importance" not in st:
+        _log("head/neuron importance on training windows")
+        imp = compute_importance(net_model, get_train_feats(), batches=pre.importance_batches, batch_size=16)
+        perms = reorder(net_model, imp)
+        st.set("importance", {"perms": perms, "head_importance": [h.tolist() for h in imp["heads"]]})
+    else:
+        imp = {"heads": [None] * tcfg.num_layers, "ffn": [None] * tcfg.num_layers}
+        _apply_perms(net_model, st["importance"]["perms"])
+    teacher = copy_teacher(net_model)  # the reordered teacher: same function, head j <-> student head j
+    net = SuperNet(net_model, space)
+    if "supernet" not in st:
+        feats = get_train_feats()
+        steps = pre.supernet_steps or steps_for(pre.supernet_epochs, len(feats), pre.batch_size)
+        dcfg = DistillConfig(steps=steps, batch_size=pre.batch_size, lr=pre.lr_supernet, n_random=pre.n_random,
+                             seed=job.seed, save_every=max(10, steps // 20))
+        _log(f"phase 1: supernet distillation, {steps} steps of {pre.batch_size} windows (sandwich: largest, smallest, "
+             f"{pre.n_random} random)")
+        res = train_supernet(net, teacher, feats, dcfg, out / "supernet-state", resume=resume, progress=progress)
+        sup_file.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in net_model.state_dict().items()}, str(sup_file))
+        st.set("supernet", {**res, "config": asdict(dcfg), "train_windows": len(feats)})
+    elif sup_file.exists():
+        net_model.load_state_dict(load_file(str(sup_file)))
+    else:
+        _log("supernet weights not here (trained elsewhere): a new phase 2 starts from teacher slices")
+    net_model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+    # 5 search --------------------------------------------------------------
+    evaluator = Evaluator(net, tok, search_ex, stride)
+    scfg = SearchConfig(budget_ms=job.budget_ms, threads=job.threads, controllers=tuple(job.controllers),
+                        proposals=pre.proposals, max_mb=job.max_mb, max_mem_mb=job.max_mem_mb, seed=job.seed)
+
+    class _PredOnly:  # without a target device the search sees predictions only
+        def cached(self, *a, **k):
+            return None
+
+    search = Search(space, tcfg, predictor, oracle or _PredOnly(), evaluator, scfg, out / "search-log.jsonl", progress)
+    if "search" not in st:
+        _log(f"search: {', '.join(scfg.controllers)}, {scfg.proposals} proposals each")
+        summary = search.run(resume=resume)
+        fixed = {k: evaluator.f1(a) for k, a in (("largest", space.largest()), ("smallest", space.smallest()))}
+        st.set("search", {**summary, "subnet_f1": fixed, "search_questions": len(search_ex)})
+    else:
+        search.run(resume=True)  # replays the log: nothing re-evaluated
+    ranked = search.ranked()
+    if not ranked:
+        raise CanaoError(f"no candidate met the {job.budget_ms} ms budget and the constraints; raise the budget "
+                         f"(fastest measured: {st.data.get('reachable', {}).get('p95_ms', 'unknown')} ms p95)")
+
+    # 6-8 confirm, phase 2, final (with fallback to the next candidate) --------------
+    if not job.measure:
+        chosen = ranked[0]
+        _phase2(job, pre, st, net, teacher, tcfg, Arch.from_dict(chosen["arch"]), get_train_feats, out, resume,
+                progress, tok, f1_of, torch_runner, save_half=True)
+        if pre.baselines:
+            _baselines(job, pre, st, space, tcfg, teacher, get_train_feats, out, resume, progress, f1_of, torch_runner, None)
+        st.set("stopped", "measure=False: device stages left for a run on the target with --resume")
+        return {"out": str(out), "chosen": chosen["key"], "state": st.data}
+    tried = st.data.get("rejected", [])
+    final = st.data.get("final")
+    while final is None:
+        candidates = [e for e in ranked if e["key"] not in tried]
+        if not candidates:
+            raise CanaoError(f"every candidate's compiled model exceeded the {job.budget_ms} ms budget when measured")
+        arch, m, trail = search.confirm(candidates)
+        st.set("confirm", trail)
+        student = _phase2(job, pre, st, net, teacher, tcfg, arch, get_train_feats, out, resume, progress, tok, f1_of,
+                          torch_runner)
+        final = _final(job, pre, st, student, arch, out, oracle, eval_feats, eval_ex, f1_of)
+        if final is None:
+            tried.append(arch.key())
+            st.set("rejected", tried)
+            st.data.pop("phase2", None)
+
+    # 9 baselines -----------------------------------------------------------
+    if pre.baselines and "baselines" not in st:
+        _baselines(job, pre, st, space, tcfg, teacher, get_train_feats, out, resume, progress, f1_of, torch_runner, oracle)
+    if "teacher_latency" not in st:
+        m = oracle.measure(space.largest(job.seq))
+        st.set("teacher_latency", {"median_ms": m["median_ms"], "p95_ms": m["p95_ms"], "backend": job.backend})
+
+    # 10 report -------------------------------------------------------------
+    st.set("wall_s_last_run", time.perf_counter() - t_start)
+    files = report.write_all(out, st.data, search.entries, job)
+    fin = st["final"]
+    return {
+        "f1": fin["f1"], "median_ms": fin["median_ms"], "p95_ms": fin["p95_ms"], "budget_ms": job.budget_ms,
+        "within_budget": fin["p95_ms"] <= job.budget_ms, "arch": fin["arch"], "seq": job.seq, "threads": job.threads,
+        "per_question": fin.get("per_question"),
+        "teacher": {"f1": st["teacher"]["f1"], **st["teacher_latency"]},
+        "baselines": st.data.get("baselines", {}),
+        "predictor": st["calibration"].get("holdout"),
+        "controllers": st["search"]["controllers"],
+        "eval_questions": len(eval_ex), "search_questions": len(search_ex),
+        "paths": {"model": str(out / "model"), "artifact": str(out / "artifact"), **files},
+        "wall_s": time.perf_counter() - t_start, "preset": job.preset,
+    }
+
+
+def _apply_perms(model, perms) -> None:
+    import numpy as np
+
+    n_layers = len(perms["heads"])
+    fake = {"heads": [], "ffn": []}
+    for i in range(n_layers):  # importance that sorts into exactly the recorded permutation
+        for kind in ("heads", "ffn"):
+            p = np.asarray(perms[kind][i])
+            score = np.empty(len(p))
+            score[p] = -np.arange(len(p), dtype=float)
+            fake[kind].append(score)
+    reorder(model, fake)
+
+
+def _distill(pre: Preset, job: Job, student, teacher, arch: Arch, feats, state_root: Path, resume, progress):
+    layer_map = keep_layers(arch.depth, teacher.config.num_layers)
+    stages = []
+    for stage, amount in (("intermediate", pre.phase2_inter), ("prediction", pre.phase2_pred)):
+        steps = int(amount) if pre.phase2_steps else steps_for(amount, len(feats), pre.batch_size)
+        cfg = DistillConfig(steps=steps, batch_size=pre.batch_size, lr=pre.lr_phase2, seed=job.seed,
+                            save_every=max(10, steps // 10), w_ce=0.5 if stage == "prediction" else 0.0)
+        done = state_root / f"{stage}.safetensors"
+        if done.exists():  # finished stage
+            student.load_state_dict(load_file(str(done)))
+            continue
+        r = distill_student(student, teacher, layer_map, feats, cfg, state_root / stage, stage, resume, progress)
+        state_root.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(done))
+        stages.append({"stage": stage, **r})
+    return student
+
+
+def _phase2(job, pre, st, net, teacher, tcfg, arch, get_train_feats, out, resume, progress, tok, f1_of, torch_runner,
+            save_half=False):
+    model_dir = out / "model"
+    if "phase2" in st and st["phase2"]["key"] == arch.key() and (model_dir / "config.json").exists():
+        student, _ = load_encoder(model_dir)
+        return student
+    _log(f"phase 2: distilling {arch.key()} (intermediate layers, then predictions)")
+    t0 = time.perf_counter()
+    student = net.extract(arch)  # starts from the supernet's weights
+    state_root = out / f"phase2-{arch.key()}"
+    student = _distill(pre, job, student, teacher, arch, get_train_feats(), state_root, resume, progress)
+    student.eval()
+    shutil.rmtree(model_dir, ignore_errors=True)
+    if save_half:  # small enough to bring back from a GPU machine
+        from ..models.checkpoint import save_checkpoint
+        from ..models.wordpiece import TOKENIZER_FILES
+
+        extra = {n: Path(job.teacher) / n for n in TOKENIZER_FILES if (Path(job.teacher) / n).exists()}
+        save_checkpoint(model_dir, student.config.to_hf(student.architecture), student.state_dict(), extra,
+                        dtype=torch.float16, max_shard_bytes=15 * 2**20)
+    else:
+        save_encoder(student, model_dir, job.teacher)
+    st.set("phase2", {"key": arch.key(), "arch": arch.to_dict(), "train_s": time.perf_counter() - t0,
+                      "f1_torch": f1_of(torch_runner(student)), "device": "cuda" if torch.cuda.is_available() else "cpu"})
+    shutil.rmtree(state_root, ignore_errors=True)
+    return student
+
+
+def _final(job, pre, st, student, arch, out, oracle, eval_feats, eval_ex, f1_of) -> dict | None:
+    """Compile, verify, measure; None when the measured p95 misses the budget (twice)."""
+    art = out / "artifact"
+    _log(f"compiling {arch.key()} and measuring it")
+    summary = compile_final(student, art, arch, job.threads)
+    ver = verify_artifact(art, student, eval_feats, job.threads)
+    if not ver["ok"]:
+        raise CanaoError(f"compiled model disagrees with PyTorch (max |diff| {ver['max_abs_diff']:.2e}); see {art}")
+    m = oracle.time_artifact(art, arch.seq)
+    if m["p95_ms"] > job.budget_ms:  # noise on a shared machine: measure once more before rejecting
+        m = oracle.time_artifact(art, arch.seq)
+    if m["p95_ms"] > job.budget_ms:
+        _log(f"{arch.key()} measured p95 {m['p95_ms']:.2f} ms > budget {job.budget_ms} ms: taking the next candidate")
+        return None
+    from .latency import artifact_runner
+
+    run_fn, close = artifact_runner(art, job.threads)
+    try:
+        f1 = f1_of(run_fn)
+    finally:
+        close()
+    pq = per_question_latency(art, eval_feats, job.threads)
+    final = {"arch": arch.to_dict(), "key": arch.key(), "f1": f1, "median_ms": m["median_ms"], "p95_ms": m["p95_ms"],
+             "runs": m["runs"], "verify": ver, "per_question": pq, "compile": {k: summary[k] for k in ("memory", "times")},
+             "f1_torch": st["phase2"]["f1_torch"]}
+    st.set("final", final)
+    return final
+
+
+def _baselines(job, pre, st, space, tcfg, teacher, get_train_feats, out, resume, progress, f1_of, torch_runner, oracle):
+    """Uniformly shrunk students from teacher slices with the same phase-2 distillation: F1 anywhere,
+    latency only where the oracle (the target) is."""
+    L, H, F = tcfg.num_layers, tcfg.layer_heads[0], tcfg.layer_ffn[0]
+    shapes = {"layer-dropped": space.uniform(max(1, L // 2), H, F, job.seq),
+              "width-shrunk": space.uniform(L, max(1, H // 2), F // 2, job.seq)}
+    results = st.data.get("baseline_partial", {})
+    for name, arch in shapes.items():
+        r = results.get(name)
+        if r is None:
+            _log(f"baseline {name} {arch.key()}: same phase-2 distillation")
+            sliced = SuperNet(copy.deepcopy(teacher).cpu(), space).extract(arch)  # teacher slices, not the supernet
+            root = out / f"baseline-{name}-state"
+            sliced = _distill(pre, job, sliced, teacher, arch, get_train_feats(), root, resume, progress)
+            r = {"arch": arch.to_dict(), "key": arch.key(), "f1": f1_of(torch_runner(sliced))}
+            sliced.cpu()
+            results[name] = r
+            st.set("baseline_partial", results)
+            shutil.rmtree(root, ignore_errors=True)
+        if oracle is not None and "p95_ms" not in r:
+            m = oracle.measure(arch)
+            r.update(median_ms=m["median_ms"], p95_ms=m["p95_ms"])
+            st.set("baseline_partial", results)
+    if oracle is not None:
+        st.set("baselines", results)

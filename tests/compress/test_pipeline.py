@@ -1,0 +1,43 @@
+"""The whole `canao search` on tiny slices (seconds, not minutes): stages, resume, the guarantee."""
+
+import json
+
+import pytest
+
+from canao.compress.pipeline import Job, run
+from canao.errors import CanaoError
+
+TINY = dict(train_limit=24, train_len=128, train_stride=32, importance_batches=1, supernet_steps=2, batch_size=4,
+            n_random=1, search_dev=6, eval_dev=6, calibration=4, proposals=3, phase2_inter=1, phase2_pred=1,
+            phase2_steps=True, runs=3)
+
+
+def job(tmp_path, teacher_dir, data_dir, budget, **kw):
+    return Job(teacher=teacher_dir, data=data_dir, out=tmp_path / "out", budget_ms=budget, threads=1, seq=128,
+               backend="torch", latency_db=tmp_path / "db.json", overrides=dict(TINY, **kw.pop("over", {})), **kw)
+
+
+def test_search_end_to_end_and_resume(tmp_path, teacher_dir, data_dir):
+    res = run(job(tmp_path, teacher_dir, data_dir, 1000.0), progress=False)
+    out = tmp_path / "out"
+    assert res["p95_ms"] <= res["budget_ms"] and res["within_budget"]
+    assert (out / "model" / "config.json").exists() and (out / "artifact").exists()
+    assert (out / "pareto.png").exists() and (out / "report.md").exists()
+    log = [json.loads(line) for line in (out / "search-log.jsonl").read_text().splitlines()]
+    cands = [e for e in log if e["type"] == "candidate"]
+    assert len(cands) == 9 and {e["controller"] for e in cands} == {"rl", "evolution", "random"}
+    assert all("predicted_ms" in e and "reward" in e for e in cands)
+    assert any(e["type"] == "confirm" and e["within_budget"] for e in log)
+    assert set(res["baselines"]) == {"layer-dropped", "width-shrunk"} and res["teacher"]["f1"] > 0
+    assert res["predictor"]["n"] >= 1
+    # a finished run resumes without redoing anything
+    with pytest.raises(CanaoError, match="--resume"):
+        run(job(tmp_path, teacher_dir, data_dir, 1000.0), progress=False)
+    again = run(job(tmp_path, teacher_dir, data_dir, 1000.0), resume=True, progress=False)
+    assert again["arch"] == res["arch"] and again["f1"] == res["f1"]
+    assert len((out / "search-log.jsonl").read_text().splitlines()) == len(log)
+
+
+def test_impossible_budget_names_fastest_latency(tmp_path, teacher_dir, data_dir):
+    with pytest.raises(CanaoError, match=r"fastest reachable latency is [0-9.]+ ms"):
+        run(job(tmp_path, teacher_dir, data_dir, 0.001), progress=False)
