@@ -65,3 +65,27 @@ def test_kv_cache_decode_equals_full_forward(ours):
     diff = (incremental - full).abs().max().item()
     assert diff <= 5e-4, f"cached decode drifts from the full forward by {diff}"
     assert torch.equal(incremental[0].argmax(-1), full[0].argmax(-1))
+
+
+def test_hf_folder_llama_matches_transformers(tmp_path):
+    """A small random Llama saved by transformers (safetensors): config.json mapping, untied head."""
+    from canao.models.decoders import load_decoder
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+    )
+    reference = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # RMSNorm weights start at 1; perturb them so a mis-loaded norm shows
+        for name, p in reference.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    reference.save_pretrained(tmp_path, safe_serialization=True)
+    model, info = load_decoder(tmp_path)
+    assert info["config"]["rope_theta"] == 5000.0 and not info["config"]["tie_embeddings"]
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        diff = (model(ids) - reference(ids).logits).abs().max().item()
+    assert diff <= 1e-5, f"max abs logit difference {diff}"
