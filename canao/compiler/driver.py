@@ -61,6 +61,7 @@ def compile_model(model, out: str | Path, precision: str = "fp32", max_seq: int 
                    "weight_bytes": len(program.weights)},
         "fusion": report,
         "kernels": program.kernels,
+        "phases": program.phases,
     }
     manifest = artifact.write_manifest(out, info)
     shutil.rmtree(final, ignore_errors=True)

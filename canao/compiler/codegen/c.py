@@ -21,18 +21,32 @@ from ..targets import Target
 from .layout import S, View, assign_layouts
 from .memory import Plan, plan_arena
 
-ARGS = "const float *W, char *arena, float *scratch, long S, const int64_t *input_ids, " \
+ARGS = "const float *W, char *arena, float *scratch, long S, long r0, long r1, const int64_t *input_ids, " \
        "const int64_t *token_type_ids, const int64_t *attention_mask"
+CALL_ARGS = "W, arena, scratch, S, r0, r1, input_ids, token_type_ids, attention_mask"
 VEC_FN = {"add": "vadd", "sub": "vsub", "mul": "vmul", "div": "vdiv", "gelu": "vgelu"}
 SCALAR_OP = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 
 
 @dataclass
 class Schedule:
+    """How one GEMM runs (the tuner searches these per kernel signature)."""
     mr: int        # tile rows
     nr: int        # tile columns (a multiple of the vector length)
-    kc: int = 384  # K block: a panel's block (kc x nr floats) stays in L1
-    mc: int = 288  # row block: A's block (mc x kc floats) stays in L2
+    kc: int = 384  # K block: a panel's block (kc x nr floats) stays in L1/L2
+
+
+@dataclass
+class Kernel:
+    """One step of the forward pass, before its C body exists: what it reads and writes
+    decides its phase (barriers) and the arena plan, which its body then addresses."""
+    name: str
+    kind: str                  # an Op kind, or "pack_kt"
+    op: Op
+    writes: str                # base buffer
+    reads: list                # (base buffer, aligned): aligned = row r reads only row r
+    partitioned: bool          # runs on row blocks; else whole, by the block starting at row 0
+    phase: int = 0
 
 
 @dataclass
@@ -42,6 +56,7 @@ class Program:
     plan: Plan
     scratch_floats: int  # per thread
     kernels: list[str] = field(default_factory=list)
+    phases: int = 1
 
 
 def cexpr(e) -> str:
@@ -62,8 +77,8 @@ def pack_panels(w: np.ndarray, nr: int) -> np.ndarray:
 
 
 class _Gen:
-    def __init__(self, g: Graph, target: Target, max_seq: int, schedules: dict[str, Schedule]):
-        self.g, self.t, self.max_seq, self.schedules = g, target, max_seq, schedules
+    def __init__(self, g: Graph, target: Target, max_seq: int, schedules: dict[str, Schedule], block_rows: int):
+        self.g, self.t, self.max_seq, self.schedules, self.block_rows = g, target, max_seq, schedules, block_rows
         self.views = assign_layouts(g)
         self.kernel_ops = [op for op in g.compute_ops() if not op.attrs.get("inline")]
         self.blob = bytearray()
@@ -163,6 +178,14 @@ class _Gen:
         rd = self.row_dim(shape, "")
         return "1" if rd is None else ("S" if shape[rd] == SEQ else str(shape[rd]))
 
+    def schedule(self, op: Op) -> Schedule:
+        return self.schedules.get(op.output) or Schedule(self.t.gemm_mr, self.t.gemm_nr)
+
+    @staticmethod
+    def rows_guard(k: Kernel, full: str) -> str:
+        """An unpartitioned kernel runs whole, in the block that starts at row 0."""
+        return "" if k.partitioned else f"    if (r0 != 0) return;\n    r0 = 0; r1 = {full};\n"
+
     def tile_fn(self, mr: int, nr: int) -> str:
         nv = nr // self.t.vl
         lines = [f"/* {mr} x {nr} register tile: acc += A[m rows, K] * panel[K, {nr}] (rows past m repeat the last) */",
@@ -183,16 +206,16 @@ class _Gen:
         lines.append("}")
         return "\n".join(lines)
 
-    def matmul(self, fn: str, op: Op, plan: Plan) -> str:
-        g = self.g
+    def matmul(self, k: Kernel, plan: Plan) -> str:
+        g, op = self.g, k.op
         a_name, w_name = op.inputs[:2]
-        k, n = g.consts[w_name].shape
-        sch = self.schedules.get(op.output) or Schedule(self.t.gemm_mr, self.t.gemm_nr)
+        kk, n = g.consts[w_name].shape
+        sch = self.schedule(op)
         self.tiles.add((sch.mr, sch.nr))
         nv = sch.nr // self.t.vl
         out_shape = g.tensors[op.output].shape
-        a_ptr, a_cs = self.row_access(a_name, out_shape[:-1] + (k,), "", plan, op.source)
-        if a_cs != 1 and k != 1:
+        a_ptr, a_cs = self.row_access(a_name, out_shape[:-1] + (kk,), "", plan, op.source)
+        if a_cs != 1 and kk != 1:
             raise CanaoError(f"codegen: {op.source}: matmul input is not contiguous along K")
         rd = self.row_dim(g.tensors[a_name].shape, op.source)
         lda = cexpr(self.views[a_name].strides[rd]) if rd is not None else "0"
@@ -203,53 +226,47 @@ class _Gen:
         leaves.update(self.leaf_loads(op, {i + 1: name for i, name in enumerate(op.inputs[2:])},
                                       out_shape, "row", plan, pre))
         expr = self.vexpr(op.attrs.get("epilogue", ("in", 0)), leaves)
-        pre_code = "\n".join(" " * 24 + p for p in pre)
-        kc = min(k, sch.kc)
-        return f"""/* {op.output}: [{self.rows_expr(out_shape)} x {k}] x [{k} x {n}] (packed {sch.nr}-column panels), epilogue {op.attrs.get('epilogue', 'none')}
+        pre_code = "\n".join(" " * 20 + p for p in pre)
+        kc = min(kk, sch.kc)
+        return f"""/* {op.output}: [{self.rows_expr(out_shape)} x {kk}] x [{kk} x {n}] (packed {sch.nr}-column panels), epilogue {op.attrs.get('epilogue', 'none')}
  * from {op.source}
- * schedule: {sch.mr}x{sch.nr} tiles; K in blocks of {kc}, rows in blocks of {sch.mc} (A block stays in L2,
- * a panel's K block in L1); threads split the panels (or the rows when panels are few). */
-static void {fn}({ARGS}) {{
-    const long M = {self.rows_expr(out_shape)}, lda = {lda}, ldc = {ldc};
-    const int K = {k}, N = {n}, NP = (N + {sch.nr - 1}) / {sch.nr};
+ * schedule: {sch.mr}x{sch.nr} tiles, K in blocks of {kc}; rows r0..r1 (a row block: its A block stays in L2,
+ * a panel's K block in L1 while every tile of the block uses it). */
+static void {k.name}({ARGS}) {{
+{self.rows_guard(k, self.rows_expr(out_shape))}    const long lda = {lda}, ldc = {ldc};
+    const int K = {kk}, N = {n}, NP = (N + {sch.nr - 1}) / {sch.nr};
     const float *A = {a_ptr};
     const float *P = {self.weight(w_name, sch.nr)};
     float *C = {self.ptr(c_view, plan)};
-    const int T = omp_get_num_threads(), t = omp_get_thread_num();
-    int p_begin = 0, p_end = NP;
-    long r_begin = 0, r_end = M;
-    if (NP >= 2 * T || M <= {sch.mr}) {{ p_begin = NP * t / T; p_end = NP * (t + 1) / T; }}
-    else {{ const long MB = (M + {sch.mr - 1}) / {sch.mr}; r_begin = MB * t / T * {sch.mr}; r_end = MIN(M, MB * (t + 1) / T * {sch.mr}); }}
+    (void)S;
     for (int k0 = 0; k0 < K; k0 += {kc}) {{
         const int kc = MIN({kc}, K - k0), last = k0 + kc == K;
-        for (long ic = r_begin; ic < r_end; ic += {sch.mc})
-            for (int p = p_begin; p < p_end; p++)
-                for (long i0 = ic; i0 < MIN(ic + {sch.mc}, r_end); i0 += {sch.mr}) {{
-                    const int m = (int)MIN({sch.mr}, r_end - i0);
-                    vf acc[{sch.mr}][{nv}];
-                    tile_{sch.mr}x{sch.nr}(A + i0 * lda + k0, lda, m, P + ((long)p * K + k0) * {sch.nr}, kc, acc);
+        for (int p = 0; p < NP; p++)
+            for (long i0 = r0; i0 < r1; i0 += {sch.mr}) {{
+                const int m = (int)MIN({sch.mr}, r1 - i0);
+                vf acc[{sch.mr}][{nv}];
+                tile_{sch.mr}x{sch.nr}(A + i0 * lda + k0, lda, m, P + ((long)p * K + k0) * {sch.nr}, kc, acc);
 #pragma GCC unroll {sch.mr}
-                    for (int r = 0; r < {sch.mr}; r++) {{
-                        if (r >= m) break;
-                        const long row = i0 + r;
+                for (int r = 0; r < {sch.mr}; r++) {{
+                    if (r >= m) break;
+                    const long row = i0 + r;
 {pre_code}
 #pragma GCC unroll {nv}
-                        for (int j = 0; j < {nv}; j++) {{
-                            const int c = p * {sch.nr} + j * VL, n = N - c;
-                            if (n <= 0) break;
-                            vf x = acc[r][j];
-                            if (k0 > 0) x = vadd(x, vload_n(C + row * ldc + c, n));
-                            if (last) x = {expr};
-                            vstore_n(C + row * ldc + c, x, n);
-                        }}
+                    for (int j = 0; j < {nv}; j++) {{
+                        const int c = p * {sch.nr} + j * VL, n = N - c;
+                        if (n <= 0) break;
+                        vf x = acc[r][j];
+                        if (k0 > 0) x = vadd(x, vload_n(C + row * ldc + c, n));
+                        if (last) x = {expr};
+                        vstore_n(C + row * ldc + c, x, n);
                     }}
                 }}
+            }}
     }}
-#pragma omp barrier
 }}"""
 
-    def layernorm(self, fn: str, op: Op, plan: Plan) -> str:
-        g = self.g
+    def layernorm(self, k: Kernel, plan: Plan) -> str:
+        g, op = self.g, k.op
         x, gamma, beta, *extra = op.inputs
         out_shape = g.tensors[op.output].shape
         n = out_shape[-1]
@@ -262,12 +279,11 @@ static void {fn}({ARGS}) {{
         pre_code = "\n".join(" " * 8 + p for p in pre)
         return f"""/* {op.output}: LayerNorm over {n} of prologue {op.attrs.get('prologue', 'x')}, in one pass over the row
  * from {op.source} */
-static void {fn}({ARGS}) {{
-    const long M = {self.rows_expr(out_shape)};
-    const int N = {n};
+static void {k.name}({ARGS}) {{
+{self.rows_guard(k, self.rows_expr(out_shape))}    const int N = {n};
     float *Y = {self.ptr(out, plan)};
-#pragma omp for schedule(static)
-    for (long r = 0; r < M; r++) {{
+    (void)S;
+    for (long r = r0; r < r1; r++) {{
         float *y = Y + r * {ldy};
 {pre_code}
         for (int c = 0; c < N; c += VL) {{
@@ -278,9 +294,32 @@ static void {fn}({ARGS}) {{
     }}
 }}"""
 
-    def attention(self, fn: str, op: Op, plan: Plan) -> str:
-        g = self.g
-        q, k, v, *extra = op.inputs
+    def head_strides(self, op: Op, name: str) -> tuple[str, str]:
+        shape, st = self.g.tensors[name].shape, self.views[name].strides
+        if cexpr(st[-1]) != "1" or shape[-2] != SEQ:
+            raise CanaoError(f"codegen: {op.source}: attention operand {name} has an unsupported layout")
+        return (cexpr(st[-3]) if len(shape) >= 3 and shape[-3] != 1 else "0"), cexpr(st[-2])
+
+    def attention_dims(self, op: Op) -> tuple[int, int]:
+        shape = self.g.tensors[op.inputs[0]].shape
+        return (shape[-3] if len(shape) >= 3 else 1), shape[-1]
+
+    def kt_buffer(self, op: Op) -> str:
+        return f"{op.output}__kt"
+
+    def pack_kt(self, k: Kernel, plan: Plan) -> str:
+        op = k.op
+        heads, d = self.attention_dims(op)
+        kh, ks = self.head_strides(op, op.inputs[1])
+        kt = f"((float *)(arena + {plan.offsets[self.kt_buffer(op)]}))"
+        return f"""/* K^T of {op.inputs[1]} for the attention {op.output} (next phase), rows r0..r1 */
+static void {k.name}({ARGS}) {{
+    attention_pack_kt(S, {heads}, {d}, {self.ptr(self.views[op.inputs[1]], plan)}, {kh}, {ks}, {kt}, r0, r1);
+}}"""
+
+    def attention(self, k: Kernel, plan: Plan) -> str:
+        g, op = self.g, k.op
+        q, _, v, *extra = op.inputs
         score = op.attrs["score"]
         bias = "NULL"
         if score != ("in", 0):
@@ -291,121 +330,191 @@ static void {fn}({ARGS}) {{
                 raise CanaoError(f"codegen: {op.source}: attention bias must be one value per key")
             bias = self.ptr(self.views[extra[0]], plan)
         hs, ss = {}, {}
-        for name in (q, k, v, op.output):
-            shape, st = g.tensors[name].shape, self.views[name].strides
-            if cexpr(st[-1]) != "1" or shape[-2] != SEQ:
-                raise CanaoError(f"codegen: {op.source}: attention operand {name} has an unsupported layout")
-            hs[name] = cexpr(st[-3]) if len(shape) >= 3 and shape[-3] != 1 else "0"
-            ss[name] = cexpr(st[-2])
-        shape = g.tensors[q].shape
-        heads = shape[-3] if len(shape) >= 3 else 1
-        d = shape[-1]
-        p = {name: self.ptr(self.views[name], plan) for name in (q, k, v, op.output)}
-        return f"""/* {op.output}: fused attention, {heads} heads of {d}, score {score}
+        for name in (q, v, op.output):
+            hs[name], ss[name] = self.head_strides(op, name)
+        heads, d = self.attention_dims(op)
+        p = {name: self.ptr(self.views[name], plan) for name in (q, v, op.output)}
+        kt = f"((float *)(arena + {plan.offsets[self.kt_buffer(op)]}))"
+        return f"""/* {op.output}: fused attention, {heads} heads of {d}, score {score}, query rows r0..r1
  * from {op.source} */
-static void {fn}({ARGS}) {{
-    attention((int)S, {heads}, {d}, {p[q]}, {hs[q]}, {ss[q]}, {p[k]}, {hs[k]}, {ss[k]},
-              {p[v]}, {hs[v]}, {ss[v]}, {p[op.output]}, {hs[op.output]}, {ss[op.output]},
-              {bias}, scratch, SCRATCH_FLOATS);
+static void {k.name}({ARGS}) {{
+    attention_rows(S, {heads}, {d}, {p[q]}, {hs[q]}, {ss[q]}, {kt},
+                   {p[v]}, {hs[v]}, {ss[v]}, {p[op.output]}, {hs[op.output]}, {ss[op.output]},
+                   {bias}, scratch, r0, r1);
 }}"""
 
-    def elementwise(self, fn: str, op: Op, plan: Plan) -> str:
+    def elementwise(self, k: Kernel, plan: Plan) -> str:
         """A loose elementwise expression (the attention mask): tiny, so plain scalar loops."""
-        g = self.g
+        g, op = self.g, k.op
         shape = g.tensors[op.output].shape
         idx = [f"i{d}" for d in range(len(shape))]
-        loops = "".join(f"{'    ' * (d + 1)}for (long i{d} = 0; i{d} < {'S' if s == SEQ else s}; i{d}++)\n"
-                        for d, s in enumerate(shape))
+        seq_dim = shape.index(SEQ) if SEQ in shape else None
+        loops = "".join(f"{'    ' * (d + 1)}for (long i{d} = {'r0' if d == seq_dim else 0}; "
+                        f"i{d} < {'r1' if d == seq_dim else s}; i{d}++)\n" for d, s in enumerate(shape))
+
         def at(name):
             st = self.aligned_strides(name, shape) if name != op.output else self.views[name].strides
             terms = [f"{i} * {cexpr(s)}" for i, s in zip(idx, st) if cexpr(s) != "0"]
             return f"{self.ptr(self.views[name], plan)}[{' + '.join(terms) or '0'}]"
-        expr = self.sexpr(op.attrs["expr"], {k: at(n) for k, n in enumerate(op.inputs)})
+        expr = self.sexpr(op.attrs["expr"], {i: at(n) for i, n in enumerate(op.inputs)})
+        guard = "" if k.partitioned else "    if (r0 != 0) return;\n"
         return f"""/* {op.output}: elementwise {op.attrs['expr']}
  * from {op.source} */
-static void {fn}({ARGS}) {{
-#pragma omp single
-    {{
+static void {k.name}({ARGS}) {{
+{guard}    (void)S; (void)r0; (void)r1;
 {loops}{'    ' * (len(shape) + 1)}{at(op.output)} = {expr};
-    }}
 }}"""
 
-    # -- whole program -------------------------------------------------------
-    def liveness(self) -> dict[str, tuple[int, int]]:
+    # -- phases, liveness, program -------------------------------------------
+    def bases(self, name: str) -> list[str]:
+        """The materialised buffers a read of `name` touches (an inlined gather is read through its index)."""
+        base = self.views[name].base
+        p = self.g.producer(base)
+        if p is not None and p.attrs.get("inline"):
+            return [b for x in p.inputs for b in self.bases(x)]
+        return [base]
+
+    def seq_pos(self, name: str, rank: int):
+        """Position of the sequence dim of `name`, right-aligned to `rank` dims (None if it has none)."""
+        shape = self.g.tensors[name].shape
+        return rank - len(shape) + shape.index(SEQ) if SEQ in shape else None
+
+    def kernels(self) -> list[Kernel]:
+        g = self.g
+        out: list[Kernel] = []
+        writer: dict[str, int] = {}
+        for op in self.kernel_ops:
+            shape = g.tensors[op.output].shape
+            rank = len(shape)
+            if op.kind == "attention":
+                part = len(shape) >= 2 and shape[-2] == SEQ
+                q, kk, v, *extra = op.inputs
+                (kbase,) = self.bases(kk)
+                if kbase not in writer:
+                    raise CanaoError(f"codegen: {op.source}: attention keys must come from a kernel")
+                at = writer[kbase] + 1
+                out.insert(at, Kernel(f"pack_{len(out)}", "pack_kt", op, self.kt_buffer(op), [(kbase, True)], True))
+                writer = {kn.writes: i for i, kn in enumerate(out)}
+                reads = [(b, part and self.seq_pos(q, rank) == rank - 2) for b in self.bases(q)]
+                reads += [(self.kt_buffer(op), False)] + [(b, False) for x in [v, *extra] for b in self.bases(x)]
+            else:
+                if op.kind == "ew":
+                    row = shape.index(SEQ) if SEQ in shape else None
+                    operands = op.inputs
+                else:
+                    row = self.row_dim(shape, op.source)
+                    row = row if row is not None and shape[row] == SEQ else None
+                    operands = [op.inputs[0], *op.inputs[3:]] if op.kind == "layernorm" else \
+                        [op.inputs[0], *op.inputs[2:]]
+                    if op.kind == "matmul" and not g.is_const(op.inputs[1]):
+                        raise CanaoError(f"codegen: no kernel for unfused {op.kind} at {op.source}")
+                part = row is not None
+                reads = [(b, part and self.seq_pos(x, rank) == row) for x in operands for b in self.bases(x)]
+            if op.kind not in ("matmul", "layernorm", "attention", "ew"):
+                raise CanaoError(f"codegen: no kernel for unfused {op.kind} at {op.source}")
+            out.append(Kernel("", op.kind, op, self.views[op.output].base, reads, part))
+            writer[out[-1].writes] = len(out) - 1
+        for i, kn in enumerate(out):
+            kn.name = f"k{i:03d}_{kn.kind}"
+        return out
+
+    def assign_phases(self, kernels: list[Kernel]) -> int:
+        """A new phase (a barrier) before a kernel that reads, across rows, what this phase wrote."""
+        phase, written, whole = 0, set(), set()
+        for kn in kernels:
+            clash = any(b in written and (not aligned or b in whole or not kn.partitioned) for b, aligned in kn.reads)
+            if clash:
+                phase, written, whole = phase + 1, set(), set()
+            kn.phase = phase
+            written.add(kn.writes)
+            if not kn.partitioned:
+                whole.add(kn.writes)
+        # the outputs are copied row by row at the end of the last phase
+        if any(b in whole for name in self.g.outputs for b in self.bases(name)):
+            phase += 1
+        return phase + 1
+
+    def liveness(self, kernels: list[Kernel], phases: int) -> dict[str, tuple[int, int]]:
+        """[first, last] phase of every buffer: blocks of one phase run in any order on any
+        thread, so buffers live in the same phase never share memory."""
         live = {}
-        for i, op in enumerate(self.kernel_ops):
-            live.setdefault(op.output, (i, i))
-        base_of = {name: v.base for name, v in self.views.items()}
-
-        def bases(name):  # an inlined gather is read through its index, so its index is what is live
-            p = self.g.producer(base_of[name])
-            return [b for x in p.inputs for b in bases(x)] if p is not None and p.attrs.get("inline") else [base_of[name]]
-
-        for i, op in enumerate(self.kernel_ops):
-            for name in op.inputs:
-                for b in bases(name):
-                    if b in live:
-                        live[b] = (live[b][0], max(live[b][1], i))
-        end = len(self.kernel_ops)
+        for kn in kernels:
+            live.setdefault(kn.writes, (kn.phase, kn.phase))
+        for kn in kernels:
+            for b, _ in kn.reads:
+                if b in live:
+                    live[b] = (live[b][0], max(live[b][1], kn.phase))
         for name in self.g.outputs:
-            b = base_of[name]
-            live[b] = (live[b][0], end)
+            for b in self.bases(name):
+                live[b] = (live[b][0], phases - 1)
         return live
+
+    def buffer_bytes(self, name: str) -> int:
+        if name.endswith("__kt"):
+            op = next(o for o in self.kernel_ops if self.kt_buffer(o) == name)
+            heads, d = self.attention_dims(op)
+            return heads * d * (-(-self.max_seq // self.t.vl) * self.t.vl) * 4
+        return self.g.tensors[name].nbytes(self.max_seq)
 
     def program(self) -> Program:
         g = self.g
-        live = self.liveness()
-        sizes = {name: g.tensors[name].nbytes(self.max_seq) for name in live}
-        plan = plan_arena(sizes, live)
-        bodies, calls = [], []
-        for i, op in enumerate(self.kernel_ops):
-            fn = f"k{i:03d}_{op.kind}"
-            gen = {"matmul": self.matmul, "layernorm": self.layernorm, "attention": self.attention,
-                   "ew": self.elementwise}.get(op.kind)
-            if gen is None or (op.kind == "matmul" and not g.is_const(op.inputs[1])):
-                raise CanaoError(f"codegen: no kernel for unfused {op.kind} at {op.source}")
-            bodies.append(gen(fn, op, plan))
-            calls.append(f"        {fn}(W, arena, scratch, S, input_ids, token_type_ids, attention_mask);")
+        kernels = self.kernels()
+        phases = self.assign_phases(kernels)
+        live = self.liveness(kernels, phases)
+        plan = plan_arena({name: self.buffer_bytes(name) for name in live}, live)
+        gens = {"matmul": self.matmul, "layernorm": self.layernorm, "attention": self.attention,
+                "ew": self.elementwise, "pack_kt": self.pack_kt}
+        bodies = [gens[kn.kind](kn, plan) for kn in kernels]
         copies = []
         for i, name in enumerate(g.outputs):
             shape = g.tensors[name].shape
             if [d for d in shape if d != 1] != [SEQ]:
                 raise CanaoError(f"codegen: output {i} has shape {shape}; only per-token outputs are supported")
             st = cexpr(self.views[name].strides[shape.index(SEQ)])
-            copies.append(f"            for (long s = 0; s < S; s++) outputs[{i}][s] = {self.ptr(self.views[name], plan)}[s * {st}];")
-        heads_d = [g.tensors[op.inputs[0]].shape[-1] for op in self.kernel_ops if op.kind == "attention"]
+            copies.append(f"        for (long s = r0; s < r1; s++) outputs[{i}][s] = {self.ptr(self.views[name], plan)}[s * {st}];")
+        cases = []
+        for ph in range(phases):
+            calls = [f"        {kn.name}({CALL_ARGS});" for kn in kernels if kn.phase == ph]
+            if ph == phases - 1:
+                calls += copies
+            cases.append(f"    case {ph}:\n" + "\n".join(calls) + "\n        break;")
         sp = -(-self.max_seq // self.t.vl) * self.t.vl
-        scratch = (max(heads_d, default=0) + 4) * sp + 16
+        scratch = 4 * sp + 16  # ATT_QB rows of scores
         tiles = "\n\n".join(self.tile_fn(mr, nr) for mr, nr in sorted(self.tiles | {(self.t.gemm_mr, self.t.gemm_nr)}))
-        src = f"""/* Generated by canao for target {self.t.name}: {len(self.kernel_ops)} kernels, max sequence {self.max_seq}.
- * W: packed weights (weights.bin); arena: activations, placed by liveness ({plan.peak_bytes} bytes peak). */
+        mrs = sorted({mr for mr, _ in self.tiles} | {self.t.gemm_mr})
+        quantum = int(np.lcm.reduce(mrs))
+        quantum = quantum if quantum <= 24 else max(mrs)
+        block_rows = max(quantum, self.block_rows // quantum * quantum)
+        barriers = sum(1 for kn in kernels[1:] if kn.phase != kernels[kernels.index(kn) - 1].phase)
+        src = f"""/* Generated by canao for target {self.t.name}: {len(kernels)} kernels in {phases} phases, max sequence {self.max_seq}.
+ * W: packed weights (weights.bin); arena: activations, placed by liveness ({plan.peak_bytes} bytes peak).
+ * The runtime (canao_runtime.c) runs each phase's kernels on row blocks [r0, r1) taken by the
+ * threads in any order, with one barrier between phases ({barriers} per forward pass). */
 #include "{self.t.vec_header}"
 #include "canao_kernels.h"
 
 #define SCRATCH_FLOATS {scratch}L
 const long canao_max_seq = {self.max_seq}, canao_arena_bytes = {plan.peak_bytes}, canao_scratch_floats = SCRATCH_FLOATS;
 const long canao_weight_bytes = {len(self.blob)}, canao_num_outputs = {len(g.outputs)};
+const long canao_block_rows = {block_rows}, canao_row_quantum = {quantum};
+const int canao_num_phases = {phases};
 const char canao_target[] = "{self.t.name}";
 
 {tiles}
 
 {chr(10).join(chr(10) + b for b in bodies)}
 
-void canao_forward(const float *W, char *arena, float *scratch, int threads, long S, const int64_t *input_ids,
-                   const int64_t *token_type_ids, const int64_t *attention_mask, float *const *outputs) {{
-#pragma omp parallel num_threads(threads)
-    {{
-{chr(10).join(calls)}
-#pragma omp single
-        {{
-{chr(10).join(copies)}
-        }}
+void canao_phase(int phase, const float *W, char *arena, float *scratch, long S, long r0, long r1,
+                 const int64_t *input_ids, const int64_t *token_type_ids, const int64_t *attention_mask,
+                 float *const *outputs) {{
+    switch (phase) {{
+{chr(10).join(cases)}
     }}
 }}
 """
-        return Program(src, bytes(self.blob), plan, scratch,
-                       [f"k{i:03d}_{op.kind}" for i, op in enumerate(self.kernel_ops)])
+        return Program(src, bytes(self.blob), plan, scratch, [kn.name for kn in kernels], phases)
 
 
-def generate(g: Graph, target: Target, max_seq: int, schedules: dict[str, Schedule] | None = None) -> Program:
-    return _Gen(g, target, max_seq, schedules or {}).program()
+def generate(g: Graph, target: Target, max_seq: int, schedules: dict[str, Schedule] | None = None,
+             block_rows: int = 96) -> Program:
+    return _Gen(g, target, max_seq, schedules or {}, block_rows).program()

@@ -3,7 +3,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#include <omp.h>
 
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 
@@ -61,61 +60,79 @@ static inline void layernorm_row(float *y, int n, const float *gamma, const floa
     }
 }
 
-/* Fused attention for all heads: out = softmax(q k^T + key_bias) v per head.
- * Element (h, s, d) of q lives at q[h*qh + s*qs + d]; likewise k, v, out.
- * Work items are (head, block of query rows); a scores block of QB rows lives in
- * the thread's scratch (L1), never in the arena. key_bias may be NULL. */
-#define ATT_QB 4
-static void attention(int S, int H, int D,
-                      const float *q, long qh, long qs, const float *k, long kh, long ks,
-                      const float *v, long vh, long vs, float *out, long oh, long os,
-                      const float *key_bias, float *scratch_all, long scratch_floats) {
-    const int sp = (S + VL - 1) / VL * VL;          /* keys padded to whole vectors */
-    const int nthreads = omp_get_num_threads();
-    const int chunks = (H >= nthreads) ? 1 : (nthreads + H - 1) / H;
-    const int rows_per_chunk = ((S + chunks - 1) / chunks + ATT_QB - 1) / ATT_QB * ATT_QB;
-    float *kt = scratch_all + omp_get_thread_num() * scratch_floats;   /* D x sp: K^T of one head */
-    float *sc = kt + (long)D * sp;                                     /* ATT_QB x sp scores */
-    int packed_head = -1;
-#pragma omp for schedule(static)
-    for (int item = 0; item < H * chunks; item++) {
-        const int h = item / chunks, r_begin = (item % chunks) * rows_per_chunk;
-        const int r_end = MIN(S, r_begin + rows_per_chunk);
-        const float *kh_ = k + h * kh, *vh_ = v + h * vh;
-        if (packed_head != h) {
-            for (int d = 0; d < D; d++) {
-                for (int j = 0; j < S; j++) kt[(long)d * sp + j] = kh_[(long)j * ks + d];
-                for (int j = S; j < sp; j++) kt[(long)d * sp + j] = 0.0f;
-            }
-            packed_head = h;
+/* K^T of key rows [r0, r1), for the fused attention of the next phase:
+ * kt[(h*D + d)*sp + j] = k[h*kh + j*ks + d], sp = S rounded up to whole vectors.
+ * Run by the row block that produced those keys, so no thread waits for it. */
+static void attention_pack_kt(long S, int H, int D, const float *k, long kh, long ks, float *kt, long r0, long r1) {
+    const long sp = (S + VL - 1) / VL * VL;
+    for (int h = 0; h < H; h++)
+        for (long j = r0; j < r1; j++) {
+            const float *kr = k + h * kh + j * ks;
+            float *dst = kt + (long)h * D * sp + j;
+            for (int d = 0; d < D; d++) dst[(long)d * sp] = kr[d];
         }
-        for (int i0 = r_begin; i0 < r_end; i0 += ATT_QB) {
-            const int m = MIN(ATT_QB, r_end - i0);
+}
+
+/* Fused attention of query rows [r0, r1), all heads: out = softmax(q k^T + key_bias) v.
+ * Element (h, s, d) of q lives at q[h*qh + s*qs + d]; likewise v and out; kt is
+ * attention_pack_kt's layout. A block of ATT_QB rows' scores lives in the thread's
+ * scratch (L1), never in the arena. key_bias may be NULL. Padded keys (S..sp) hold
+ * whatever the arena held: their scores are overwritten with -inf before the max. */
+#define ATT_QB 4
+static void attention_rows(long S, int H, int D, const float *q, long qh, long qs, const float *kt,
+                           const float *v, long vh, long vs, float *out, long oh, long os,
+                           const float *key_bias, float *sc, long r0, long r1) {
+    const long sp = (S + VL - 1) / VL * VL;
+    for (int h = 0; h < H; h++) {
+        const float *kth = kt + (long)h * D * sp, *vh_ = v + h * vh;
+        for (long i0 = r0; i0 < r1; i0 += ATT_QB) {
+            const int m = (int)MIN(ATT_QB, r1 - i0);
             const float *qr[ATT_QB];
-            for (int r = 0; r < ATT_QB; r++) qr[r] = q + h * qh + (long)MIN(i0 + r, S - 1) * qs;
-            /* scores = q k^T + bias, ATT_QB rows x sp keys */
-            for (int j = 0; j < sp; j += VL) {
+            for (int r = 0; r < ATT_QB; r++) qr[r] = q + h * qh + MIN(i0 + r, r1 - 1) * qs;
+            /* scores = q k^T + bias, ATT_QB rows x sp keys, two key vectors at a time */
+            long j = 0;
+            for (; j + 2 * VL <= sp; j += 2 * VL) {
+                vf a0[ATT_QB], a1[ATT_QB];
+                for (int r = 0; r < ATT_QB; r++) a0[r] = a1[r] = vzero();
+                for (int d = 0; d < D; d++) {
+                    const vf k0 = vload(kth + (long)d * sp + j), k1 = vload(kth + (long)d * sp + j + VL);
+#pragma GCC unroll 8
+                    for (int r = 0; r < ATT_QB; r++) {
+                        const vf x = vset1(qr[r][d]);
+                        a0[r] = vfma(x, k0, a0[r]);
+                        a1[r] = vfma(x, k1, a1[r]);
+                    }
+                }
+                const vf b0 = key_bias ? vload_n(key_bias + j, (int)(S - j)) : vzero();
+                const vf b1 = key_bias ? vload_n(key_bias + j + VL, (int)(S - j - VL)) : vzero();
+                for (int r = 0; r < ATT_QB; r++) {
+                    vstore(sc + r * sp + j, vadd(a0[r], b0));
+                    vstore(sc + r * sp + j + VL, vadd(a1[r], b1));
+                }
+            }
+            for (; j < sp; j += VL) {
                 vf acc[ATT_QB];
                 for (int r = 0; r < ATT_QB; r++) acc[r] = vzero();
                 for (int d = 0; d < D; d++) {
-                    vf kv = vload(kt + (long)d * sp + j);
+                    const vf kv = vload(kth + (long)d * sp + j);
 #pragma GCC unroll 8
                     for (int r = 0; r < ATT_QB; r++) acc[r] = vfma(vset1(qr[r][d]), kv, acc[r]);
                 }
-                vf b = key_bias ? vload_n(key_bias + j, S - j) : vzero();
+                const vf b = key_bias ? vload_n(key_bias + j, (int)(S - j)) : vzero();
                 for (int r = 0; r < ATT_QB; r++) vstore(sc + r * sp + j, vadd(acc[r], b));
             }
             /* row softmax; padded keys are excluded from the max and get weight 0 */
             float inv[ATT_QB];
-            for (int r = 0; r < m; r++) {
+            for (int r = 0; r < ATT_QB; r++) {
                 float *row = sc + r * sp;
-                for (int j = S; j < sp; j++) row[j] = -INFINITY;
+                for (long jj = S; jj < sp; jj++) row[jj] = -INFINITY;
+                if (r >= m) { inv[r] = 0.0f; continue; }
                 vf mx = vset1(-INFINITY);
-                for (int j = 0; j < sp; j += VL) mx = vmax(mx, vload(row + j));
+                for (long jj = 0; jj < sp; jj += VL) mx = vmax(mx, vload(row + jj));
                 vf vmx = vset1(vhmax(mx)), sum = vzero();
-                for (int j = 0; j < sp; j += VL) {
-                    vf e = vexp(vsub(vload(row + j), vmx));
-                    vstore(row + j, e);
+                for (long jj = 0; jj < sp; jj += VL) {
+                    vf e = vexp(vsub(vload(row + jj), vmx));
+                    vstore(row + jj, e);
                     sum = vadd(sum, e);
                 }
                 inv[r] = 1.0f / vhsum(sum);
@@ -125,18 +142,18 @@ static void attention(int S, int H, int D,
                 const int n0 = D - d0, n1 = D - d0 - VL;
                 vf acc[ATT_QB][2];
                 for (int r = 0; r < ATT_QB; r++) acc[r][0] = acc[r][1] = vzero();
-                for (int j = 0; j < S; j++) {
-                    const float *vr = vh_ + (long)j * vs + d0;
+                for (long jj = 0; jj < S; jj++) {
+                    const float *vr = vh_ + jj * vs + d0;
                     vf v0 = vload_n(vr, n0), v1 = n1 > 0 ? vload_n(vr + VL, n1) : vzero();
 #pragma GCC unroll 8
                     for (int r = 0; r < ATT_QB; r++) {
-                        vf p = vset1(sc[r * sp + j]);
+                        vf p = vset1(sc[r * sp + jj]);
                         acc[r][0] = vfma(p, v0, acc[r][0]);
                         acc[r][1] = vfma(p, v1, acc[r][1]);
                     }
                 }
                 for (int r = 0; r < m; r++) {
-                    float *o = out + h * oh + (long)(i0 + r) * os + d0;
+                    float *o = out + h * oh + (i0 + r) * os + d0;
                     vstore_n(o, vmul(acc[r][0], vset1(inv[r])), n0);
                     if (n1 > 0) vstore_n(o + VL, vmul(acc[r][1], vset1(inv[r])), n1);
                 }

@@ -1,20 +1,96 @@
-/* The fixed part of every artifact: weights mapping, arena, thread scratch, batching. */
+/* The fixed part of every artifact: weights mapping, arena, thread scratch, batching,
+ * and the thread pool that runs the generated phases.
+ *
+ * Threading model. The generated model.c splits the forward pass into phases: the
+ * kernels of a phase only read rows of their inputs that the same row block produced
+ * (token-wise GEMMs, LayerNorms, epilogues), so one row block can run through all of
+ * a phase's kernels without waiting for anyone. Only a kernel that reads a tensor
+ * across rows (attention reads every key) starts a new phase, behind a barrier:
+ * one barrier per transformer layer instead of one per kernel.
+ *
+ * Within a phase, threads take row blocks from a shared counter (dynamic schedule),
+ * so a thread the OS descheduled on a shared core delays the others by at most one
+ * block. Workers persist between runs; they and the barriers spin briefly and then
+ * sleep on a futex, so an idle pool never competes for the cores. */
+#include <errno.h>
 #include <fcntl.h>
+#include <immintrin.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "canao.h"
 
-extern const long canao_scratch_floats;
-void canao_forward(const float *W, char *arena, float *scratch, int threads, long S, const int64_t *input_ids,
-                   const int64_t *token_type_ids, const int64_t *attention_mask, float *const *outputs);
+extern const long canao_scratch_floats, canao_block_rows, canao_row_quantum;
+extern const int canao_num_phases;
+void canao_phase(int phase, const float *W, char *arena, float *scratch, long S, long r0, long r1,
+                 const int64_t *input_ids, const int64_t *token_type_ids, const int64_t *attention_mask,
+                 float *const *outputs);
 
 #define WEIGHTS_MAGIC "CANAOW01"
 #define HEADER_BYTES 64
+#define MAX_THREADS 64
+#define MAX_PHASES 4096
+
+/* ---- spin-then-sleep waiting on a 32-bit word -------------------------------------- */
+
+static long spin_iters = 2000;  /* ~10-40 us of pause before sleeping (CANAO_SPIN overrides) */
+
+static void futex_wait(atomic_uint *addr, unsigned val) {
+    syscall(SYS_futex, (unsigned *)addr, FUTEX_WAIT_PRIVATE, val, NULL, NULL, 0);
+}
+static void futex_wake_all(atomic_uint *addr) {
+    syscall(SYS_futex, (unsigned *)addr, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+/* wait until *word != seen; sleepers counts threads that may be in futex_wait on it */
+static void wait_change(atomic_uint *word, unsigned seen, atomic_int *sleepers) {
+    for (long i = 0; i < spin_iters; i++) {
+        if (atomic_load_explicit(word, memory_order_acquire) != seen) return;
+        _mm_pause();
+    }
+    atomic_fetch_add(sleepers, 1);
+    while (atomic_load(word) == seen) futex_wait(word, seen);
+    atomic_fetch_sub(sleepers, 1);
+}
+
+static void publish(atomic_uint *word, atomic_int *sleepers) {
+    atomic_fetch_add(word, 1);  /* seq_cst: ordered before the sleepers load below */
+    if (atomic_load(sleepers) > 0) futex_wake_all(word);
+}
+
+/* ---- the pool ------------------------------------------------------------------------ */
+
+typedef struct {
+    const float *W;
+    char *arena;
+    float *scratch;
+    long S, rb, nblocks;
+    const int64_t *ids, *tt, *mask;
+    float *const *outputs;
+} job_t;
+
+typedef struct pool {
+    int threads;
+    pthread_t workers[MAX_THREADS];
+    atomic_uint job_gen;        /* bumped to start a job (or to stop) */
+    atomic_int job_sleepers;
+    atomic_uint bar_gen;        /* barrier generation */
+    atomic_uint bar_count;
+    atomic_int bar_sleepers;
+    atomic_int stop;
+    atomic_long next_block[MAX_PHASES];
+    job_t job;
+    struct canao_model *model;
+} pool_t;
 
 struct canao_model {
     void *map;
@@ -22,7 +98,80 @@ struct canao_model {
     char *arena;
     float *scratch;
     int threads;
+    long block_rows;            /* the largest row block (canao_block_rows, CANAO_BLOCK_ROWS overrides) */
+    long blocks_per_thread;     /* aim for at least this many blocks per thread (CANAO_BLOCKS_PER_THREAD) */
+    pool_t *pool;
 };
+
+typedef struct { pool_t *p; int tid; } worker_arg;
+
+static void barrier(pool_t *p) {
+    const unsigned gen = atomic_load(&p->bar_gen);
+    if (atomic_fetch_add(&p->bar_count, 1) == (unsigned)p->threads - 1) {
+        atomic_store(&p->bar_count, 0);
+        publish(&p->bar_gen, &p->bar_sleepers);
+        return;
+    }
+    wait_change(&p->bar_gen, gen, &p->bar_sleepers);
+}
+
+static void run_job(pool_t *p, int tid) {
+    const job_t *j = &p->job;
+    float *scratch = j->scratch + (long)tid * canao_scratch_floats;
+    for (int ph = 0; ph < canao_num_phases; ph++) {
+        for (;;) {
+            const long b = p->threads > 1 ? atomic_fetch_add_explicit(&p->next_block[ph], 1, memory_order_relaxed)
+                                          : atomic_load_explicit(&p->next_block[ph], memory_order_relaxed);
+            if (b >= j->nblocks) break;
+            if (p->threads == 1) atomic_store_explicit(&p->next_block[ph], b + 1, memory_order_relaxed);
+            const long r0 = b * j->rb, r1 = r0 + j->rb < j->S ? r0 + j->rb : j->S;
+            canao_phase(ph, j->W, j->arena, scratch, j->S, r0, r1, j->ids, j->tt, j->mask, j->outputs);
+        }
+        if (p->threads > 1) barrier(p);  /* the last one is the join */
+    }
+}
+
+static void *worker_main(void *arg) {
+    pool_t *p = ((worker_arg *)arg)->p;
+    const int tid = ((worker_arg *)arg)->tid;
+    free(arg);
+    unsigned seen = 0;
+    for (;;) {
+        wait_change(&p->job_gen, seen, &p->job_sleepers);
+        seen = atomic_load(&p->job_gen);
+        if (atomic_load(&p->stop)) return NULL;
+        run_job(p, tid);
+    }
+}
+
+static void pool_destroy(pool_t *p) {
+    if (!p) return;
+    atomic_store(&p->stop, 1);
+    publish(&p->job_gen, &p->job_sleepers);
+    for (int i = 1; i < p->threads; i++) pthread_join(p->workers[i], NULL);
+    free(p);
+}
+
+static pool_t *pool_create(int threads) {
+    pool_t *p = aligned_alloc(64, (sizeof(pool_t) + 63) / 64 * 64);
+    if (!p) return NULL;
+    memset(p, 0, sizeof *p);
+    p->threads = threads;
+    for (int i = 1; i < threads; i++) {
+        worker_arg *a = malloc(sizeof *a);
+        a->p = p;
+        a->tid = i;
+        if (pthread_create(&p->workers[i], NULL, worker_main, a) != 0) {
+            free(a);
+            p->threads = i;
+            pool_destroy(p);
+            return NULL;
+        }
+    }
+    return p;
+}
+
+/* ---- the C API ----------------------------------------------------------------------- */
 
 static int cpu_ok(char *err, int n) {
     __builtin_cpu_init();
@@ -36,14 +185,26 @@ static int cpu_ok(char *err, int n) {
 
 int canao_set_threads(canao_model *m, int threads) {
     if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (m->pool && m->threads == threads) return 0;
+    pool_destroy(m->pool);
+    m->pool = NULL;
     free(m->scratch);
     m->scratch = aligned_alloc(64, ((size_t)threads * canao_scratch_floats * sizeof(float) + 63) / 64 * 64);
     m->threads = threads;
-    return m->scratch ? 0 : -1;
+    if (!m->scratch) return -1;
+    m->pool = pool_create(threads);
+    return m->pool ? 0 : -1;
+}
+
+static long env_long(const char *name, long fallback) {
+    const char *v = getenv(name);
+    return v && *v ? atol(v) : fallback;
 }
 
 canao_model *canao_open(const char *path, int threads, char *err, int n) {
     if (!cpu_ok(err, n)) return NULL;
+    if (canao_num_phases > MAX_PHASES) { snprintf(err, n, "model has too many phases"); return NULL; }
     int fd = open(path, O_RDONLY);
     if (fd < 0) { snprintf(err, n, "cannot open weights %s", path); return NULL; }
     struct stat st;
@@ -62,16 +223,36 @@ canao_model *canao_open(const char *path, int threads, char *err, int n) {
         munmap(map, st.st_size);
         return NULL;
     }
+    spin_iters = env_long("CANAO_SPIN", spin_iters);
     canao_model *m = calloc(1, sizeof *m);
     m->map = map;
     m->map_bytes = st.st_size;
+    m->block_rows = env_long("CANAO_BLOCK_ROWS", canao_block_rows);
+    m->blocks_per_thread = env_long("CANAO_BLOCKS_PER_THREAD", 1);
     m->arena = aligned_alloc(64, (canao_arena_bytes + 63) / 64 * 64 + 64);
     if (!m->arena || canao_set_threads(m, threads) != 0) {
-        snprintf(err, n, "out of memory");
+        snprintf(err, n, "out of memory (or no threads)");
         canao_close(m);
         return NULL;
     }
     return m;
+}
+
+/* Rows per block: as few blocks as keep each under block_rows (every block re-reads the
+ * weights), at least blocks_per_thread per thread, a whole number of blocks per thread,
+ * rows a multiple of the GEMM tile's. */
+static long block_rows(const canao_model *m, long S) {
+    const long max_rows = m->block_rows > 0 ? m->block_rows : S;
+    long nb = (S + max_rows - 1) / max_rows;
+    if (m->threads > 1) {
+        const long per = m->blocks_per_thread > 0 ? m->blocks_per_thread : 1;
+        if (nb < m->threads * per) nb = m->threads * per;
+        nb = (nb + m->threads - 1) / m->threads * m->threads;
+    }
+    const long q = canao_row_quantum;
+    long rb = (S + nb - 1) / nb;
+    rb = (rb + q - 1) / q * q;
+    return rb < 1 ? 1 : rb;
 }
 
 int canao_run(canao_model *m, int batch, int seq, const int64_t *ids, const int64_t *tt, const int64_t *mask,
@@ -82,16 +263,22 @@ int canao_run(canao_model *m, int batch, int seq, const int64_t *ids, const int6
     }
     const float *W = (const float *)((const char *)m->map + HEADER_BYTES);
     float *row_out[16];
+    pool_t *p = m->pool;
     for (int b = 0; b < batch; b++) {
         for (long i = 0; i < canao_num_outputs && i < 16; i++) row_out[i] = outputs[i] + (long)b * seq;
-        long o = (long)b * seq;
-        canao_forward(W, m->arena, m->scratch, m->threads, seq, ids + o, tt + o, mask + o, row_out);
+        const long o = (long)b * seq;
+        const long rb = block_rows(m, seq);
+        p->job = (job_t){W, m->arena, m->scratch, seq, rb, (seq + rb - 1) / rb, ids + o, tt + o, mask + o, row_out};
+        for (int ph = 0; ph < canao_num_phases; ph++) atomic_store_explicit(&p->next_block[ph], 0, memory_order_relaxed);
+        if (p->threads > 1) publish(&p->job_gen, &p->job_sleepers);
+        run_job(p, 0);
     }
     return 0;
 }
 
 void canao_close(canao_model *m) {
     if (!m) return;
+    pool_destroy(m->pool);
     if (m->map) munmap(m->map, m->map_bytes);
     free(m->arena);
     free(m->scratch);
