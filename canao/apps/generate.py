@@ -31,17 +31,18 @@ class _Run:
     ids: list[int] = field(default_factory=list)
     text: str = ""
     start: float = 0.0
-    first: float | None = None
+    first: float | None = None  # when the first token was sampled
     end: float = 0.0
+    decode_steps: int = 0  # one-token forward passes after the first token
+    decode_s: float = 0.0  # their time (the consumer's time between tokens is not counted)
     stop_reason: str = ""
 
     def result(self) -> dict:
         n = len(self.ids)
         total = self.end - self.start
         ttft = (self.first or self.end) - self.start
-        decode = self.end - (self.first or self.end)
-        # Decode throughput: tokens after the first over the time after the first (prefill excluded).
-        rate = (n - 1) / decode if n > 1 and decode > 0 else (n / total if total > 0 else 0.0)
+        # Decode throughput: one-token steps per second after the first token (prefill excluded).
+        rate = self.decode_steps / self.decode_s if self.decode_steps else (n / total if total > 0 else 0.0)
         return {
             "text": self.text,
             "prompt_tokens": self.prompt_tokens,
@@ -177,9 +178,12 @@ class Generator:
                 yield token
                 if len(run.ids) == budget:
                     break
+                step_start = time.perf_counter()
                 logits = self.model(torch.tensor([[token]]), cache, pos, last_only=True)[0, -1]
                 pos += 1
+                run.decode_steps += 1
                 run.end = time.perf_counter()
+                run.decode_s += run.end - step_start
         finally:
             run.end = time.perf_counter()
 
