@@ -19,6 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", default="host", help="host, avx512 or avx2 (default: host)")
     p.add_argument("--max-seq", type=int, default=384, help="longest input the artifact accepts")
     p.add_argument("--verify", action="store_true", help="compare with the PyTorch model on random and SQuAD inputs")
+    p.add_argument("--tune", action="store_true",
+                   help="measure GEMM schedules the tuning database lacks (~/.cache/canao/tuning.json, "
+                        "$CANAO_CACHE or $CANAO_TUNING_DB); without it, known schedules are still used")
+    p.add_argument("--no-tuning-db", action="store_true", help="ignore the tuning database (default schedules)")
     p.add_argument("--data", help="data folder for --verify's real inputs (default $CANAO_DATA)")
     add_common(p)
     p.set_defaults(func=cmd_compile)
@@ -46,8 +50,10 @@ def cmd_compile(args) -> dict:
 
     source = resolve_model_path(args.model)
     model, tokenizer = load_encoder(source, task="qa")
+    tune = False if args.no_tuning_db else (True if args.tune else None)
     summary = compile_model(model, args.out, precision=args.precision, max_seq=args.max_seq,
-                            target=args.target, threads=args.threads)
+                            target=args.target, threads=args.threads, tune=tune,
+                            log=lambda line: print(line, file=sys.stderr))
     # The apps tokenize before they run the artifact: it carries the model's tokenizer.
     for name in TOKENIZER_FILES:
         if (source / name).exists():
@@ -72,6 +78,10 @@ def cmd_compile(args) -> dict:
               f"{f['intermediate_bytes_avoided'] / 1e6:.1f} MB of intermediates avoided at seq {f['at_seq']}")
         print(f"  arena peak {summary['memory']['arena_peak_bytes'] / 1e6:.2f} MB, "
               f"weights {summary['memory']['weight_bytes'] / 1e6:.1f} MB")
+        t = summary["tuning"]
+        if "signatures" in t:
+            print(f"  tuning: {t['signatures']} GEMM signatures, {t['reused']} from {t['db']}, "
+                  f"{t['measured']} measured ({t['seconds']:.1f} s)")
         if args.verify:
             print(f"  verify: max abs error {summary['verify']['max_abs_err']:.2e} on {len(summary['verify']['cases'])} inputs")
     return summary

@@ -13,13 +13,19 @@ from .codegen.c import generate
 from .frontend import capture
 from .passes import optimize
 from .targets import get_target
+from .tuner import tune_graph
 
 PRECISIONS = ("fp32",)
 
 
 def compile_model(model, out: str | Path, precision: str = "fp32", max_seq: int = 384,
-                  target: str = "host", threads: int | None = None) -> dict:
-    """Compile a BertForQuestionAnswering-style model into the artifact folder `out`; returns a summary."""
+                  target: str = "host", threads: int | None = None, tune: bool | None = None,
+                  log=None) -> dict:
+    """Compile a BertForQuestionAnswering-style model into the artifact folder `out`; returns a summary.
+
+    tune: True measures the GEMM signatures the tuning database lacks (canao.compiler.tuner),
+    None (default) uses the schedules the database already has and measures nothing,
+    False ignores the database (the target's default schedule everywhere)."""
     if precision not in PRECISIONS:
         raise CanaoError(f"precision '{precision}' is not implemented yet; available: {', '.join(PRECISIONS)}")
     limit = model.config.max_position_embeddings
@@ -33,8 +39,14 @@ def compile_model(model, out: str | Path, precision: str = "fp32", max_seq: int 
     t0 = time.perf_counter()
     graph, report = optimize(graph, max_seq)
     times["passes_ms"] = (time.perf_counter() - t0) * 1e3
+    schedules, tuning = {}, {"enabled": False}
+    if tune is not False:
+        t0 = time.perf_counter()
+        schedules, tuning = tune_graph(graph, tgt, precision, measure_missing=bool(tune), log=log)
+        tuning["enabled"] = bool(tune)
+        times["tune_ms"] = (time.perf_counter() - t0) * 1e3
     t0 = time.perf_counter()
-    program = generate(graph, tgt, max_seq)
+    program = generate(graph, tgt, max_seq, schedules)
     times["codegen_ms"] = (time.perf_counter() - t0) * 1e3
     final = Path(out)
     if final.exists() and not (final / artifact.MANIFEST).exists():
@@ -60,6 +72,8 @@ def compile_model(model, out: str | Path, precision: str = "fp32", max_seq: int 
         "memory": {"arena_peak_bytes": program.plan.peak_bytes, "arena_naive_bytes": program.plan.naive_bytes,
                    "weight_bytes": len(program.weights)},
         "fusion": report,
+        "tuning": tuning,
+        "schedules": {name: vars(s) for name, s in schedules.items()},
         "kernels": program.kernels,
         "phases": program.phases,
     }
@@ -67,4 +81,4 @@ def compile_model(model, out: str | Path, precision: str = "fp32", max_seq: int 
     shutil.rmtree(final, ignore_errors=True)
     out.rename(final)
     return {"artifact": str(final), **{k: manifest[k] for k in ("target", "precision", "max_seq", "memory")},
-            "fusion": report, "times": times}
+            "fusion": report, "tuning": tuning, "times": times}

@@ -29,3 +29,17 @@ def compiled(artifact_dir):
     from canao.compiler import load_artifact
 
     return load_artifact(artifact_dir, threads=2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_tuning_db(tmp_path_factory):
+    """Compiles in the tests read and write their own tuning database, not the user's."""
+    import os
+
+    old = os.environ.get("CANAO_TUNING_DB")
+    os.environ["CANAO_TUNING_DB"] = str(tmp_path_factory.mktemp("tuning") / "tuning.json")
+    yield
+    if old is None:
+        os.environ.pop("CANAO_TUNING_DB", None)
+    else:
+        os.environ["CANAO_TUNING_DB"] = old

@@ -187,24 +187,7 @@ class _Gen:
         return "" if k.partitioned else f"    if (r0 != 0) return;\n    r0 = 0; r1 = {full};\n"
 
     def tile_fn(self, mr: int, nr: int) -> str:
-        nv = nr // self.t.vl
-        lines = [f"/* {mr} x {nr} register tile: acc += A[m rows, K] * panel[K, {nr}] (rows past m repeat the last) */",
-                 f"static inline __attribute__((always_inline)) void tile_{mr}x{nr}"
-                 f"(const float *A, long lda, int m, const float *w, int K, vf acc[{mr}][{nv}]) {{"]
-        for r in range(mr):
-            lines.append(f"    const float *a{r} = A + (long)MIN({r}, m - 1) * lda;")
-        for r in range(mr):
-            lines.append("    " + " ".join(f"vf c{r}_{j} = vzero();" for j in range(nv)))
-        lines.append("    for (int k = 0; k < K; k++, w += %d) {" % nr)
-        lines.append("        " + " ".join(f"vf b{j} = vload(w + {j * self.t.vl});" for j in range(nv)))
-        for r in range(mr):
-            body = " ".join(f"c{r}_{j} = vfma(x{r}, b{j}, c{r}_{j});" for j in range(nv))
-            lines.append(f"        vf x{r} = vset1(a{r}[k]); {body}")
-        lines.append("    }")
-        for r in range(mr):
-            lines.append("    " + " ".join(f"acc[{r}][{j}] = c{r}_{j};" for j in range(nv)))
-        lines.append("}")
-        return "\n".join(lines)
+        return tile_source(mr, nr, self.t.vl)
 
     def matmul(self, k: Kernel, plan: Plan) -> str:
         g, op = self.g, k.op
@@ -228,42 +211,18 @@ class _Gen:
         expr = self.vexpr(op.attrs.get("epilogue", ("in", 0)), leaves)
         pre_code = "\n".join(" " * 20 + p for p in pre)
         kc = min(kk, sch.kc)
-        return f"""/* {op.output}: [{self.rows_expr(out_shape)} x {kk}] x [{kk} x {n}] (packed {sch.nr}-column panels), epilogue {op.attrs.get('epilogue', 'none')}
+        header = f"""/* {op.output}: [{self.rows_expr(out_shape)} x {kk}] x [{kk} x {n}] (packed {sch.nr}-column panels), epilogue {op.attrs.get('epilogue', 'none')}
  * from {op.source}
  * schedule: {sch.mr}x{sch.nr} tiles, K in blocks of {kc}; rows r0..r1 (a row block: its A block stays in L2,
  * a panel's K block in L1 while every tile of the block uses it). */
 static void {k.name}({ARGS}) {{
 {self.rows_guard(k, self.rows_expr(out_shape))}    const long lda = {lda}, ldc = {ldc};
-    const int K = {kk}, N = {n}, NP = (N + {sch.nr - 1}) / {sch.nr};
     const float *A = {a_ptr};
     const float *P = {self.weight(w_name, sch.nr)};
     float *C = {self.ptr(c_view, plan)};
     (void)S;
-    for (int k0 = 0; k0 < K; k0 += {kc}) {{
-        const int kc = MIN({kc}, K - k0), last = k0 + kc == K;
-        for (int p = 0; p < NP; p++)
-            for (long i0 = r0; i0 < r1; i0 += {sch.mr}) {{
-                const int m = (int)MIN({sch.mr}, r1 - i0);
-                vf acc[{sch.mr}][{nv}];
-                tile_{sch.mr}x{sch.nr}(A + i0 * lda + k0, lda, m, P + ((long)p * K + k0) * {sch.nr}, kc, acc);
-#pragma GCC unroll {sch.mr}
-                for (int r = 0; r < {sch.mr}; r++) {{
-                    if (r >= m) break;
-                    const long row = i0 + r;
-{pre_code}
-#pragma GCC unroll {nv}
-                    for (int j = 0; j < {nv}; j++) {{
-                        const int c = p * {sch.nr} + j * VL, n = N - c;
-                        if (n <= 0) break;
-                        vf x = acc[r][j];
-                        if (k0 > 0) x = vadd(x, vload_n(C + row * ldc + c, n));
-                        if (last) x = {expr};
-                        vstore_n(C + row * ldc + c, x, n);
-                    }}
-                }}
-            }}
-    }}
-}}"""
+"""
+        return header + gemm_loop(sch, kk, n, pre_code, expr) + "}"
 
     def layernorm(self, k: Kernel, plan: Plan) -> str:
         g, op = self.g, k.op
@@ -513,6 +472,60 @@ void canao_phase(int phase, const float *W, char *arena, float *scratch, long S,
 }}
 """
         return Program(src, bytes(self.blob), plan, scratch, [kn.name for kn in kernels], phases)
+
+
+def tile_source(mr: int, nr: int, vl: int) -> str:
+    """The register tile: mr x nr accumulators, one K step = nr/vl loads, mr broadcasts, mr*nr/vl FMAs."""
+    nv = nr // vl
+    lines = [f"/* {mr} x {nr} register tile: acc += A[m rows, K] * panel[K, {nr}] (rows past m repeat the last) */",
+             f"static inline __attribute__((always_inline)) void tile_{mr}x{nr}"
+             f"(const float *A, long lda, int m, const float *w, int K, vf acc[{mr}][{nv}]) {{"]
+    for r in range(mr):
+        lines.append(f"    const float *a{r} = A + (long)MIN({r}, m - 1) * lda;")
+    for r in range(mr):
+        lines.append("    " + " ".join(f"vf c{r}_{j} = vzero();" for j in range(nv)))
+    lines.append("    for (int k = 0; k < K; k++, w += %d) {" % nr)
+    lines.append("        " + " ".join(f"vf b{j} = vload(w + {j * vl});" for j in range(nv)))
+    for r in range(mr):
+        body = " ".join(f"c{r}_{j} = vfma(x{r}, b{j}, c{r}_{j});" for j in range(nv))
+        lines.append(f"        vf x{r} = vset1(a{r}[k]); {body}")
+    lines.append("    }")
+    for r in range(mr):
+        lines.append("    " + " ".join(f"acc[{r}][{j}] = c{r}_{j};" for j in range(nv)))
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def gemm_loop(sch: Schedule, k: int, n: int, pre_code: str = "", expr: str = "x") -> str:
+    """The body of a GEMM over rows r0..r1: C = epilogue(A[rows, K] x P), given A, lda, P, C, ldc in scope."""
+    kc = min(k, sch.kc)
+    nv_expr = f"{sch.nr} / VL"
+    return f"""    const int K = {k}, N = {n}, NP = (N + {sch.nr - 1}) / {sch.nr};
+    for (int k0 = 0; k0 < K; k0 += {kc}) {{
+        const int kc = MIN({kc}, K - k0), last = k0 + kc == K;
+        for (int p = 0; p < NP; p++)
+            for (long i0 = r0; i0 < r1; i0 += {sch.mr}) {{
+                const int m = (int)MIN({sch.mr}, r1 - i0);
+                vf acc[{sch.mr}][{nv_expr}];
+                tile_{sch.mr}x{sch.nr}(A + i0 * lda + k0, lda, m, P + ((long)p * K + k0) * {sch.nr}, kc, acc);
+#pragma GCC unroll {sch.mr}
+                for (int r = 0; r < {sch.mr}; r++) {{
+                    if (r >= m) break;
+                    const long row = i0 + r;
+{pre_code}
+#pragma GCC unroll 8
+                    for (int j = 0; j < {nv_expr}; j++) {{
+                        const int c = p * {sch.nr} + j * VL, n = N - c;
+                        if (n <= 0) break;
+                        vf x = acc[r][j];
+                        if (k0 > 0) x = vadd(x, vload_n(C + row * ldc + c, n));
+                        if (last) x = {expr};
+                        vstore_n(C + row * ldc + c, x, n);
+                    }}
+                }}
+            }}
+    }}
+"""
 
 
 def generate(g: Graph, target: Target, max_seq: int, schedules: dict[str, Schedule] | None = None,

@@ -1,0 +1,323 @@
+"""Auto-tuning of the generated GEMMs, with a persistent tuning database.
+
+A GEMM's best schedule (register tile mr x nr, K block) depends on its shape and the
+machine, not on the model it sits in. So the tuner keys each result by the target
+(ISA + CPU model + tuner version) and the kernel signature (precision, row-block bucket,
+N, K), and keeps it in one JSON database shared by every compile:
+~/.cache/canao/tuning.json ($CANAO_CACHE/tuning.json; $CANAO_TUNING_DB names the file).
+Compiling a new architecture of the search space whose shapes were seen before
+measures nothing.
+
+Measuring: every candidate schedule of every unseen signature is generated with the
+same code generator as the model (codegen.c.gemm_loop / tile_source) into one small
+standalone harness, compiled once, that packs the same random weights for each
+candidate, checks every candidate's result against the first, and times them
+interleaved (round-robin), each call on the thread's own CPU clock
+(CLOCK_THREAD_CPUTIME_ID): on a shared core, time the OS gave to other processes
+does not count against a candidate. The median of the repeats decides.
+
+The database is written atomically (a temporary file in the same folder, fsync,
+rename) under an advisory lock, re-reading and merging first, so concurrent compiles
+never lose each other's entries and a crash mid-write leaves the previous version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import CanaoError
+from .build import KERNEL_DIR, cache_dir, compiler
+from .codegen.c import Schedule, gemm_loop, tile_source
+from .targets import Target
+
+TUNER_VERSION = 2  # bump when generated kernels change so old measurements are not reused
+DEFAULT_M = 96     # the row block the runtime hands a GEMM (canao_block_rows)
+
+
+def db_path() -> Path:
+    env = os.environ.get("CANAO_TUNING_DB")
+    return Path(env) if env else cache_dir() / "tuning.json"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def target_key(target: Target) -> str:
+    return f"{target.name}|{cpu_model()}|v{TUNER_VERSION}"
+
+
+def m_bucket(m: int) -> int:
+    """Row counts tune alike within a power of two (16 .. 512)."""
+    return min(512, max(16, 1 << math.ceil(math.log2(max(1, m)))))
+
+
+@dataclass(frozen=True)
+class GemmSig:
+    precision: str
+    m: int  # bucket
+    n: int
+    k: int
+
+    def key(self) -> str:
+        return f"gemm|{self.precision}|M{self.m}|N{self.n}|K{self.k}"
+
+
+# -- the database ----------------------------------------------------------------
+
+
+class TuningDB:
+    """{target key: {signature key: {"schedule": {...}, "gflops": ..., ...}}} in one JSON file."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = Path(path) if path else db_path()
+        self.data = self._read()
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+            if isinstance(data, dict) and data.get("format") == 1 and isinstance(data.get("targets"), dict):
+                return data
+            print(f"canao: ignoring {self.path}: not a tuning database of this version", file=sys.stderr)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:  # a non-atomic writer or a disk error: start over, say so
+            print(f"canao: ignoring unreadable tuning database {self.path} ({exc})", file=sys.stderr)
+        return {"format": 1, "targets": {}}
+
+    def get(self, target: Target, sig: GemmSig) -> dict | None:
+        return self.data["targets"].get(target_key(target), {}).get(sig.key())
+
+    def put_many(self, target: Target, entries: dict[str, dict]) -> None:
+        """Merge entries into the file (under a lock, re-reading first) and write it atomically."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(self.path.with_name(self.path.name + ".lock")):
+            self.data = self._read()
+            self.data["targets"].setdefault(target_key(target), {}).update(entries)
+            atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path):
+    with open(lock_path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never a part: temp file, fsync, rename, fsync dir."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+# -- candidates and the harness ----------------------------------------------------
+
+
+def candidates(target: Target, k: int) -> list[Schedule]:
+    """Register tiles that fit the register file (accumulators + B vectors + a broadcast),
+    times a few K blocks."""
+    regs = 32 if target.vl == 16 else 16
+    tiles = [(8, 2), (6, 4), (12, 2), (14, 2), (8, 3), (4, 4)] if regs == 32 else \
+        [(6, 2), (4, 3), (5, 2), (8, 1), (3, 3), (2, 4)]
+    tiles = [(mr, nv) for mr, nv in tiles if mr * nv + nv + 1 <= regs]
+    kcs = sorted({min(k, kc) for kc in (192, 384, 1 << 30)})
+    return [Schedule(mr, nv * target.vl, kc) for mr, nv in tiles for kc in kcs]
+
+
+def harness_source(target: Target, sigs: list[GemmSig], cands: dict[GemmSig, list[Schedule]], reps: int) -> str:
+    tiles = sorted({(s.mr, s.nr) for cs in cands.values() for s in cs})
+    fns, tables = [], []
+    for si, sig in enumerate(sigs):
+        names = []
+        for ci, sch in enumerate(cands[sig]):
+            name = f"g{si}_{ci}"
+            names.append(name)
+            fns.append(f"static void {name}(const float *A, long lda, const float *P, float *C, long ldc, long r0, long r1) {{\n"
+                       + gemm_loop(sch, sig.k, sig.n) + "}")
+        nrs = ", ".join(str(s.nr) for s in cands[sig])
+        tables.append(f"    {{{sig.m}, {sig.n}, {sig.k}, {len(names)}, {{{', '.join(names)}}}, {{{nrs}}}}},")
+    max_c = max(len(c) for c in cands.values())
+    return f"""/* canao tuner harness: {len(sigs)} GEMM signatures, candidates timed round-robin on the thread CPU clock */
+#include "{target.vec_header}"
+#include "canao_kernels.h"
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+{chr(10).join(tile_source(mr, nr, target.vl) for mr, nr in tiles)}
+
+{chr(10).join(fns)}
+
+typedef void (*gemm_fn)(const float *, long, const float *, float *, long, long, long);
+typedef struct {{ long M, N, K; int nc; gemm_fn fn[{max_c}]; int nr[{max_c}]; }} sig_t;
+static const sig_t SIGS[] = {{
+{chr(10).join(tables)}
+}};
+
+static double now(void) {{
+    struct timespec t;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}}
+static int cmp(const void *a, const void *b) {{ double x = *(const double *)a, y = *(const double *)b; return (x > y) - (x < y); }}
+
+int main(void) {{
+    const int reps = {reps};
+    srand(1);
+    printf("[");
+    for (unsigned s = 0; s < sizeof SIGS / sizeof SIGS[0]; s++) {{
+        const sig_t *g = &SIGS[s];
+        const long M = g->M, N = g->N, K = g->K;
+        float *A = aligned_alloc(64, ((size_t)M * K * 4 + 63) / 64 * 64), *W = malloc((size_t)K * N * 4);
+        for (long i = 0; i < M * K; i++) A[i] = (float)rand() / RAND_MAX - 0.5f;
+        for (long i = 0; i < K * N; i++) W[i] = (float)rand() / RAND_MAX - 0.5f;
+        float *P[{max_c}], *C[{max_c}];
+        for (int c = 0; c < g->nc; c++) {{
+            const int nr = g->nr[c];
+            const long np = (N + nr - 1) / nr;
+            P[c] = aligned_alloc(64, ((size_t)np * K * nr * 4 + 63) / 64 * 64);
+            for (long p = 0; p < np; p++)
+                for (long k = 0; k < K; k++)
+                    for (int j = 0; j < nr; j++)
+                        P[c][(p * K + k) * nr + j] = p * nr + j < N ? W[k * N + p * nr + j] : 0.0f;
+            C[c] = aligned_alloc(64, ((size_t)M * N * 4 + 63) / 64 * 64);
+            g->fn[c](A, K, P[c], C[c], N, 0, M);  /* warm-up, and the result to compare */
+        }}
+        double t[{max_c}][{reps}];
+        for (int r = 0; r < reps; r++)
+            for (int c = 0; c < g->nc; c++) {{
+                const double t0 = now();
+                g->fn[c](A, K, P[c], C[c], N, 0, M);
+                t[c][r] = now() - t0;
+            }}
+        printf("%s{{\\"m\\": %ld, \\"n\\": %ld, \\"k\\": %ld, \\"results\\": [", s ? ", " : "", M, N, K);
+        for (int c = 0; c < g->nc; c++) {{
+            double err = 0;
+            for (long i = 0; i < M * N; i++) {{ double d = C[c][i] - C[0][i]; if (d < 0) d = -d; if (d > err) err = d; }}
+            qsort(t[c], reps, sizeof(double), cmp);
+            printf("%s{{\\"median_s\\": %.9f, \\"min_s\\": %.9f, \\"max_abs_diff\\": %.3g}}", c ? ", " : "", t[c][reps / 2], t[c][0], err);
+        }}
+        for (int c = 0; c < g->nc; c++) {{ free(P[c]); free(C[c]); }}
+        printf("]}}");
+        free(A); free(W);
+        fflush(stdout);
+    }}
+    printf("]\\n");
+    return 0;
+}}
+"""
+
+
+def measure(target: Target, sigs: list[GemmSig], reps: int = 7, log=None) -> dict[str, dict]:
+    """Time every candidate of every signature; the best schedule of each, as DB entries."""
+    cands = {sig: candidates(target, sig.k) for sig in sigs}
+    src = harness_source(target, sigs, cands, reps)
+    with tempfile.TemporaryDirectory(prefix="canao-tune-") as tmp:
+        c_file, exe = Path(tmp) / "harness.c", Path(tmp) / "harness"
+        c_file.write_text(src)
+        t0 = time.perf_counter()
+        cmd = [compiler(), "-O3", "-std=gnu11", "-fno-math-errno", *target.cflags, "-I", str(KERNEL_DIR),
+               str(c_file), "-o", str(exe), "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CanaoError(f"tuner: harness compilation failed: {proc.stderr.strip()[:500]}")
+        cc_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        proc = subprocess.run([str(exe)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CanaoError(f"tuner: harness failed: {proc.stderr.strip()[:500]}")
+        run_s = time.perf_counter() - t0
+    out = json.loads(proc.stdout)
+    entries = {}
+    for sig, res in zip(sigs, out):
+        flops = 2.0 * sig.m * sig.n * sig.k
+        bad = [i for i, r in enumerate(res["results"]) if not r["max_abs_diff"] <= 1e-3 * math.sqrt(sig.k)]
+        if bad:
+            raise CanaoError(f"tuner: candidates {[asdict(cands[sig][i]) for i in bad]} of {sig.key()} compute "
+                             f"different results; this is a code generator bug")
+        best = min(range(len(res["results"])), key=lambda i: res["results"][i]["median_s"])
+        plain = Schedule(target.gemm_mr, target.gemm_nr, min(sig.k, Schedule(1, 1).kc))
+        default = next((i for i, s in enumerate(cands[sig]) if s == plain), best)
+        entries[sig.key()] = {
+            "schedule": asdict(cands[sig][best]),
+            "gflops": flops / res["results"][best]["median_s"] / 1e9,
+            "default_gflops": flops / res["results"][default]["median_s"] / 1e9,
+            "candidates": len(cands[sig]),
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        if log:
+            log(f"tuned {sig.key()}: {entries[sig.key()]['schedule']} {entries[sig.key()]['gflops']:.1f} GFLOP/s "
+                f"(default tile {entries[sig.key()]['default_gflops']:.1f})")
+    if log:
+        log(f"tuner: {len(sigs)} signatures, {sum(len(c) for c in cands.values())} candidates, "
+            f"harness cc {cc_s:.1f} s, run {run_s:.1f} s")
+    return entries
+
+
+def gemm_signatures(g, precision: str, m: int = DEFAULT_M) -> dict[str, GemmSig]:
+    """op output -> signature, for every matmul with constant weights."""
+    sigs = {}
+    for op in g.ops:
+        if op.kind == "matmul" and g.is_const(op.inputs[1]):
+            k, n = g.consts[op.inputs[1]].shape
+            sigs[op.output] = GemmSig(precision, m_bucket(m), int(n), int(k))
+    return sigs
+
+
+def tune_graph(g, target: Target, precision: str = "fp32", measure_missing: bool = True,
+               db: TuningDB | None = None, m: int = DEFAULT_M, log=None) -> tuple[dict[str, Schedule], dict]:
+    """Schedules for the graph's GEMMs from the database, measuring unseen signatures first
+    (when measure_missing). Returns (op output -> Schedule, report)."""
+    t0 = time.perf_counter()
+    db = db or TuningDB()
+    sigs = gemm_signatures(g, precision, m)
+    unique = list(dict.fromkeys(sigs.values()))
+    missing = [s for s in unique if db.get(target, s) is None]
+    measured = 0
+    if measure_missing and missing:
+        entries = measure(target, missing, log=log)
+        db.put_many(target, entries)
+        measured = len(entries)
+    schedules = {}
+    for out, sig in sigs.items():
+        entry = db.get(target, sig)
+        if entry:
+            schedules[out] = Schedule(**entry["schedule"])
+    report = {"db": str(db.path), "signatures": len(unique), "measured": measured,
+              "reused": len(unique) - len(missing), "untuned": len(unique) - measured - (len(unique) - len(missing)),
+              "seconds": time.perf_counter() - t0}
+    return schedules, report
