@@ -105,6 +105,7 @@ class DistillConfig:
     n_random: int = 2  # phase 1: random sub-networks per step besides the largest and smallest
     seed: int = 0
     save_every: int = 100
+    time_budget_s: float | None = None  # fit the step count to this much training time (timed over the first steps)
 
 
 def _batches(feats, cfg: DistillConfig, step: int):
@@ -172,7 +173,17 @@ def _run(model, params_model, cfg: DistillConfig, feats, state_dir: Path, resume
     bar = tqdm(total=total, initial=step, desc=desc, unit="step", disable=not progress)
     losses, t0 = [], time.perf_counter()
     first = None
+    start_step = step
     while step < total:
+        if cfg.time_budget_s and start_step == 0 and step == 3:
+            t_warm = time.perf_counter()  # the first steps pay for warm-up (allocator, kernels): time after them
+        if cfg.time_budget_s and start_step == 0 and step == 13:
+            rate = (time.perf_counter() - t_warm) / 10
+            fit = 13 + int((cfg.time_budget_s - (time.perf_counter() - t0)) / rate)
+            if fit < total:  # shorten the schedule itself, so the learning rate still decays to zero
+                total = max(6, fit)
+                warmup = min(warmup, int(total * cfg.warmup))
+                bar.total = total
         idx = _batches(feats, cfg, step)
         batch, labels = _tensors(feats, idx, device)
         for g in opt.param_groups:
@@ -193,7 +204,7 @@ def _run(model, params_model, cfg: DistillConfig, feats, state_dir: Path, resume
     bar.close()
     params_model.eval()
     _finish_state(state_dir)
-    return {"steps": step, "first_loss": first, "last_loss": float(np.mean(losses[-20:])) if losses else None,
+    return {"steps": step, "planned_steps": cfg.steps, "first_loss": first, "last_loss": float(np.mean(losses[-20:])) if losses else None,
             "train_s": time.perf_counter() - t0, "device": device.type}
 
 

@@ -35,6 +35,7 @@ def compute_importance(model, feats, batches: int = 8, batch_size: int = 16, see
     head_imp = [np.zeros(h) for h in cfg.layer_heads]
     ffn_imp = [np.zeros(f) for f in cfg.layer_ffn]
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(feats))
@@ -43,16 +44,18 @@ def compute_importance(model, feats, batches: int = 8, batch_size: int = 16, see
         for b in range(min(batches, max(1, len(order) // batch_size))):
             idx = order[b * batch_size:(b + 1) * batch_size]
             w = int(lengths[idx].max())
-            ids, tt, mask = (torch.as_tensor(a[idx, :w]) for a in (feats.input_ids, feats.token_type_ids, feats.attention_mask))
+            ids, tt, mask = (torch.as_tensor(a[idx, :w], device=device)
+                             for a in (feats.input_ids, feats.token_type_ids, feats.attention_mask))
             model.zero_grad(set_to_none=True)
             start, end = model(ids, tt, mask)
-            _qa_loss(start, end, torch.as_tensor(feats.start_positions[idx]), torch.as_tensor(feats.end_positions[idx])).backward()
+            _qa_loss(start.float(), end.float(), torch.as_tensor(feats.start_positions[idx], device=device),
+                     torch.as_tensor(feats.end_positions[idx], device=device)).backward()
             for i in range(cfg.num_layers):
                 ctx = captured[("heads", i)]
                 contrib = (ctx * ctx.grad).view(*ctx.shape[:2], cfg.layer_heads[i], cfg.head_dim).sum(dim=(1, 3))
-                head_imp[i] += contrib.abs().sum(0).detach().numpy()
+                head_imp[i] += contrib.abs().sum(0).detach().float().cpu().numpy()
                 act = captured[("ffn", i)]
-                ffn_imp[i] += (act * act.grad).sum(1).abs().sum(0).detach().numpy()
+                ffn_imp[i] += (act * act.grad).sum(1).abs().sum(0).detach().float().cpu().numpy()
     finally:
         for h in hooks:
             h.remove()
@@ -69,18 +72,19 @@ def reorder(model, importance: dict[str, list[np.ndarray]]) -> dict[str, list[li
     perms = {"heads": [], "ffn": []}
     for i, layer in enumerate(model.bert.encoder.layer):
         hp = np.argsort(-importance["heads"][i], kind="stable")
-        rows = torch.as_tensor(np.concatenate([np.arange(h * d, (h + 1) * d) for h in hp]))
+        dev = layer.attention.self.query.weight.device
+        rows = torch.as_tensor(np.concatenate([np.arange(h * d, (h + 1) * d) for h in hp]), device=dev)
         sa = layer.attention.self
         for lin in (sa.query, sa.key, sa.value):
             lin.weight.copy_(lin.weight[rows])
             lin.bias.copy_(lin.bias[rows])
         out = layer.attention.output.dense
         out.weight.copy_(out.weight[:, rows])
-        fp = torch.as_tensor(np.argsort(-importance["ffn"][i], kind="stable").copy())
+        fp = torch.as_tensor(np.argsort(-importance["ffn"][i], kind="stable").copy(), device=dev)
         inter, fout = layer.intermediate.dense, layer.output.dense
         inter.weight.copy_(inter.weight[fp])
         inter.bias.copy_(inter.bias[fp])
         fout.weight.copy_(fout.weight[:, fp])
         perms["heads"].append(hp.tolist())
-        perms["ffn"].append(fp.tolist())
+        perms["ffn"].append(fp.cpu().tolist())
     return perms

@@ -66,6 +66,8 @@ class Preset:
     lr_phase2: float = 1e-4
     runs: int = 30
     baselines: bool = True
+    supernet_seconds: float | None = None  # time budgets (a GPU lease): the step count is fitted to them
+    phase2_seconds: float | None = None  # per stage, the same for the chosen model and each baseline
 
 
 PRESETS = {
@@ -77,7 +79,7 @@ PRESETS = {
     # the real run (hours on a CPU; CUDA is used when present)
     "full": Preset(train_limit=None, train_len=384, train_stride=128, importance_batches=16, supernet_epochs=3,
                    supernet_steps=None, batch_size=32, n_random=2, search_dev=500, eval_dev=2000, calibration=30,
-                   proposals=100, phase2_inter=2, phase2_pred=3, phase2_steps=False, lr_supernet=5e-5,
+                   proposals=100, phase2_inter=2, phase2_pred=3, phase2_steps=False, lr_supernet=1e-4,
                    lr_phase2=1e-4, runs=50),
 }
 
@@ -137,12 +139,16 @@ class State:
 
 def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
     t_start = time.perf_counter()
-    if job.preset not in PRESETS:
-        raise CanaoError(f"unknown preset '{job.preset}'; choose quick or full")
-    pre = replace(PRESETS[job.preset], **job.overrides)
     out = Path(job.out)
     if (out / "state.json").exists() and not resume:
         raise CanaoError(f"{out} holds an earlier search; pass --resume to continue it or choose another --out")
+    if resume and (out / "state.json").exists():  # a resumed run keeps the slices and sizes it started with
+        started = json.loads((out / "state.json").read_text()).get("job", {})
+        job = replace(job, preset=started.get("preset", job.preset),
+                      overrides={**started.get("overrides", {}), **job.overrides})
+    if job.preset not in PRESETS:
+        raise CanaoError(f"unknown preset '{job.preset}'; choose quick or full")
+    pre = replace(PRESETS[job.preset], **job.overrides)
     if job.budget_ms <= 0:
         raise CanaoError("--budget-ms must be positive")
     out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +251,7 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
         feats = get_train_feats()
         steps = pre.supernet_steps or steps_for(pre.supernet_epochs, len(feats), pre.batch_size)
         dcfg = DistillConfig(steps=steps, batch_size=pre.batch_size, lr=pre.lr_supernet, n_random=pre.n_random,
-                             seed=job.seed, save_every=max(10, steps // 20))
+                             seed=job.seed, save_every=max(10, steps // 20), time_budget_s=pre.supernet_seconds)
         _log(f"phase 1: supernet distillation, {steps} steps of {pre.batch_size} windows (sandwich: largest, smallest, "
              f"{pre.n_random} random)")
         res = train_supernet(net, teacher, feats, dcfg, out / "supernet-state", resume=resume, progress=progress)
@@ -270,7 +276,7 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
     search = Search(space, tcfg, predictor, oracle or _PredOnly(), evaluator, scfg, out / "search-log.jsonl", progress)
     if "search" not in st:
         _log(f"search: {', '.join(scfg.controllers)}, {scfg.proposals} proposals each")
-        summary = search.run(resume=resume)
+        summary = search.run(resume=resume, anchors=list(baseline_shapes(space, predictor, job.budget_ms, job.seq).values()))
         fixed = {k: evaluator.f1(a) for k, a in (("largest", space.largest()), ("smallest", space.smallest()))}
         st.set("search", {**summary, "subnet_f1": fixed, "search_questions": len(search_ex)})
     else:
@@ -286,7 +292,8 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
         _phase2(job, pre, st, net, teacher, tcfg, Arch.from_dict(chosen["arch"]), get_train_feats, out, resume,
                 progress, tok, f1_of, torch_runner, save_half=True)
         if pre.baselines:
-            _baselines(job, pre, st, space, tcfg, teacher, get_train_feats, out, resume, progress, f1_of, torch_runner, None)
+            _baselines(job, pre, st, space, tcfg, teacher, get_train_feats, out, resume, progress, f1_of, torch_runner, None,
+                       predictor)
         st.set("stopped", "measure=False: device stages left for a run on the target with --resume")
         return {"out": str(out), "chosen": chosen["key"], "state": st.data}
     tried = st.data.get("rejected", [])
@@ -307,7 +314,8 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
 
     # 9 baselines -----------------------------------------------------------
     if pre.baselines and "baselines" not in st:
-        _baselines(job, pre, st, space, tcfg, teacher, get_train_feats, out, resume, progress, f1_of, torch_runner, oracle)
+        _baselines(job, pre, st, space, tcfg, teacher, get_train_feats, out, resume, progress, f1_of, torch_runner, oracle,
+                   predictor)
     if "teacher_latency" not in st:
         m = oracle.measure(space.largest(job.seq))
         st.set("teacher_latency", {"median_ms": m["median_ms"], "p95_ms": m["p95_ms"], "backend": job.backend})
@@ -350,7 +358,8 @@ def _distill(pre: Preset, job: Job, student, teacher, arch: Arch, feats, state_r
     for stage, amount in (("intermediate", pre.phase2_inter), ("prediction", pre.phase2_pred)):
         steps = int(amount) if pre.phase2_steps else steps_for(amount, len(feats), pre.batch_size)
         cfg = DistillConfig(steps=steps, batch_size=pre.batch_size, lr=pre.lr_phase2, seed=job.seed,
-                            save_every=max(10, steps // 10), w_ce=0.5 if stage == "prediction" else 0.0)
+                            save_every=max(10, steps // 10), w_ce=0.5 if stage == "prediction" else 0.0,
+                            time_budget_s=pre.phase2_seconds)
         done = state_root / f"{stage}.safetensors"
         if done.exists():  # finished stage
             student.load_state_dict(load_file(str(done)))
@@ -419,12 +428,22 @@ def _final(job, pre, st, student, arch, out, oracle, eval_feats, eval_ex, f1_of)
     return final
 
 
-def _baselines(job, pre, st, space, tcfg, teacher, get_train_feats, out, resume, progress, f1_of, torch_runner, oracle):
+def baseline_shapes(space: SearchSpace, predictor, budget_ms: float, seq: int) -> dict[str, Arch]:
+    """Uniformly shrunk students sized to the budget by the predictor: the deepest full-width
+    layer-dropped model, and the widest full-depth model (heads and FFN shrunk together)."""
+    L, H, F = space.teacher_layers, space.teacher_heads, space.teacher_ffn
+    depth = max([d for d in space.depths if predictor.predict(space.uniform(d, H, F, seq)) <= budget_ms] or [1])
+    widths = [(h, f) for h in space.head_choices for f in space.ffn_choices if abs(h / H - f / F) <= 0.13]
+    fits = [(h, f) for h, f in widths if predictor.predict(space.uniform(L, h, f, seq)) <= budget_ms]
+    h, f = max(fits) if fits else min(widths)
+    return {"layer-dropped": space.uniform(depth, H, F, seq), "width-shrunk": space.uniform(L, h, f, seq)}
+
+
+def _baselines(job, pre, st, space, tcfg, teacher, get_train_feats, out, resume, progress, f1_of, torch_runner, oracle,
+               predictor):
     """Uniformly shrunk students from teacher slices with the same phase-2 distillation: F1 anywhere,
     latency only where the oracle (the target) is."""
-    L, H, F = tcfg.num_layers, tcfg.layer_heads[0], tcfg.layer_ffn[0]
-    shapes = {"layer-dropped": space.uniform(max(1, L // 2), H, F, job.seq),
-              "width-shrunk": space.uniform(L, max(1, H // 2), F // 2, job.seq)}
+    shapes = baseline_shapes(space, predictor, job.budget_ms, job.seq)
     results = st.data.get("baseline_partial", {})
     for name, arch in shapes.items():
         r = results.get(name)

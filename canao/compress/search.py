@@ -112,7 +112,9 @@ class Search:
             f.write(json.dumps(entry) + "\n")
 
     # ------------------------------------------------------------ the controllers
-    def run(self, resume: bool = False) -> dict:
+    def run(self, resume: bool = False, anchors: list[Arch] | None = None) -> dict:
+        """Each controller proposes `proposals` candidates; `anchors` (e.g. uniformly shrunk shapes
+        sized to the budget) are assessed first, so a feasible candidate always exists when one can."""
         from tqdm import tqdm
 
         done: dict[str, list[dict]] = {}
@@ -132,6 +134,14 @@ class Search:
         bar = tqdm(total=total, desc="search", unit="cand", disable=not self.progress)
         summary = {}
         t0 = time.perf_counter()
+        seen_anchor = {e["key"] for e in done.get("anchor", [])}
+        for e in done.get("anchor", []):
+            self.entries.append(e)
+        for i, arch in enumerate(anchors or []):
+            if arch.key() not in seen_anchor:
+                entry = {"type": "candidate", "controller": "anchor", "i": i, **self.assess(arch), "t": time.time()}
+                self._write(entry)
+                self.entries.append(entry)
         for name in self.cfg.controllers:
             ctrl = make_controller(name, self.space, self.cfg.seed)
             history = done.get(name, [])
