@@ -14,7 +14,8 @@ from .targets import Target
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
 SUPPORT_FILES = ("canao.h", "canao_kernels.h", "canao_runtime.c", "vec_avx2.h", "vec_avx512.h")
-BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-std=gnu11")
+BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-std=gnu11",
+              "-Werror=incompatible-pointer-types", "-Werror=int-conversion")
 
 
 def cache_dir() -> Path:

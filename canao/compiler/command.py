@@ -42,7 +42,7 @@ def cmd_compile(args) -> dict:
     from ..models.encoders import load_encoder
     from ..paths import resolve_model_path
     from . import compile_model, load_artifact
-    from .verify import random_cases, squad_cases, verify
+    from .verify import random_cases, squad_cases, verify, verify_f1
 
     import shutil
 
@@ -61,16 +61,29 @@ def cmd_compile(args) -> dict:
     if args.verify:
         compiled = load_artifact(args.out, threads=args.threads)
         cases = random_cases(model.config.vocab_size, args.max_seq)
+        squad = None
         try:
             from ..paths import data_file
 
-            cases += squad_cases(tokenizer, data_file(args.data, "squad/dev-v1.1.json"), args.max_seq)
+            squad = data_file(args.data, "squad/dev-v1.1.json")
+            cases += squad_cases(tokenizer, squad, args.max_seq)
         except CanaoError as exc:
             print(f"canao compile: no real inputs for --verify ({exc}); random inputs only", file=sys.stderr)
-        summary["verify"] = verify(model, compiled, cases)
-        if not summary["verify"]["ok"]:
-            raise CanaoError(f"verification failed: max abs error {summary['verify']['max_abs_err']:.3g} "
-                             f"> {summary['verify']['tolerance']}")
+        if args.precision == "fp32":
+            summary["verify"] = verify(model, compiled, cases)
+            if not summary["verify"]["ok"]:
+                raise CanaoError(f"verification failed: max abs error {summary['verify']['max_abs_err']:.3g} "
+                                 f"> {summary['verify']['tolerance']}")
+        else:
+            # reduced precision is judged by its answers: SQuAD F1 on a fixed slice vs fp32
+            summary["verify"] = verify(model, compiled, cases, tolerance=float("inf"))
+            if squad is None:
+                raise CanaoError(f"--verify of a {args.precision} artifact needs SQuAD dev (--data or $CANAO_DATA)")
+            summary["verify"]["f1"] = f1 = verify_f1(model, tokenizer, compiled, squad, args.precision, args.max_seq)
+            summary["verify"]["ok"] = f1["ok"]
+            if not f1["ok"]:
+                raise CanaoError(f"verification failed: {args.precision} F1 {f1['f1']:.2f} vs fp32 {f1['f1_fp32']:.2f} "
+                                 f"on {f1['questions']} questions (allowed drop {f1['tolerance']})")
     if not args.json:
         f = summary["fusion"]
         print(f"wrote {summary['artifact']} ({summary['target']['name']}, {summary['precision']}, max seq {summary['max_seq']})")
@@ -84,6 +97,10 @@ def cmd_compile(args) -> dict:
                   f"{t['measured']} measured ({t['seconds']:.1f} s)")
         if args.verify:
             print(f"  verify: max abs error {summary['verify']['max_abs_err']:.2e} on {len(summary['verify']['cases'])} inputs")
+            if "f1" in summary["verify"]:
+                f1 = summary["verify"]["f1"]
+                print(f"  verify: SQuAD F1 {f1['f1']:.2f} vs fp32 {f1['f1_fp32']:.2f} on {f1['questions']} dev questions "
+                      f"(delta {f1['f1_delta']:+.2f}, allowed drop {f1['tolerance']})")
     return summary
 
 

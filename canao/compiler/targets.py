@@ -17,11 +17,20 @@ class Target:
     vl: int                     # fp32 lanes per vector register
     gemm_mr: int                # default microkernel rows (the tuner may pick others)
     gemm_nr: int                # default microkernel columns (a multiple of vl)
+    int8_wmax: int = 63         # int8 weight range: 63 where u8 x s8 pair sums saturate at 16 bits (vpmaddubsw)
+    bf16_dot: bool = False      # vdpbf16ps: bf16 activations x bf16 weights, fp32 accumulation
+    int8_tile: tuple = (4, 16)  # default int8 register tile (rows, columns)
 
 
 TARGETS = {
     "avx512": Target("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"),
-                     ("-march=x86-64-v4", "-mtune=znver3", "-mprefer-vector-width=512"), "vec_avx512.h", 16, 8, 32),
+                     ("-march=x86-64-v4", "-mtune=znver3", "-mprefer-vector-width=512"), "vec_avx512.h", 16, 8, 32,
+                     int8_tile=(8, 32)),
+    # Zen 4 / Sapphire Rapids class: VNNI (vpdpbusd, full-range int8 weights) and AVX512-BF16
+    "avx512_vnni": Target("avx512_vnni", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx512_vnni",
+                                          "avx512_bf16"),
+                          ("-march=x86-64-v4", "-mavx512vnni", "-mavx512bf16", "-mtune=znver3",
+                           "-mprefer-vector-width=512"), "vec_avx512.h", 16, 8, 32, 127, True, (8, 32)),
     "avx2": Target("avx2", ("avx2", "fma"), ("-march=x86-64-v3", "-mtune=znver3"), "vec_avx2.h", 8, 6, 16),
 }
 
@@ -39,7 +48,7 @@ def cpu_flags() -> set[str]:
 def host_target() -> Target:
     """The widest target this CPU runs."""
     flags = cpu_flags()
-    for name in ("avx512", "avx2"):
+    for name in ("avx512_vnni", "avx512", "avx2"):
         if set(TARGETS[name].features) <= flags:
             return TARGETS[name]
     raise CanaoError("this CPU has neither AVX-512 nor AVX2+FMA; canao's x86 code generator needs one of them")

@@ -49,3 +49,34 @@ def verify(model, compiled, cases: list[tuple], tolerance: float = FP32_TOLERANC
         results.append({"case": name, "seq": ids.shape[1], "max_abs_err": err})
     worst = max(r["max_abs_err"] for r in results)
     return {"ok": worst <= tolerance, "tolerance": tolerance, "max_abs_err": worst, "cases": results}
+
+
+# bf16 and int8 artifacts are checked by what they answer: SQuAD F1 on a fixed slice of dev
+# questions (the first F1_QUESTIONS, windows of max_seq tokens) may drop at most this much
+# below the fp32 PyTorch model's F1 on the same slice. A higher F1 passes (one-sided).
+F1_TOLERANCE = {"bf16": 0.3, "int8": 0.5}
+F1_QUESTIONS = 300
+
+
+def verify_f1(model, tokenizer, compiled, squad_file: Path, precision: str, max_seq: int,
+              questions: int = F1_QUESTIONS) -> dict:
+    import numpy as np
+
+    from ..tasks.squad import evaluate, read_squad
+
+    examples = read_squad(squad_file, limit=questions)
+    max_len = min(384, max_seq)
+    stride = min(128, max_len // 3)
+
+    def torch_run(ids, tt, mask):
+        with torch.inference_mode():
+            s, e = model(torch.as_tensor(ids), torch.as_tensor(tt), torch.as_tensor(mask))
+        return s.numpy(), e.numpy()
+
+    ref = evaluate(torch_run, tokenizer, examples, max_len=max_len, stride=stride)
+    got = evaluate(lambda i, t, m: compiled.run(np.asarray(i), np.asarray(t), np.asarray(m)), tokenizer, examples,
+                   max_len=max_len, stride=stride)
+    tol = F1_TOLERANCE[precision]
+    return {"ok": got["f1"] >= ref["f1"] - tol, "precision": precision, "questions": len(examples),
+            "f1_fp32": ref["f1"], "f1": got["f1"], "em_fp32": ref["em"], "em": got["em"],
+            "f1_delta": got["f1"] - ref["f1"], "tolerance": tol, "rule": "f1 >= f1_fp32 - tolerance"}

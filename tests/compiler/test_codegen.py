@@ -84,8 +84,11 @@ def test_small_row_blocks_taken_by_several_threads(model, artifact_dir, monkeypa
     cm.close()
 
 
-def test_avx512_code_compiles(model, tmp_path):
-    """This CPU may lack AVX-512: the AVX-512 build is at least compiled (not run)."""
+@pytest.mark.parametrize("target,precision,instruction", [
+    ("avx512", "int8", "vpmaddubsw"),
+    ("avx512_vnni", "int8", "vpdpbusd"), ("avx512_vnni", "bf16", "vdpbf16ps")])
+def test_avx512_code_compiles(model, tmp_path, target, precision, instruction):
+    """This CPU may lack AVX-512: those builds are compiled (not run), and use the instruction they are for."""
     import subprocess
 
     from canao.compiler.build import BASE_FLAGS, compiler, copy_support_files
@@ -95,11 +98,44 @@ def test_avx512_code_compiles(model, tmp_path):
     from canao.compiler.targets import TARGETS
 
     g, _ = optimize(capture(model, 32), 32)
-    prog = generate(g, TARGETS["avx512"], 32)
+    prog = generate(g, TARGETS[target], 32, precision=precision)
     (tmp_path / "model.c").write_text(prog.source)
     copy_support_files(tmp_path)
-    flags = [f for f in BASE_FLAGS if f != "-shared"] + list(TARGETS["avx512"].cflags)
-    for src in ("model.c", "canao_runtime.c"):
-        proc = subprocess.run([compiler(), *flags, "-c", "-I", str(tmp_path), str(tmp_path / src),
-                               "-o", str(tmp_path / (src + ".o"))], capture_output=True, text=True)
+    flags = [f for f in BASE_FLAGS if f not in ("-shared", "-O3")] + ["-O1", *TARGETS[target].cflags]
+    for src, out in (("model.c", "-S"), ("canao_runtime.c", "-c")):
+        proc = subprocess.run([compiler(), *flags, out, "-I", str(tmp_path), str(tmp_path / src),
+                               "-o", str(tmp_path / (src + ".out"))], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[:2000]
+    assert instruction in (tmp_path / "model.c.out").read_text()
+
+
+@pytest.mark.parametrize("precision,tol", [("bf16", 5e-3), ("int8", 5e-2)])
+def test_reduced_precision_runs_here_close_to_pytorch(model, tmp_path, precision, tol):
+    """bf16 weights (widened on AVX2) and int8 (vpmaddubsw/vpmaddwd on AVX2) at several lengths and threads."""
+    out = tmp_path / precision
+    summary = compile_model(model, out, max_seq=64, precision=precision, tune=False)
+    fp32_bytes = sum(p.numel() for p in model.parameters()) * 4
+    assert summary["memory"]["weight_bytes"] < (0.75 if precision == "bf16" else 0.5) * fp32_bytes
+    cm = load_artifact(out, threads=2)
+    for seq, threads in ((9, 1), (64, 2)):
+        cm.set_threads(threads)
+        ids, tt, mask = random_inputs(seq, pad=2, seed=seq)
+        with torch.no_grad():
+            want = model(ids, tt, mask)
+        err = _max_err(cm.run(ids, tt, mask), want)
+        assert 0 < err <= tol * max(1.0, max(w.abs().max().item() for w in want))
+    cm.close()
+
+
+def test_int8_packing_layout_and_column_sums():
+    from canao.compiler.codegen.c import quantize_int8
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(10, 20)).astype(np.float32)
+    packed, colsum, scales = quantize_int8(w, 16, 63)
+    assert packed.shape == (2, 3, 16, 4) and packed.dtype == np.int8 and np.abs(packed).max() == 63
+    # unpack: [panel][k/4][col][k%4] -> [k][col]
+    q = packed.transpose(1, 3, 0, 2).reshape(12, 32)
+    assert (q[10:] == 0).all() and (q[:, 20:] == 0).all()
+    np.testing.assert_allclose(q[:10, :20] * scales[:20], w, atol=scales.max() / 2 + 1e-6)
+    assert (colsum == 128 * q.astype(np.int32).sum(0)).all()

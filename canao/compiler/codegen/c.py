@@ -24,6 +24,7 @@ from .memory import Plan, plan_arena
 ARGS = "const float *W, char *arena, float *scratch, long S, long r0, long r1, const int64_t *input_ids, " \
        "const int64_t *token_type_ids, const int64_t *attention_mask"
 CALL_ARGS = "W, arena, scratch, S, r0, r1, input_ids, token_type_ids, attention_mask"
+PRECISIONS = ("fp32", "bf16", "int8")
 VEC_FN = {"add": "vadd", "sub": "vsub", "mul": "vmul", "div": "vdiv", "gelu": "vgelu"}
 SCALAR_OP = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 
@@ -77,13 +78,18 @@ def pack_panels(w: np.ndarray, nr: int) -> np.ndarray:
 
 
 class _Gen:
-    def __init__(self, g: Graph, target: Target, max_seq: int, schedules: dict[str, Schedule], block_rows: int):
+    def __init__(self, g: Graph, target: Target, max_seq: int, schedules: dict[str, Schedule], block_rows: int,
+                 precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise CanaoError(f"codegen: unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
         self.g, self.t, self.max_seq, self.schedules, self.block_rows = g, target, max_seq, schedules, block_rows
+        self.precision = precision
+        self.q_scratch_floats = 0  # per-thread room for a row block's quantized activations
         self.views = assign_layouts(g)
         self.kernel_ops = [op for op in g.compute_ops() if not op.attrs.get("inline")]
         self.blob = bytearray()
         self.const_off: dict[str, int] = {}  # const name (or name@packed) -> float offset in W
-        self.tiles: set[tuple[int, int]] = set()
+        self.tiles: set[tuple[str, int, int]] = set()  # (kind, mr, nr)
 
     # -- weights ----------------------------------------------------------
     def weight(self, name: str, packed_nr: int = 0) -> str:
@@ -95,6 +101,14 @@ class _Gen:
             self.const_off[key] = len(self.blob) // 4
             self.blob += np.ascontiguousarray(arr, np.float32).tobytes()
         return f"(W + {self.const_off[key]})"
+
+    def blob_array(self, key: str, arr: np.ndarray, ctype: str) -> str:
+        """Store any array (int8 panels, int32 column sums, bf16) 64-byte aligned; a typed C pointer."""
+        if key not in self.const_off:
+            self.blob += b"\0" * (-len(self.blob) % 64)
+            self.const_off[key] = len(self.blob) // 4
+            self.blob += np.ascontiguousarray(arr).tobytes()
+        return f"((const {ctype} *)(W + {self.const_off[key]}))"
 
     # -- addressing -------------------------------------------------------
     def base_ptr(self, base: str, plan: Plan) -> str:
@@ -186,16 +200,17 @@ class _Gen:
         """An unpartitioned kernel runs whole, in the block that starts at row 0."""
         return "" if k.partitioned else f"    if (r0 != 0) return;\n    r0 = 0; r1 = {full};\n"
 
-    def tile_fn(self, mr: int, nr: int) -> str:
-        return tile_source(mr, nr, self.t.vl)
+    def tile_fn(self, kind: str, mr: int, nr: int) -> str:
+        return TILE_SOURCES[kind](mr, nr, self.t.vl)
 
     def matmul(self, k: Kernel, plan: Plan) -> str:
         g, op = self.g, k.op
         a_name, w_name = op.inputs[:2]
         kk, n = g.consts[w_name].shape
-        sch = self.schedule(op)
-        self.tiles.add((sch.mr, sch.nr))
-        nv = sch.nr // self.t.vl
+        mode = self.gemm_mode(kk, n)
+        sch = self.schedule(op) if mode in ("f32", "bf16") or op.output in self.schedules \
+            else Schedule(*self.t.int8_tile, kk)
+        self.tiles.add((mode, sch.mr, sch.nr))
         out_shape = g.tensors[op.output].shape
         a_ptr, a_cs = self.row_access(a_name, out_shape[:-1] + (kk,), "", plan, op.source)
         if a_cs != 1 and kk != 1:
@@ -211,18 +226,49 @@ class _Gen:
         expr = self.vexpr(op.attrs.get("epilogue", ("in", 0)), leaves)
         pre_code = "\n".join(" " * 20 + p for p in pre)
         kc = min(kk, sch.kc)
+        w = g.consts[w_name]
+        if mode == "int8":
+            panels, colsum, scales = quantize_int8(w, sch.nr, self.t.int8_wmax)
+            weights = (f"    const int8_t *P = {self.blob_array(w_name + f'@q{sch.nr}', panels, 'int8_t')};\n"
+                       f"    const int32_t *CS = {self.blob_array(w_name + f'@cs{sch.nr}', colsum, 'int32_t')};\n"
+                       f"    const float *SW = {self.blob_array(w_name + f'@sw{sch.nr}', scales, 'float')};\n")
+            body = gemm_loop_int8(sch, kk, n, pre_code, expr)
+            what = (f"int8: weights per-column symmetric in [-{self.t.int8_wmax}, {self.t.int8_wmax}], activations per row "
+                    f"(u8 = q + 128, minus the column sums), int32 accumulation")
+            self.q_scratch_floats = max(self.q_scratch_floats, 2 * self.max_seq + 32 + self.max_seq * (-(-kk // 4)))
+        elif mode == "bf16dot":
+            weights = f"    const uint16_t *P = {self.blob_array(w_name + f'@bp{sch.nr}', pack_bf16_pairs(w, sch.nr), 'uint16_t')};\n"
+            body = gemm_loop_bf16dot(sch, kk, n, pre_code, expr)
+            what = "bf16 activations x bf16 weights (vdpbf16ps), fp32 accumulation"
+            self.q_scratch_floats = max(self.q_scratch_floats, self.max_seq * (-(-kk // 2)) + 32)
+        elif mode == "bf16":
+            weights = f"    const uint16_t *P = {self.blob_array(w_name + f'@b{sch.nr}', to_bf16(pack_panels(w, sch.nr)), 'uint16_t')};\n"
+            body = gemm_loop(sch, kk, n, pre_code, expr, "_bf16")
+            what = "bf16 weights widened to fp32 in registers, fp32 activations and accumulation"
+        else:
+            weights = f"    const float *P = {self.weight(w_name, sch.nr)};\n"
+            body = gemm_loop(sch, kk, n, pre_code, expr)
+            what = "fp32"
         header = f"""/* {op.output}: [{self.rows_expr(out_shape)} x {kk}] x [{kk} x {n}] (packed {sch.nr}-column panels), epilogue {op.attrs.get('epilogue', 'none')}
  * from {op.source}
+ * {what}
  * schedule: {sch.mr}x{sch.nr} tiles, K in blocks of {kc}; rows r0..r1 (a row block: its A block stays in L2,
  * a panel's K block in L1 while every tile of the block uses it). */
 static void {k.name}({ARGS}) {{
 {self.rows_guard(k, self.rows_expr(out_shape))}    const long lda = {lda}, ldc = {ldc};
     const float *A = {a_ptr};
-    const float *P = {self.weight(w_name, sch.nr)};
-    float *C = {self.ptr(c_view, plan)};
-    (void)S;
+{weights}    float *C = {self.ptr(c_view, plan)};
+    (void)S; (void)scratch;
 """
-        return header + gemm_loop(sch, kk, n, pre_code, expr) + "}"
+        return header + body + "}"
+
+    def gemm_mode(self, k: int, n: int) -> str:
+        """f32 | bf16 (weights only) | bf16dot | int8. Outputs narrower than a vector (the QA head) stay fp32."""
+        if self.precision == "fp32" or n < self.t.vl:
+            return "f32"
+        if self.precision == "bf16":
+            return "bf16dot" if self.t.bf16_dot else "bf16"
+        return "int8"
 
     def layernorm(self, k: Kernel, plan: Plan) -> str:
         g, op = self.g, k.op
@@ -438,9 +484,9 @@ static void {k.name}({ARGS}) {{
                 calls += copies
             cases.append(f"    case {ph}:\n" + "\n".join(calls) + "\n        break;")
         sp = -(-self.max_seq // self.t.vl) * self.t.vl
-        scratch = 4 * sp + 16  # ATT_QB rows of scores
-        tiles = "\n\n".join(self.tile_fn(mr, nr) for mr, nr in sorted(self.tiles | {(self.t.gemm_mr, self.t.gemm_nr)}))
-        mrs = sorted({mr for mr, _ in self.tiles} | {self.t.gemm_mr})
+        scratch = max(4 * sp + 16, self.q_scratch_floats)  # ATT_QB rows of scores, or quantized rows
+        tiles = "\n\n".join(self.tile_fn(*t) for t in sorted(self.tiles))
+        mrs = sorted({mr for _, mr, _ in self.tiles} | {self.t.gemm_mr})
         quantum = int(np.lcm.reduce(mrs))
         quantum = quantum if quantum <= 24 else max(mrs)
         block_rows = max(quantum, self.block_rows // quantum * quantum)
@@ -474,18 +520,20 @@ void canao_phase(int phase, const float *W, char *arena, float *scratch, long S,
         return Program(src, bytes(self.blob), plan, scratch, [kn.name for kn in kernels], phases)
 
 
-def tile_source(mr: int, nr: int, vl: int) -> str:
-    """The register tile: mr x nr accumulators, one K step = nr/vl loads, mr broadcasts, mr*nr/vl FMAs."""
+def tile_source(mr: int, nr: int, vl: int, bf16: bool = False) -> str:
+    """The register tile: mr x nr accumulators, one K step = nr/vl loads, mr broadcasts, mr*nr/vl FMAs.
+    bf16: the panel holds bf16 weights, widened to fp32 as they are loaded."""
     nv = nr // vl
+    wtype, suffix, load = ("uint16_t", "_bf16", "vload_bf16") if bf16 else ("float", "", "vload")
     lines = [f"/* {mr} x {nr} register tile: acc += A[m rows, K] * panel[K, {nr}] (rows past m repeat the last) */",
-             f"static inline __attribute__((always_inline)) void tile_{mr}x{nr}"
-             f"(const float *A, long lda, int m, const float *w, int K, vf acc[{mr}][{nv}]) {{"]
+             f"static inline __attribute__((always_inline)) void tile_{mr}x{nr}{suffix}"
+             f"(const float *A, long lda, int m, const {wtype} *w, int K, vf acc[{mr}][{nv}]) {{"]
     for r in range(mr):
         lines.append(f"    const float *a{r} = A + (long)MIN({r}, m - 1) * lda;")
     for r in range(mr):
         lines.append("    " + " ".join(f"vf c{r}_{j} = vzero();" for j in range(nv)))
     lines.append("    for (int k = 0; k < K; k++, w += %d) {" % nr)
-    lines.append("        " + " ".join(f"vf b{j} = vload(w + {j * vl});" for j in range(nv)))
+    lines.append("        " + " ".join(f"vf b{j} = {load}(w + {j * vl});" for j in range(nv)))
     for r in range(mr):
         body = " ".join(f"c{r}_{j} = vfma(x{r}, b{j}, c{r}_{j});" for j in range(nv))
         lines.append(f"        vf x{r} = vset1(a{r}[k]); {body}")
@@ -496,7 +544,133 @@ def tile_source(mr: int, nr: int, vl: int) -> str:
     return "\n".join(lines)
 
 
-def gemm_loop(sch: Schedule, k: int, n: int, pre_code: str = "", expr: str = "x") -> str:
+def _pair_tile(mr: int, nr: int, vl: int, int8: bool) -> str:
+    """Tiles whose K step covers a group of activations broadcast as one 32-bit value:
+    int8 (4 u8 activations x 4 s8 weights per lane, s32 accumulators) or bf16 pairs (vdpbf16ps)."""
+    nv = nr // vl
+    g, at, wt, acc_t, zero, dot, name = (4, "uint8_t", "int8_t", "vi", "vizero()", "vdot_u8s8", "tileq") if int8 else \
+        (2, "uint16_t", "uint16_t", "vf", "vzero()", "vdot_bf16", "tilebd")
+    lines = [f"/* {mr} x {nr} {'int8' if int8 else 'bf16-pair'} tile over K/{g} steps (rows past m repeat the last) */",
+             f"static inline __attribute__((always_inline)) void {name}_{mr}x{nr}"
+             f"(const {at} *A, long lda, int m, const {wt} *w, int KG, {acc_t} acc[{mr}][{nv}]) {{"]
+    for r in range(mr):
+        lines.append(f"    const {at} *a{r} = A + (long)MIN({r}, m - 1) * lda;")
+    for r in range(mr):
+        lines.append("    " + " ".join(f"{acc_t} c{r}_{j} = {zero};" for j in range(nv)))
+    lines.append(f"    for (int k = 0; k < KG; k++, w += {g * nr}) {{")
+    lines.append("        " + " ".join(f"vi b{j} = viload(w + {j * g * vl});" for j in range(nv)))
+    for r in range(mr):
+        body = " ".join(f"c{r}_{j} = {dot}(c{r}_{j}, x{r}, b{j});" for j in range(nv))
+        lines.append(f"        vi x{r} = vibcast4(a{r} + {g} * k); {body}")
+    lines.append("    }")
+    for r in range(mr):
+        lines.append("    " + " ".join(f"acc[{r}][{j}] = c{r}_{j};" for j in range(nv)))
+    lines.append("}")
+    return "\n".join(lines)
+
+
+TILE_SOURCES = {
+    "f32": tile_source,
+    "bf16": lambda mr, nr, vl: tile_source(mr, nr, vl, bf16=True),
+    "int8": lambda mr, nr, vl: _pair_tile(mr, nr, vl, True),
+    "bf16dot": lambda mr, nr, vl: _pair_tile(mr, nr, vl, False),
+}
+
+
+def quantize_int8(w: np.ndarray, nr: int, wmax: int):
+    """Per-column symmetric int8 in [-wmax, wmax], packed [N/nr][K/4][nr][4] (4 K values of a column
+    in one 32-bit lane); the column sums times 128 (the u8 activation offset); the column scales."""
+    k, n = w.shape
+    scale = np.abs(w).max(axis=0) / wmax
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(w / scale), -wmax, wmax).astype(np.int8)
+    kp, panels = -(-k // 4) * 4, -(-n // nr)
+    qp = np.zeros((kp, panels * nr), np.int8)
+    qp[:k, :n] = q
+    packed = np.ascontiguousarray(qp.reshape(kp // 4, 4, panels, nr).transpose(2, 0, 3, 1))
+    colsum = (128 * qp.astype(np.int32).sum(axis=0)).astype(np.int32)
+    scales = np.ones(panels * nr, np.float32)
+    scales[:n] = scale
+    return packed, colsum, scales
+
+
+def to_bf16(w: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 bits (uint16), rounding to nearest even."""
+    u = np.ascontiguousarray(w, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def pack_bf16_pairs(w: np.ndarray, nr: int) -> np.ndarray:
+    """[K, N] -> bf16 [N/nr][K/2][nr][2] (vdpbf16ps reads a column's two K values per lane)."""
+    k, n = w.shape
+    kp, panels = -(-k // 2) * 2, -(-n // nr)
+    padded = np.zeros((kp, panels * nr), np.float32)
+    padded[:k, :n] = w
+    return np.ascontiguousarray(to_bf16(padded).reshape(kp // 2, 2, panels, nr).transpose(2, 0, 3, 1))
+
+
+def gemm_loop_int8(sch: Schedule, k: int, n: int, pre_code: str = "", expr: str = "x") -> str:
+    """int8 GEMM over rows r0..r1: quantize the block's activation rows (per-row scale) into the thread's
+    scratch, then s32 tiles; the epilogue removes the +128 offset's column sums and rescales."""
+    kp = -(-k // 4) * 4
+    return f"""    const int K = {k}, KP = {kp}, N = {n}, NP = (N + {sch.nr - 1}) / {sch.nr};
+    float *SA = scratch;
+    uint8_t *AQ = (uint8_t *)(scratch + (r1 - r0 + 15) / 16 * 16);
+    for (long r = r0; r < r1; r++) SA[r - r0] = quantize_row_u8(A + r * lda, K, AQ + (r - r0) * KP, KP);
+    for (int p = 0; p < NP; p++)
+        for (long i0 = r0; i0 < r1; i0 += {sch.mr}) {{
+            const int m = (int)MIN({sch.mr}, r1 - i0);
+            vi acc[{sch.mr}][{sch.nr} / VL];
+            tileq_{sch.mr}x{sch.nr}(AQ + (i0 - r0) * KP, KP, m, P + (long)p * KP * {sch.nr}, KP / 4, acc);
+#pragma GCC unroll {sch.mr}
+            for (int r = 0; r < {sch.mr}; r++) {{
+                if (r >= m) break;
+                const long row = i0 + r;
+                const vf sa = vset1(SA[row - r0]);
+{pre_code}
+#pragma GCC unroll 8
+                for (int j = 0; j < {sch.nr} / VL; j++) {{
+                    const int c = p * {sch.nr} + j * VL, n = N - c;
+                    if (n <= 0) break;
+                    vf x = vmul(vcvt_i32(visub(acc[r][j], viload(CS + c))), vmul(sa, vload(SW + c)));
+                    x = {expr};
+                    vstore_n(C + row * ldc + c, x, n);
+                }}
+            }}
+        }}
+"""
+
+
+def gemm_loop_bf16dot(sch: Schedule, k: int, n: int, pre_code: str = "", expr: str = "x") -> str:
+    """bf16 x bf16 GEMM over rows r0..r1 (vdpbf16ps): the block's activation rows become bf16 in scratch."""
+    kp = -(-k // 2) * 2
+    return f"""    const int K = {k}, KP = {kp}, N = {n}, NP = (N + {sch.nr - 1}) / {sch.nr};
+    uint16_t *AB = (uint16_t *)scratch;
+    for (long r = r0; r < r1; r++) convert_row_bf16(A + r * lda, K, AB + (r - r0) * KP, KP);
+    for (int p = 0; p < NP; p++)
+        for (long i0 = r0; i0 < r1; i0 += {sch.mr}) {{
+            const int m = (int)MIN({sch.mr}, r1 - i0);
+            vf acc[{sch.mr}][{sch.nr} / VL];
+            tilebd_{sch.mr}x{sch.nr}(AB + (i0 - r0) * KP, KP, m, P + (long)p * KP * {sch.nr}, KP / 2, acc);
+#pragma GCC unroll {sch.mr}
+            for (int r = 0; r < {sch.mr}; r++) {{
+                if (r >= m) break;
+                const long row = i0 + r;
+{pre_code}
+#pragma GCC unroll 8
+                for (int j = 0; j < {sch.nr} / VL; j++) {{
+                    const int c = p * {sch.nr} + j * VL, n = N - c;
+                    if (n <= 0) break;
+                    vf x = acc[r][j];
+                    x = {expr};
+                    vstore_n(C + row * ldc + c, x, n);
+                }}
+            }}
+        }}
+"""
+
+
+def gemm_loop(sch: Schedule, k: int, n: int, pre_code: str = "", expr: str = "x", tile_suffix: str = "") -> str:
     """The body of a GEMM over rows r0..r1: C = epilogue(A[rows, K] x P), given A, lda, P, C, ldc in scope."""
     kc = min(k, sch.kc)
     nv_expr = f"{sch.nr} / VL"
@@ -507,7 +681,7 @@ def gemm_loop(sch: Schedule, k: int, n: int, pre_code: str = "", expr: str = "x"
             for (long i0 = r0; i0 < r1; i0 += {sch.mr}) {{
                 const int m = (int)MIN({sch.mr}, r1 - i0);
                 vf acc[{sch.mr}][{nv_expr}];
-                tile_{sch.mr}x{sch.nr}(A + i0 * lda + k0, lda, m, P + ((long)p * K + k0) * {sch.nr}, kc, acc);
+                tile_{sch.mr}x{sch.nr}{tile_suffix}(A + i0 * lda + k0, lda, m, P + ((long)p * K + k0) * {sch.nr}, kc, acc);
 #pragma GCC unroll {sch.mr}
                 for (int r = 0; r < {sch.mr}; r++) {{
                     if (r >= m) break;
@@ -529,5 +703,5 @@ def gemm_loop(sch: Schedule, k: int, n: int, pre_code: str = "", expr: str = "x"
 
 
 def generate(g: Graph, target: Target, max_seq: int, schedules: dict[str, Schedule] | None = None,
-             block_rows: int = 96) -> Program:
-    return _Gen(g, target, max_seq, schedules or {}, block_rows).program()
+             block_rows: int = 128, precision: str = "fp32") -> Program:
+    return _Gen(g, target, max_seq, schedules or {}, block_rows, precision).program()

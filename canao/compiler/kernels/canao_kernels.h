@@ -161,3 +161,29 @@ static void attention_rows(long S, int H, int D, const float *q, long qh, long q
         }
     }
 }
+
+/* Quantize one activation row for the int8 GEMMs: q[k] = round(x[k] / scale) + 128 (u8),
+ * scale = max|x| / 127, K rounded up to kp (a multiple of 4) with q = 128 (zero). Returns scale. */
+static inline float quantize_row_u8(const float *x, int K, uint8_t *q, int kp) {
+    vf mx = vzero();
+    for (int c = 0; c < K; c += VL) mx = vmax(mx, vabs(vload_n(x + c, K - c)));
+    const float amax = vhmax(mx);
+    const float scale = amax > 0 ? amax / 127.0f : 1.0f;
+    const vf inv = vset1(1.0f / scale);
+    int c = 0;
+    for (; c + VL <= K; c += VL) vstore_u8(q + c, vmul(vload(x + c), inv));
+    for (; c < K; c++) q[c] = (uint8_t)(lrintf(x[c] * (1.0f / scale)) + 128);
+    for (; c < kp; c++) q[c] = 128;
+    return scale;
+}
+
+/* One activation row as bf16 (round to nearest even), K padded to kp with zeros, for vdpbf16ps. */
+static inline void convert_row_bf16(const float *x, int K, uint16_t *q, int kp) {
+    int c = 0;
+    for (; c < K; c++) {
+        uint32_t u;
+        memcpy(&u, x + c, 4);
+        q[c] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
+    for (; c < kp; c++) q[c] = 0;
+}

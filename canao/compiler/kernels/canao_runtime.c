@@ -175,10 +175,12 @@ static pool_t *pool_create(int threads) {
 
 static int cpu_ok(char *err, int n) {
     __builtin_cpu_init();
-    int ok = strcmp(canao_target, "avx512") == 0
+    int ok = strncmp(canao_target, "avx512", 6) == 0
                  ? __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
                  : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (strcmp(canao_target, "avx512_vnni") == 0)
+        ok = ok && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bf16");
     if (!ok) snprintf(err, n, "this artifact was built for %s, which this CPU does not support", canao_target);
     return ok;
 }

@@ -48,3 +48,34 @@ static inline float vhmax(vf v) {
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+
+/* ---- integer and bf16 layer (int8 and bf16 GEMMs) ---------------------------------- */
+#include <stdint.h>
+#include <string.h>
+typedef __m256i vi;
+static inline vi vizero(void) { return _mm256_setzero_si256(); }
+static inline vi viload(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline vi viload_n(const int32_t *p, int n) { return n >= VL ? viload(p) : _mm256_maskload_epi32(p, vtail_mask(n)); }
+static inline vi visub(vi a, vi b) { return _mm256_sub_epi32(a, b); }
+static inline vf vcvt_i32(vi x) { return _mm256_cvtepi32_ps(x); }
+/* 4 consecutive bytes broadcast to every 32-bit lane */
+static inline vi vibcast4(const void *p) { int32_t v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+/* acc[lane] += sum of 4 u8 x s8 products. vpmaddubsw saturates its pair sums at 16 bits, so the
+ * weights are quantized to [-63, 63] on this target (Target.int8_wmax): 2*255*63 < 32767. */
+static inline vi vdot_u8s8(vi acc, vi a, vi w) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, w), _mm256_set1_epi16(1)));
+}
+/* x (already scaled, |x| <= 127.5) -> round(x) + 128 as bytes, VL of them */
+static inline void vstore_u8(uint8_t *p, vf x) {
+    __m256i i = _mm256_add_epi32(_mm256_cvtps_epi32(x), _mm256_set1_epi32(128));
+    const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    i = _mm256_shuffle_epi8(i, pick);
+    const int32_t lo = _mm256_extract_epi32(i, 0), hi = _mm256_extract_epi32(i, 4);
+    memcpy(p, &lo, 4);
+    memcpy(p + 4, &hi, 4);
+}
+/* VL bf16 values (upper halves of fp32) widened to fp32 */
+static inline vf vload_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}

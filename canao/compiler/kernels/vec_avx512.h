@@ -32,3 +32,33 @@ static inline void vstore_n(float *p, vf v, int n) { if (n >= VL) vstore(p, v); 
 static inline vf vfirst_n(vf v, int n) { return n >= VL ? v : _mm512_maskz_mov_ps(vtail_mask(n), v); }
 static inline float vhsum(vf v) { return _mm512_reduce_add_ps(v); }
 static inline float vhmax(vf v) { return _mm512_reduce_max_ps(v); }
+
+/* ---- integer and bf16 layer (int8 and bf16 GEMMs) ---------------------------------- */
+#include <stdint.h>
+#include <string.h>
+typedef __m512i vi;
+static inline vi vizero(void) { return _mm512_setzero_si512(); }
+static inline vi viload(const void *p) { return _mm512_loadu_si512(p); }
+static inline vi viload_n(const int32_t *p, int n) { return n >= VL ? viload(p) : _mm512_maskz_loadu_epi32(vtail_mask(n), p); }
+static inline vi visub(vi a, vi b) { return _mm512_sub_epi32(a, b); }
+static inline vf vcvt_i32(vi x) { return _mm512_cvtepi32_ps(x); }
+static inline vi vibcast4(const void *p) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
+#ifdef __AVX512VNNI__
+/* acc[lane] += sum of 4 u8 x s8 products, in one instruction (vpdpbusd), no saturation */
+static inline vi vdot_u8s8(vi acc, vi a, vi w) { return _mm512_dpbusd_epi32(acc, a, w); }
+#else
+static inline vi vdot_u8s8(vi acc, vi a, vi w) {
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(a, w), _mm512_set1_epi16(1)));
+}
+#endif
+static inline void vstore_u8(uint8_t *p, vf x) {
+    const __m512i i = _mm512_add_epi32(_mm512_cvtps_epi32(x), _mm512_set1_epi32(128));
+    _mm_storeu_si128((__m128i *)p, _mm512_cvtepi32_epi8(i));
+}
+static inline vf vload_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+#ifdef __AVX512BF16__
+/* acc += a[2k] * w[2k] + a[2k+1] * w[2k+1] per lane (vdpbf16ps); a is a broadcast bf16 pair */
+static inline vf vdot_bf16(vf acc, vi a, vi w) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)w); }
+#endif
