@@ -7,7 +7,7 @@ from canao.models.bpe_tokenizer import BPETokenizer
 from canao.models.gguf_loader import GGUFFile, open_gguf
 from canao.paths import builtin_model
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 SAMPLES = [
     "Hello world",

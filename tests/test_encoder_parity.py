@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from canao.models.bert import BertConfig, BertForQuestionAnswering, BertForSequenceClassification
+from canao.models.bert import BertConfig, BertForQuestionAnswering
 from canao.models.encoders import load_encoder, save_encoder
 from canao.paths import builtin_model
 

@@ -1,6 +1,5 @@
 """Fine-tuning on the CPU: a short run learns, and an interrupted run resumes to the same weights."""
 
-import numpy as np
 import pytest
 import torch
 

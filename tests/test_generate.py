@@ -10,7 +10,7 @@ from canao.errors import CanaoError
 from canao.models.decoders import load_causal_lm
 from canao.paths import builtin_model
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 QUESTION = "What is the capital of France?"
 INSTRUCTION = "Write a short poem about the ocean."

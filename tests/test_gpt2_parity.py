@@ -13,8 +13,8 @@ import torch
 from canao.apps.generate import Generator
 from canao.models.decoders import load_causal_lm, load_decoder
 
-transformers = pytest.importorskip("transformers")
-gguf = pytest.importorskip("gguf")
+import transformers
+import gguf
 
 TEXT = [
     "The quick brown fox jumps over the lazy dog. " * 3,
@@ -121,7 +121,6 @@ def test_gguf_gpt2_matches_folder_and_transformers(hf_folder, tmp_path):
         ours = model(ids)
         assert (ours - reference(ids).logits).abs().max().item() <= 1e-4
         # transformers reads the file independently: our GGUF layout assumptions must agree with it.
-        pytest.importorskip("accelerate")
         from_gguf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name,
                                                                       dtype=torch.float32).eval()
         assert (ours - from_gguf(ids).logits).abs().max().item() <= 1e-4

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("starlette", reason="canao serve needs starlette (pip install 'canao[serve]')")
-pytest.importorskip("uvicorn", reason="canao serve needs uvicorn (pip install 'canao[serve]')")
+import starlette  # noqa: F401  (the serve extra; a missing one must fail, not skip)
+import uvicorn  # noqa: F401
 
 from serve_helpers import CONTEXT, GEN_TOKENS, PROMPT, QUESTION
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from serve_helpers import CONTEXT, GEN_TOKENS, PROMPT, QUESTION
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (pip install playwright)")
+from playwright import sync_api
 
 from canao.serve.screenshots import chromium_path, launch_chromium  # noqa: E402
 
