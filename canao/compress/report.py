@@ -26,7 +26,7 @@ def plot(out: Path, state: dict, entries: list[dict], budget_ms: float) -> Path 
     except ImportError:
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    colors = {"rl": "tab:blue", "evolution": "tab:green", "random": "tab:gray"}
+    colors = {"rl": "tab:blue", "evolution": "tab:green", "random": "tab:gray", "anchor": "tab:orange"}
     for name, color in colors.items():
         pts = [(e["measured"]["p95_ms"] if e.get("measured") else e["predicted_ms"], e["f1"]) for e in entries
                if e.get("controller") == name and e.get("f1") is not None]

@@ -9,7 +9,7 @@ from canao.errors import CanaoError
 
 TINY = dict(train_limit=24, train_len=128, train_stride=32, importance_batches=1, supernet_steps=2, batch_size=4,
             n_random=1, search_dev=6, eval_dev=6, calibration=4, proposals=3, phase2_inter=1, phase2_pred=1,
-            phase2_steps=True, runs=3)
+            phase2_steps=True, runs=3, rounds=2)
 
 
 def job(tmp_path, teacher_dir, data_dir, budget, **kw):
