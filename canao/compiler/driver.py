@@ -40,7 +40,7 @@ def compile_model(model, out: str | Path, precision: str = "fp32", max_seq: int 
     graph, report = optimize(graph, max_seq)
     times["passes_ms"] = (time.perf_counter() - t0) * 1e3
     schedules, tuning = {}, {"enabled": False}
-    if tune is not False and precision == "fp32":  # the harness times fp32 GEMMs; others use defaults
+    if tune is not False:
         t0 = time.perf_counter()
         schedules, tuning = tune_graph(graph, tgt, precision, measure_missing=bool(tune), log=log)
         tuning["enabled"] = bool(tune)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from ..errors import CanaoError
 from .build import KERNEL_DIR, cache_dir, compiler
-from .codegen.c import Schedule, gemm_loop, tile_source
+from .codegen.c import TILE_SOURCES, Schedule, gemm_loop, gemm_loop_int8, gemm_mode
 from .targets import Target
 
 TUNER_VERSION = 2  # bump when generated kernels change so old measurements are not reused
@@ -147,43 +147,89 @@ def atomic_write_text(path: Path, text: str) -> None:
 # -- candidates and the harness ----------------------------------------------------
 
 
-def candidates(target: Target, k: int) -> list[Schedule]:
-    """Register tiles that fit the register file (accumulators + B vectors + a broadcast),
-    times a few K blocks."""
+TUNABLE_MODES = ("f32", "bf16", "int8")  # bf16dot needs an AVX512-BF16 host to time; it uses defaults
+
+
+def candidates(target: Target, k: int, mode: str = "f32") -> list[Schedule]:
+    """Register tiles that fit the register file (accumulators + B vectors + a broadcast,
+    + a temporary for int8), times a few K blocks (int8 tiles run the whole K)."""
     regs = 32 if target.vl == 16 else 16
     tiles = [(8, 2), (6, 4), (12, 2), (14, 2), (8, 3), (4, 4)] if regs == 32 else \
-        [(6, 2), (4, 3), (5, 2), (8, 1), (3, 3), (2, 4)]
-    tiles = [(mr, nv) for mr, nv in tiles if mr * nv + nv + 1 <= regs]
-    kcs = sorted({min(k, kc) for kc in (192, 384, 1 << 30)})
+        [(6, 2), (4, 3), (5, 2), (8, 1), (3, 3), (2, 4), (4, 2)]
+    extra = 2 if mode == "int8" else 1
+    tiles = [(mr, nv) for mr, nv in tiles if mr * nv + nv + extra <= regs]
+    kcs = [k] if mode == "int8" else sorted({min(k, kc) for kc in (192, 384, 1 << 30)})
     return [Schedule(mr, nv * target.vl, kc) for mr, nv in tiles for kc in kcs]
 
 
 def harness_source(target: Target, sigs: list[GemmSig], cands: dict[GemmSig, list[Schedule]], reps: int) -> str:
-    tiles = sorted({(s.mr, s.nr) for cs in cands.values() for s in cs})
+    modes = {sig: gemm_mode(sig.precision, target, sig.n) for sig in sigs}
+    tiles = sorted({(modes[sig], s.mr, s.nr) for sig, cs in cands.items() for s in cs})
+    mode_id = {"f32": 0, "bf16": 1, "int8": 2}
     fns, tables = [], []
     for si, sig in enumerate(sigs):
         names = []
+        mode = modes[sig]
         for ci, sch in enumerate(cands[sig]):
             name = f"g{si}_{ci}"
             names.append(name)
-            fns.append(f"static void {name}(const float *A, long lda, const float *P, float *C, long ldc, long r0, long r1) {{\n"
-                       + gemm_loop(sch, sig.k, sig.n) + "}")
+            ptype = {"f32": "float", "bf16": "uint16_t", "int8": "int8_t"}[mode]
+            body = gemm_loop_int8(sch, sig.k, sig.n) if mode == "int8" else \
+                gemm_loop(sch, sig.k, sig.n, tile_suffix="_bf16" if mode == "bf16" else "")
+            fns.append(f"static void {name}(const float *A, long lda, const void *Pv, const int32_t *CS, const float *SW, "
+                       f"float *C, long ldc, long r0, long r1, float *scratch) {{\n"
+                       f"    const {ptype} *P = Pv; (void)CS; (void)SW; (void)scratch;\n" + body + "}")
         nrs = ", ".join(str(s.nr) for s in cands[sig])
-        tables.append(f"    {{{sig.m}, {sig.n}, {sig.k}, {len(names)}, {{{', '.join(names)}}}, {{{nrs}}}}},")
+        tables.append(f"    {{{sig.m}, {sig.n}, {sig.k}, {mode_id[mode]}, {len(names)}, {{{', '.join(names)}}}, {{{nrs}}}}},")
     max_c = max(len(c) for c in cands.values())
     return f"""/* canao tuner harness: {len(sigs)} GEMM signatures, candidates timed round-robin on the thread CPU clock */
 #include "{target.vec_header}"
 #include "canao_kernels.h"
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
-{chr(10).join(tile_source(mr, nr, target.vl) for mr, nr in tiles)}
+{chr(10).join(TILE_SOURCES[kind](mr, nr, target.vl) for kind, mr, nr in tiles)}
 
 {chr(10).join(fns)}
 
-typedef void (*gemm_fn)(const float *, long, const float *, float *, long, long, long);
-typedef struct {{ long M, N, K; int nc; gemm_fn fn[{max_c}]; int nr[{max_c}]; }} sig_t;
+typedef void (*gemm_fn)(const float *, long, const void *, const int32_t *, const float *, float *, long, long, long, float *);
+typedef struct {{ long M, N, K; int mode; int nc; gemm_fn fn[{max_c}]; int nr[{max_c}]; }} sig_t;
+
+/* W [K][N] -> the panel layout of mode 0 (fp32 [N/nr][K][nr]), 1 (bf16, same) or 2 (int8 [N/nr][K/4][nr][4],
+ * with column sums x 128 and scales) */
+static void *pack(int mode, const float *W, long K, long N, int nr, int32_t **cs, float **sw) {{
+    const long np = (N + nr - 1) / nr, kp = (K + 3) / 4 * 4;
+    *cs = calloc(np * nr + 16, 4);
+    *sw = malloc((np * nr + 16) * 4);
+    for (long i = 0; i < np * nr + 16; i++) (*sw)[i] = 1.0f / 126;
+    if (mode == 2) {{
+        int8_t *P = aligned_alloc(64, ((size_t)np * kp * nr + 63) / 64 * 64);
+        for (long p = 0; p < np; p++)
+            for (long k = 0; k < kp; k++)
+                for (int j = 0; j < nr; j++) {{
+                    const long col = p * nr + j;
+                    const int8_t q = (k < K && col < N) ? (int8_t)lrintf(W[k * N + col] * 126) : 0;
+                    P[((p * (kp / 4) + k / 4) * nr + j) * 4 + k % 4] = q;
+                    (*cs)[col] += 128 * q;
+                }}
+        return P;
+    }}
+    const size_t es = mode == 1 ? 2 : 4;
+    char *P = aligned_alloc(64, (np * K * nr * es + 63) / 64 * 64);
+    for (long p = 0; p < np; p++)
+        for (long k = 0; k < K; k++)
+            for (int j = 0; j < nr; j++) {{
+                const long col = p * nr + j;
+                float v = col < N ? W[k * N + col] : 0.0f;
+                uint32_t u;
+                memcpy(&u, &v, 4);
+                if (mode == 1) {{ uint16_t h = (uint16_t)(u >> 16); memcpy(P + ((p * K + k) * nr + j) * 2, &h, 2); }}
+                else memcpy(P + ((p * K + k) * nr + j) * 4, &v, 4);
+            }}
+    return P;
+}}
 static const sig_t SIGS[] = {{
 {chr(10).join(tables)}
 }};
@@ -205,23 +251,20 @@ int main(void) {{
         float *A = aligned_alloc(64, ((size_t)M * K * 4 + 63) / 64 * 64), *W = malloc((size_t)K * N * 4);
         for (long i = 0; i < M * K; i++) A[i] = (float)rand() / RAND_MAX - 0.5f;
         for (long i = 0; i < K * N; i++) W[i] = (float)rand() / RAND_MAX - 0.5f;
-        float *P[{max_c}], *C[{max_c}];
+        void *P[{max_c}];
+        float *C[{max_c}], *SW[{max_c}];
+        int32_t *CS[{max_c}];
+        float *scratch = aligned_alloc(64, ((size_t)M * (K / 4 + 2) * 4 + 4096) / 64 * 64);
         for (int c = 0; c < g->nc; c++) {{
-            const int nr = g->nr[c];
-            const long np = (N + nr - 1) / nr;
-            P[c] = aligned_alloc(64, ((size_t)np * K * nr * 4 + 63) / 64 * 64);
-            for (long p = 0; p < np; p++)
-                for (long k = 0; k < K; k++)
-                    for (int j = 0; j < nr; j++)
-                        P[c][(p * K + k) * nr + j] = p * nr + j < N ? W[k * N + p * nr + j] : 0.0f;
+            P[c] = pack(g->mode, W, K, N, g->nr[c], &CS[c], &SW[c]);
             C[c] = aligned_alloc(64, ((size_t)M * N * 4 + 63) / 64 * 64);
-            g->fn[c](A, K, P[c], C[c], N, 0, M);  /* warm-up, and the result to compare */
+            g->fn[c](A, K, P[c], CS[c], SW[c], C[c], N, 0, M, scratch);  /* warm-up, and the result to compare */
         }}
         double t[{max_c}][{reps}];
         for (int r = 0; r < reps; r++)
             for (int c = 0; c < g->nc; c++) {{
                 const double t0 = now();
-                g->fn[c](A, K, P[c], C[c], N, 0, M);
+                g->fn[c](A, K, P[c], CS[c], SW[c], C[c], N, 0, M, scratch);
                 t[c][r] = now() - t0;
             }}
         printf("%s{{\\"m\\": %ld, \\"n\\": %ld, \\"k\\": %ld, \\"results\\": [", s ? ", " : "", M, N, K);
@@ -231,9 +274,9 @@ int main(void) {{
             qsort(t[c], reps, sizeof(double), cmp);
             printf("%s{{\\"median_s\\": %.9f, \\"min_s\\": %.9f, \\"max_abs_diff\\": %.3g}}", c ? ", " : "", t[c][reps / 2], t[c][0], err);
         }}
-        for (int c = 0; c < g->nc; c++) {{ free(P[c]); free(C[c]); }}
+        for (int c = 0; c < g->nc; c++) {{ free(P[c]); free(C[c]); free(CS[c]); free(SW[c]); }}
         printf("]}}");
-        free(A); free(W);
+        free(A); free(W); free(scratch);
         fflush(stdout);
     }}
     printf("]\\n");
@@ -244,7 +287,7 @@ int main(void) {{
 
 def measure(target: Target, sigs: list[GemmSig], reps: int = 7, log=None) -> dict[str, dict]:
     """Time every candidate of every signature; the best schedule of each, as DB entries."""
-    cands = {sig: candidates(target, sig.k) for sig in sigs}
+    cands = {sig: candidates(target, sig.k, gemm_mode(sig.precision, target, sig.n)) for sig in sigs}
     src = harness_source(target, sigs, cands, reps)
     with tempfile.TemporaryDirectory(prefix="canao-tune-") as tmp:
         c_file, exe = Path(tmp) / "harness.c", Path(tmp) / "harness"
@@ -270,7 +313,8 @@ def measure(target: Target, sigs: list[GemmSig], reps: int = 7, log=None) -> dic
             raise CanaoError(f"tuner: candidates {[asdict(cands[sig][i]) for i in bad]} of {sig.key()} compute "
                              f"different results; this is a code generator bug")
         best = min(range(len(res["results"])), key=lambda i: res["results"][i]["median_s"])
-        plain = Schedule(target.gemm_mr, target.gemm_nr, min(sig.k, Schedule(1, 1).kc))
+        plain = Schedule(*target.int8_tile, sig.k) if gemm_mode(sig.precision, target, sig.n) == "int8" else \
+            Schedule(target.gemm_mr, target.gemm_nr, min(sig.k, Schedule(1, 1).kc))
         default = next((i for i, s in enumerate(cands[sig]) if s == plain), best)
         entries[sig.key()] = {
             "schedule": asdict(cands[sig][best]),
@@ -288,13 +332,16 @@ def measure(target: Target, sigs: list[GemmSig], reps: int = 7, log=None) -> dic
     return entries
 
 
-def gemm_signatures(g, precision: str, m: int = DEFAULT_M) -> dict[str, GemmSig]:
-    """op output -> signature, for every matmul with constant weights."""
+def gemm_signatures(g, precision: str, target: Target, m: int = DEFAULT_M) -> dict[str, GemmSig]:
+    """op output -> signature, for every matmul with constant weights (in the precision it runs in)."""
     sigs = {}
     for op in g.ops:
         if op.kind == "matmul" and g.is_const(op.inputs[1]):
             k, n = g.consts[op.inputs[1]].shape
-            sigs[op.output] = GemmSig(precision, m_bucket(m), int(n), int(k))
+            mode = gemm_mode(precision, target, int(n))
+            if mode in TUNABLE_MODES:
+                prec = {"f32": "fp32", "bf16": "bf16", "int8": "int8"}[mode]
+                sigs[op.output] = GemmSig(prec, m_bucket(m), int(n), int(k))
     return sigs
 
 
@@ -304,7 +351,7 @@ def tune_graph(g, target: Target, precision: str = "fp32", measure_missing: bool
     (when measure_missing). Returns (op output -> Schedule, report)."""
     t0 = time.perf_counter()
     db = db or TuningDB()
-    sigs = gemm_signatures(g, precision, m)
+    sigs = gemm_signatures(g, precision, target, m)
     unique = list(dict.fromkeys(sigs.values()))
     missing = [s for s in unique if db.get(target, s) is None]
     measured = 0

@@ -263,12 +263,7 @@ static void {k.name}({ARGS}) {{
         return header + body + "}"
 
     def gemm_mode(self, k: int, n: int) -> str:
-        """f32 | bf16 (weights only) | bf16dot | int8. Outputs narrower than a vector (the QA head) stay fp32."""
-        if self.precision == "fp32" or n < self.t.vl:
-            return "f32"
-        if self.precision == "bf16":
-            return "bf16dot" if self.t.bf16_dot else "bf16"
-        return "int8"
+        return gemm_mode(self.precision, self.t, n)
 
     def layernorm(self, k: Kernel, plan: Plan) -> str:
         g, op = self.g, k.op
@@ -575,6 +570,15 @@ TILE_SOURCES = {
     "int8": lambda mr, nr, vl: _pair_tile(mr, nr, vl, True),
     "bf16dot": lambda mr, nr, vl: _pair_tile(mr, nr, vl, False),
 }
+
+
+def gemm_mode(precision: str, target: Target, n: int) -> str:
+    """f32 | bf16 (weights only) | bf16dot | int8. Outputs narrower than a vector (the QA head) stay fp32."""
+    if precision == "fp32" or n < target.vl:
+        return "f32"
+    if precision == "bf16":
+        return "bf16dot" if target.bf16_dot else "bf16"
+    return "int8"
 
 
 def quantize_int8(w: np.ndarray, nr: int, wmax: int):
