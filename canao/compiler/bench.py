@@ -3,6 +3,13 @@
 Each engine gets the same tokens and thread count; after warm-up the engines take
 turns run by run, so load from other processes hits them alike. Reported: median
 and p90 milliseconds of at least 20 runs per engine and setting.
+
+Engines run in one or more precisions: canao fp32/bf16/int8 (one artifact each),
+ONNX Runtime fp32 and int8 (onnxruntime.quantization dynamic: int8 weights, per-row
+activation quantization at run time), PyTorch fp32. A sequence setting is a length
+(random tokens, no padding), or "squad": real SQuAD dev questions with their
+contexts at their real lengths, one question per run, in the same order for every
+engine.
 """
 
 from __future__ import annotations
@@ -18,15 +25,19 @@ import torch
 
 from ..errors import CanaoError
 
-ENGINES = ("canao", "pytorch", "onnxruntime")
+ENGINES = ("canao", "pytorch", "onnxruntime", "tflite")
 
 
 class _Canao:
-    def __init__(self, model, artifact: Path):
+    precisions = ("fp32", "bf16", "int8")
+
+    def __init__(self, model, artifact: Path, precision: str = "fp32"):
         from . import load_artifact
 
         self.m = load_artifact(artifact)
-        self.version = "canao " + self.m.manifest["target"]["name"]
+        if self.m.manifest["precision"] != precision:
+            raise CanaoError(f"{artifact} is a {self.m.manifest['precision']} artifact, not {precision}")
+        self.version = f"canao {self.m.manifest['target']['name']} {precision}"
 
     def prepare(self, threads):
         self.m.set_threads(threads)
@@ -36,7 +47,9 @@ class _Canao:
 
 
 class _Torch:
-    def __init__(self, model, artifact):
+    precisions = ("fp32",)
+
+    def __init__(self, model, artifact, precision="fp32"):
         self.model = model.eval()
         self.version = f"torch {torch.__version__}"
 
@@ -49,7 +62,9 @@ class _Torch:
 
 
 class _Ort:
-    def __init__(self, model, artifact):
+    precisions = ("fp32", "int8")
+
+    def __init__(self, model, artifact, precision="fp32"):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -61,7 +76,13 @@ class _Ort:
         torch.onnx.export(model.eval(), (ids, ids * 0, ids), str(self.path), input_names=names,
                           output_names=["start", "end"], dynamic_axes={n: {0: "batch", 1: "seq"} for n in names},
                           dynamo=False, opset_version=17)
-        self.version = f"onnxruntime {ort.__version__}"
+        if precision == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            q = self.path.with_name("model.int8.onnx")
+            quantize_dynamic(str(self.path), str(q), weight_type=QuantType.QInt8, per_channel=True)
+            self.path = q
+        self.version = f"onnxruntime {ort.__version__} {precision}"
 
     def prepare(self, threads):
         opts = self.ort.SessionOptions()
@@ -74,55 +95,119 @@ class _Ort:
         return self.sess.run(None, {"input_ids": ids, "token_type_ids": tt, "attention_mask": mask})
 
 
-FACTORIES = {"canao": _Canao, "pytorch": _Torch, "onnxruntime": _Ort}
+class _TFLite:
+    """TFLite/LiteRT (XNNPACK) in its own venv (canao.compiler.litert). Shapes are static: one
+    model per length; real SQuAD inputs run padded to 384, the way TFLite QA apps run them."""
+    precisions = ("fp32", "int8")
+
+    def __init__(self, model, artifact, precision="fp32"):
+        import sys
+
+        from . import litert
+
+        self.model, self.precision, self.litert = model, precision, litert
+        self.log = lambda line: print(line, file=sys.stderr)
+        self.worker = litert.Worker()
+        self.version = f"{self.worker.version} {precision}"
+        self.paths, self.loaded = {}, set()
+
+    def setup(self, seq):
+        self.width = 384 if seq == "squad" else int(seq)
+        if self.width not in self.paths:
+            self.paths[self.width] = self.litert.convert(self.model, self.width, self.precision, log=self.log)
+        self.padded_to = self.width if seq == "squad" else None
+
+    def prepare(self, threads):
+        self.key = f"{self.width}-{threads}"
+        if self.key not in self.loaded:
+            self.worker.load(self.key, self.paths[self.width], threads)
+            self.loaded.add(self.key)
+
+    def __call__(self, ids, tt, mask):
+        self.last_ms = self.worker.run(self.key, ids, tt, mask)  # timed inside the worker, without the pipe
 
 
-def run_bench(model, artifact: Path, engines: list[str], seqs: list[int], threads: list[int],
-              runs: int = 20, warmup: int = 3, progress=None) -> dict:
+FACTORIES = {"canao": _Canao, "pytorch": _Torch, "onnxruntime": _Ort, "tflite": _TFLite}
+
+
+def squad_inputs(tokenizer, squad_file: Path, count: int, max_seq: int = 384) -> list[tuple]:
+    """The first `count` dev questions with their contexts, tokenized, cut at max_seq (no padding)."""
+    from .verify import squad_cases
+
+    cases = squad_cases(tokenizer, squad_file, max_seq, count=count)
+    return [(ids.numpy(), tt.numpy(), mask.numpy()) for _, ids, tt, mask in cases]
+
+
+def run_bench(model, artifact, engines: list[str], seqs: list, threads: list[int],
+              runs: int = 20, warmup: int = 3, progress=None, precisions: list[str] = ("fp32",),
+              squad: list[tuple] | None = None) -> dict:
+    """artifact: a path (fp32) or {precision: path}. seqs: ints, or "squad" (needs `squad` inputs)."""
     unknown = [e for e in engines if e not in FACTORIES]
     if unknown:
         raise CanaoError(f"unknown engine(s) {unknown}; available: {', '.join(FACTORIES)}")
     if runs < 20:
         raise CanaoError("use at least 20 runs so medians mean something")
-    runners = {e: FACTORIES[e](model, artifact) for e in engines}
+    artifacts = artifact if isinstance(artifact, dict) else {"fp32": artifact}
+    runners, skipped = {}, []
+    for e in engines:
+        for prec in precisions:
+            if prec not in FACTORIES[e].precisions:
+                skipped.append(f"{e} {prec}")
+                continue
+            runners[(e, prec)] = FACTORIES[e](model, artifacts.get(prec), prec) if e == "canao" else \
+                FACTORIES[e](model, None, prec)
     gen = np.random.default_rng(0)
     results = []
     for th in threads:
         for seq in seqs:
-            ids = gen.integers(1000, model.config.vocab_size, (1, seq)).astype(np.int64)
-            tt = np.zeros_like(ids)
-            mask = np.ones_like(ids)
-            times = {e: [] for e in engines}
-            for e, r in runners.items():
+            if seq == "squad":
+                if not squad:
+                    raise CanaoError("--seq squad needs SQuAD dev questions (--data) and a checkpoint with a tokenizer")
+                inputs = [squad[i % len(squad)] for i in range(runs)]
+            else:
+                ids = gen.integers(1000, model.config.vocab_size, (1, seq)).astype(np.int64)
+                inputs = [(ids, np.zeros_like(ids), np.ones_like(ids))] * runs
+            times = {k: [] for k in runners}
+            for k, r in runners.items():
+                if hasattr(r, "setup"):
+                    r.setup(seq)
                 r.prepare(th)
-                for _ in range(warmup):
-                    r(ids, tt, mask)
-            for _ in range(runs):
-                for e, r in runners.items():  # interleaved: background load hits every engine alike
+                for w in range(warmup):
+                    r(*inputs[w % len(inputs)])
+            for args in inputs:
+                for k, r in runners.items():  # interleaved: background load hits every engine alike
                     t0 = time.perf_counter()
-                    r(ids, tt, mask)
-                    times[e].append((time.perf_counter() - t0) * 1e3)
-            for e in engines:
-                ts = sorted(times[e])
-                results.append({"engine": e, "version": runners[e].version, "precision": "fp32", "seq": seq,
-                                "threads": th, "median_ms": statistics.median(ts),
-                                "p90_ms": ts[int(0.9 * (len(ts) - 1))], "runs": runs})
+                    r(*args)
+                    times[k].append(getattr(r, "last_ms", None) or (time.perf_counter() - t0) * 1e3)
+            tokens = float(np.mean([a[0].shape[1] for a in inputs]))
+            for (e, prec), ts_raw in times.items():
+                ts = sorted(ts_raw)
+                results.append({"engine": e, "version": runners[(e, prec)].version, "precision": prec, "seq": seq,
+                                "mean_tokens": tokens, "threads": th, "median_ms": statistics.median(ts),
+                                "mean_ms": statistics.fmean(ts), "p90_ms": ts[int(0.9 * (len(ts) - 1))], "runs": runs,
+                                "padded_to": getattr(runners[(e, prec)], "padded_to", None)})
             if progress:
                 progress(f"threads {th} seq {seq}: " + ", ".join(
-                    f"{r['engine']} {r['median_ms']:.1f} ms" for r in results[-len(engines):]))
-    return {"cpu": _cpu_name(), "machine": platform.machine(), "results": results}
+                    f"{r['engine']} {r['precision']} {r['median_ms']:.1f} ms" for r in results[-len(runners):]))
+    return {"cpu": _cpu_name(), "machine": platform.machine(), "results": results, "skipped": skipped,
+            "note": "engines interleaved run by run; median/p90 over runs; squad rows: one real dev question per run"}
 
 
 def markdown(report: dict) -> str:
-    engines = list(dict.fromkeys(r["engine"] for r in report["results"]))
+    engines = list(dict.fromkeys(f"{r['engine']} {r['precision']}" for r in report["results"]))
     lines = [f"CPU: {report['cpu']}", "",
              "| seq | threads | " + " | ".join(f"{e} ms" for e in engines) + " | canao / others |",
              "| --- | --- | " + " | ".join("---" for _ in engines) + " | --- |"]
     keys = list(dict.fromkeys((r["seq"], r["threads"]) for r in report["results"]))
     for seq, th in keys:
-        row = {r["engine"]: r["median_ms"] for r in report["results"] if r["seq"] == seq and r["threads"] == th}
-        ratio = ", ".join(f"{row['canao'] / row[e]:.2f}x {e}" for e in engines if e != "canao" and "canao" in row)
-        lines.append(f"| {seq} | {th} | " + " | ".join(f"{row[e]:.1f}" for e in engines) + f" | {ratio} |")
+        rows = [r for r in report["results"] if r["seq"] == seq and r["threads"] == th]
+        row = {f"{r['engine']} {r['precision']}": r["median_ms"] for r in rows}
+        ratios = []
+        for c in (e for e in engines if e.startswith("canao ") and e in row):
+            ratios += [f"{c} {row[c] / row[e]:.2f}x {e}" for e in engines if not e.startswith("canao ") and e in row]
+        label = f"squad ({rows[0]['mean_tokens']:.0f} tok)" if seq == "squad" else seq
+        lines.append(f"| {label} | {th} | " + " | ".join(f"{row[e]:.1f}" if e in row else "-" for e in engines)
+                     + f" | {'; '.join(ratios)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -28,10 +28,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("bench", help="latency of canao vs other engines on the same weights, interleaved")
-    p.add_argument("--model", required=True, help="QA checkpoint folder")
+    p.add_argument("--model", required=True, help="QA checkpoint folder, or random:bert-base / random:minilm")
     p.add_argument("--artifact", help="canao artifact of that model (default: compile one into --out)")
     p.add_argument("--engines", default="canao,pytorch,onnxruntime")
-    p.add_argument("--seq", default="128,384", help="comma-separated sequence lengths")
+    p.add_argument("--seq", default="128,384",
+                   help="comma-separated sequence lengths, and/or 'squad' (real dev questions at their own lengths)")
+    p.add_argument("--precision", default="fp32", help="comma-separated: fp32,bf16,int8 (engines that lack one skip it)")
+    p.add_argument("--tune", action="store_true", help="tune canao's GEMMs first (see canao compile --tune)")
+    p.add_argument("--data", help="data folder for --seq squad (default $CANAO_DATA)")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--out", default="out/bench", help="folder for bench.json and bench.md")
     add_common(p)
@@ -104,26 +108,57 @@ def cmd_compile(args) -> dict:
     return summary
 
 
+def _bench_model(spec: str):
+    """A checkpoint folder, or random:bert-base / random:minilm (random weights of that architecture)."""
+    from ..models.bert import BertConfig, BertForQuestionAnswering
+    from ..models.encoders import load_encoder
+    from ..paths import resolve_model_path
+
+    if spec.startswith("random:"):
+        import torch
+
+        archs = {"bert-base": dict(hidden_size=768, layer_heads=[12] * 12, layer_ffn=[3072] * 12, head_dim=64),
+                 "minilm": dict(hidden_size=384, layer_heads=[12] * 6, layer_ffn=[1536] * 6, head_dim=32)}
+        name = spec.split(":", 1)[1]
+        if name not in archs:
+            raise CanaoError(f"unknown random architecture '{name}'; choose one of {sorted(archs)}")
+        torch.manual_seed(0)
+        return BertForQuestionAnswering(BertConfig(**archs[name])).eval(), None
+    return load_encoder(resolve_model_path(spec), task="qa")
+
+
 def cmd_bench(args) -> dict:
     import json
     import os
     from pathlib import Path
 
-    from ..models.encoders import load_encoder
-    from ..paths import resolve_model_path
     from . import compile_model
-    from .bench import markdown, run_bench
+    from .bench import markdown, run_bench, squad_inputs
 
-    model, _ = load_encoder(resolve_model_path(args.model), task="qa")
-    seqs = [int(s) for s in args.seq.split(",")]
+    model, tokenizer = _bench_model(args.model)
+    seqs = [s if s == "squad" else int(s) for s in args.seq.split(",")]
+    precisions = args.precision.split(",")
     threads = [args.threads] if args.threads else [1, os.cpu_count() or 1]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    artifact = Path(args.artifact) if args.artifact else out / "artifact"
-    if not args.artifact:
-        compile_model(model, artifact, max_seq=max(seqs))
-    report = run_bench(model, artifact, args.engines.split(","), seqs, threads, runs=args.runs,
-                       progress=lambda line: print(line, file=sys.stderr))
+    max_seq = max([s for s in seqs if s != "squad"] + ([384] if "squad" in seqs else []))
+    artifacts = {}
+    for prec in precisions:
+        if args.artifact and len(precisions) == 1:
+            artifacts[prec] = Path(args.artifact)
+        elif "canao" in args.engines.split(","):
+            artifacts[prec] = out / f"artifact-{prec}"
+            compile_model(model, artifacts[prec], precision=prec, max_seq=max_seq, tune=True if args.tune else None,
+                          log=lambda line: print(line, file=sys.stderr))
+    squad = None
+    if "squad" in seqs:
+        from ..paths import data_file
+
+        if tokenizer is None:
+            raise CanaoError("--seq squad needs a checkpoint with a tokenizer, not a random model")
+        squad = squad_inputs(tokenizer, data_file(args.data, "squad/dev-v1.1.json"), args.runs)
+    report = run_bench(model, artifacts, args.engines.split(","), seqs, threads, runs=args.runs,
+                       progress=lambda line: print(line, file=sys.stderr), precisions=precisions, squad=squad)
     report["command"] = "canao bench " + " ".join(sys.argv[2:])
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "bench.md").write_text(markdown(report))

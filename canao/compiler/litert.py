@@ -1,0 +1,197 @@
+"""TFLite / LiteRT baseline for `canao bench`, in a separate virtual environment.
+
+litert-torch (the PyTorch -> .tflite converter) and ai-edge-quantizer pull jax,
+scipy, pydantic and older typing_extensions; they live in their own venv
+($CANAO_CACHE/venvs/litert, created on first use with pinned versions) that sees the
+main environment's packages (torch 2.13) behind its own. The benchmark talks to a
+worker process in that venv: it converts the model (same weights, saved by the
+parent) once per sequence length and precision (cached by content), then runs the
+interpreter (XNNPACK, N threads) on request and reports each invoke's milliseconds.
+
+    python -m canao.compiler.litert convert STATE.pt SEQ PRECISION OUT.tflite
+    python -m canao.compiler.litert serve          (JSON lines on stdin/stdout)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import site
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PINS = ("ai-edge-litert==2.3.0", "litert-torch==0.10.0", "ai-edge-quantizer==0.10.0")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def venv_dir() -> Path:
+    from .build import cache_dir
+
+    return cache_dir() / "venvs" / "litert"
+
+
+def ensure_venv(log=None) -> Path:
+    """The venv's python, creating the venv (pinned packages) when it is missing."""
+    from ..errors import CanaoError
+
+    v = venv_dir()
+    py = v / "bin" / "python"
+    marker = v / ".canao-ready"
+    if marker.exists() and marker.read_text() == " ".join(PINS):
+        return py
+    if log:
+        log(f"litert: creating {v} with {' '.join(PINS)} (once)")
+    subprocess.run([sys.executable, "-m", "venv", str(v)], check=True)
+    vsite = subprocess.run([str(py), "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    # the main environment's packages (torch) after the venv's own
+    (Path(vsite) / "zz_canao_main.pth").write_text(site.getsitepackages()[0] + "\n")
+    proc = subprocess.run([str(py), "-m", "pip", "install", "-q", *PINS], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CanaoError(f"litert: could not install {' '.join(PINS)}: {proc.stderr.strip()[-500:]}")
+    marker.write_text(" ".join(PINS))
+    return py
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def convert(model, seq: int, precision: str, log=None) -> Path:
+    """A .tflite of `model` at a static [1, seq], fp32 or int8 (dynamic-range: ai-edge-quantizer
+    dynamic_wi8_afp32), cached by the weights' digest."""
+    import torch
+
+    from ..errors import CanaoError
+    from .build import cache_dir
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    digest = hashlib.sha256()
+    for k in sorted(state):
+        digest.update(k.encode())
+        digest.update(state[k].numpy().tobytes())
+    digest.update(json.dumps(vars(model.config), sort_keys=True, default=str).encode())
+    folder = cache_dir() / "litert"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{digest.hexdigest()[:20]}-{seq}-{precision}.tflite"
+    if out.exists():
+        return out
+    py = ensure_venv(log)
+    saved = folder / f"{digest.hexdigest()[:20]}.pt"
+    if not saved.exists():
+        torch.save({"config": vars(model.config), "state": state}, saved)
+    if log:
+        log(f"litert: converting to {out.name} (litert-torch; a minute or two)")
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(py), "-m", "canao.compiler.litert", "convert", str(saved), str(seq), precision, str(out)],
+                          capture_output=True, text=True, env=_env())
+    if proc.returncode != 0 or not out.exists():
+        raise CanaoError(f"litert: conversion failed: {proc.stderr.strip()[-800:]}")
+    if log:
+        log(f"litert: converted in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+class Worker:
+    """A serving worker in the venv: load(path, threads), run(ids, tt, mask) -> invoke ms."""
+
+    def __init__(self):
+        py = ensure_venv()
+        self.proc = subprocess.Popen([str(py), "-m", "canao.compiler.litert", "serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env())
+        self.version = self._ask({"cmd": "version"})["version"]
+
+    def _ask(self, msg: dict) -> dict:
+        from ..errors import CanaoError
+
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise CanaoError("litert worker exited")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise CanaoError(f"litert worker: {reply['error']}")
+        return reply
+
+    def load(self, key: str, path: Path, threads: int) -> None:
+        self._ask({"cmd": "load", "key": key, "path": str(path), "threads": threads})
+
+    def run(self, key: str, ids, tt, mask) -> float:
+        return self._ask({"cmd": "run", "key": key, "ids": ids.tolist(), "tt": tt.tolist(), "mask": mask.tolist()})["ms"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
+# -- in the venv -----------------------------------------------------------------------
+
+
+def _convert_main(state_path: str, seq: str, precision: str, out: str) -> None:
+    import torch
+    import litert_torch
+
+    from ..models.bert import BertConfig, BertForQuestionAnswering
+
+    saved = torch.load(state_path)
+    model = BertForQuestionAnswering(BertConfig(**saved["config"])).eval()
+    model.load_state_dict(saved["state"])
+    ids = torch.ones((1, int(seq)), dtype=torch.long)
+    fp32 = out if precision == "fp32" else out + ".fp32.tflite"
+    litert_torch.convert(model, (ids, ids * 0, ids)).export(fp32)
+    if precision == "int8":
+        from ai_edge_quantizer import quantizer, recipe
+
+        qt = quantizer.Quantizer(fp32)
+        qt.load_quantization_recipe(recipe.dynamic_wi8_afp32())
+        qt.quantize().export_model(out, overwrite=True)
+        os.unlink(fp32)
+
+
+def _serve_main() -> None:
+    import numpy as np
+    from importlib.metadata import version
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    models = {}
+    for line in sys.stdin:
+        msg = json.loads(line)
+        try:
+            if msg["cmd"] == "version":
+                reply = {"version": f"ai-edge-litert {version('ai-edge-litert')} (XNNPACK), litert-torch {version('litert-torch')}"}
+            elif msg["cmd"] == "load":
+                it = Interpreter(model_path=msg["path"], num_threads=msg["threads"])
+                it.allocate_tensors()
+                models[msg["key"]] = it
+                reply = {"ok": True}
+            else:
+                it = models[msg["key"]]
+                ins = it.get_input_details()
+                width = int(ins[0]["shape"][1])
+                t0 = time.perf_counter()
+                for d, name in zip(ins, ("ids", "tt", "mask")):
+                    x = np.zeros((1, width), np.int32)
+                    v = np.asarray(msg[name], np.int32)
+                    x[:, : v.shape[1]] = v  # padded to the model's static length (mask 0 past the input)
+                    it.set_tensor(d["index"], x)
+                it.invoke()
+                for d in it.get_output_details():
+                    it.get_tensor(d["index"])
+                reply = {"ms": (time.perf_counter() - t0) * 1e3}
+        except Exception as exc:  # report, keep serving
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "convert":
+        _convert_main(*sys.argv[2:6])
+    else:
+        _serve_main()
