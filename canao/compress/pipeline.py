@@ -402,7 +402,9 @@ def _phase2(job, pre, st, net, teacher, tcfg, arch, get_train_feats, out, resume
 
 def _final(job, pre, st, student, arch, out, oracle, eval_feats, eval_ex, f1_of) -> dict | None:
     """Compile, verify, measure; None when the measured p95 misses the budget (twice)."""
-    art = out / "artifact"
+    # Each candidate gets its own folder: a process keeps every shared library it has loaded, so
+    # re-using one path for another model would run the old library. Only the accepted one is renamed.
+    art = out / f"artifact-{arch.key()}"
     _log(f"compiling {arch.key()} and measuring it")
     summary = compile_final(student, art, arch, job.threads)
     ver = verify_artifact(art, student, eval_feats, job.threads)
@@ -415,6 +417,7 @@ def _final(job, pre, st, student, arch, out, oracle, eval_feats, eval_ex, f1_of)
         m = min(m, oracle.time_artifact(art, arch.seq), key=lambda r: r["p95_ms"])
     if m["p95_ms"] > job.budget_ms:
         _log(f"{arch.key()} measured p95 {m['p95_ms']:.2f} ms > budget {job.budget_ms} ms: taking the next candidate")
+        shutil.rmtree(art, ignore_errors=True)
         return None
     from .latency import artifact_runner
 
@@ -424,6 +427,8 @@ def _final(job, pre, st, student, arch, out, oracle, eval_feats, eval_ex, f1_of)
     finally:
         close()
     pq = per_question_latency(art, eval_feats, job.threads)
+    shutil.rmtree(out / "artifact", ignore_errors=True)
+    art.rename(out / "artifact")
     final = {"arch": arch.to_dict(), "key": arch.key(), "f1": f1, "median_ms": m["median_ms"], "p95_ms": m["p95_ms"],
              "runs": m["runs"], "verify": ver, "per_question": pq, "compile": {k: summary[k] for k in ("memory", "times")},
              "f1_torch": st["phase2"]["f1_torch"]}
