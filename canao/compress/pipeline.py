@@ -195,7 +195,12 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
         # 1 reachable ---------------------------------------------------------
         if "reachable" not in st:
             _log(f"checking the budget against the smallest architecture ({job.backend} backend)")
-            st.set("reachable", check_reachable(space, oracle, job.budget_ms, job.threads))
+            try:
+                st.set("reachable", check_reachable(space, oracle, job.budget_ms, job.threads))
+            except CanaoError:
+                if set(st.data) <= {"job", "teacher"}:  # nothing worth resuming: leave no half-started folder
+                    st.path.unlink(missing_ok=True)
+                raise
     # 2 teacher -------------------------------------------------------------
     if "teacher" not in st:
         _log(f"teacher F1 on {len(eval_ex)} held-out dev questions")

@@ -41,3 +41,17 @@ def test_search_end_to_end_and_resume(tmp_path, teacher_dir, data_dir):
 def test_impossible_budget_names_fastest_latency(tmp_path, teacher_dir, data_dir):
     with pytest.raises(CanaoError, match=r"fastest reachable latency is [0-9.]+ ms"):
         run(job(tmp_path, teacher_dir, data_dir, 0.001), progress=False)
+
+
+def test_impossible_budget_leaves_nothing_to_resume(tmp_path, teacher_dir, data_dir):
+    with pytest.raises(CanaoError):
+        run(job(tmp_path, teacher_dir, data_dir, 0.001), progress=False)
+    assert not (tmp_path / "out" / "state.json").exists()
+
+
+def test_cli_registers_search():
+    from canao.cli import build_parser
+
+    args = build_parser().parse_args(["search", "--teacher", "t", "--data", "d", "--budget-ms", "10", "--out", "o",
+                                      "--preset", "full", "--resume", "--json", "--threads", "1"])
+    assert args.budget_ms == 10 and args.preset == "full" and args.resume and args.json and args.threads == 1
