@@ -41,7 +41,7 @@ from .build import KERNEL_DIR, cache_dir, compiler
 from .codegen.c import TILE_SOURCES, Schedule, gemm_loop, gemm_loop_int8, gemm_mode
 from .targets import Target
 
-TUNER_VERSION = 2  # bump when generated kernels change so old measurements are not reused
+TUNER_VERSION = 4  # bump when generated kernels change so old measurements are not reused
 DEFAULT_M = 96     # the row block the runtime hands a GEMM (canao_block_rows)
 
 
@@ -254,7 +254,7 @@ int main(void) {{
         void *P[{max_c}];
         float *C[{max_c}], *SW[{max_c}];
         int32_t *CS[{max_c}];
-        float *scratch = aligned_alloc(64, ((size_t)M * (K / 4 + 2) * 4 + 4096) / 64 * 64);
+        float *scratch = aligned_alloc(64, ((size_t)(M + 16) * (K + 4) * 4 + 4096) / 64 * 64);
         for (int c = 0; c < g->nc; c++) {{
             P[c] = pack(g->mode, W, K, N, g->nr[c], &CS[c], &SW[c]);
             C[c] = aligned_alloc(64, ((size_t)M * N * 4 + 63) / 64 * 64);

@@ -25,6 +25,7 @@ ARGS = "const float *W, char *arena, float *scratch, long S, long r0, long r1, c
        "const int64_t *token_type_ids, const int64_t *attention_mask"
 CALL_ARGS = "W, arena, scratch, S, r0, r1, input_ids, token_type_ids, attention_mask"
 PRECISIONS = ("fp32", "bf16", "int8")
+
 VEC_FN = {"add": "vadd", "sub": "vsub", "mul": "vmul", "div": "vdiv", "gelu": "vgelu"}
 SCALAR_OP = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 
@@ -242,10 +243,12 @@ class _Gen:
             what = "bf16 activations x bf16 weights (vdpbf16ps), fp32 accumulation"
             self.q_scratch_floats = max(self.q_scratch_floats, self.max_seq * (-(-kk // 2)) + 32)
         elif mode == "bf16":
+            self.q_scratch_floats = max(self.q_scratch_floats, packed_a_floats(sch, kk, self.max_seq))
             weights = f"    const uint16_t *P = {self.blob_array(w_name + f'@b{sch.nr}', to_bf16(pack_panels(w, sch.nr)), 'uint16_t')};\n"
             body = gemm_loop(sch, kk, n, pre_code, expr, "_bf16")
             what = "bf16 weights widened to fp32 in registers, fp32 activations and accumulation"
         else:
+            self.q_scratch_floats = max(self.q_scratch_floats, packed_a_floats(sch, kk, self.max_seq))
             weights = f"    const float *P = {self.weight(w_name, sch.nr)};\n"
             body = gemm_loop(sch, kk, n, pre_code, expr)
             what = "fp32"
@@ -516,27 +519,32 @@ void canao_phase(int phase, const float *W, char *arena, float *scratch, long S,
 
 
 def tile_source(mr: int, nr: int, vl: int, bf16: bool = False) -> str:
-    """The register tile: mr x nr accumulators, one K step = nr/vl loads, mr broadcasts, mr*nr/vl FMAs.
+    """The register tile: mr x nr accumulators; one K step = nr/vl loads, mr broadcasts, mr*nr/vl FMAs.
+    A comes packed [K][mr] (one sequential stream for the broadcasts, whatever the row stride).
     bf16: the panel holds bf16 weights, widened to fp32 as they are loaded."""
     nv = nr // vl
     wtype, suffix, load = ("uint16_t", "_bf16", "vload_bf16") if bf16 else ("float", "", "vload")
-    lines = [f"/* {mr} x {nr} register tile: acc += A[m rows, K] * panel[K, {nr}] (rows past m repeat the last) */",
+    lines = [f"/* {mr} x {nr} register tile: acc = Ap[K][{mr}] x panel[K][{nr}] */",
              f"static inline __attribute__((always_inline)) void tile_{mr}x{nr}{suffix}"
-             f"(const float *A, long lda, int m, const {wtype} *w, int K, vf acc[{mr}][{nv}]) {{"]
-    for r in range(mr):
-        lines.append(f"    const float *a{r} = A + (long)MIN({r}, m - 1) * lda;")
+             f"(const float *Ap, const {wtype} *w, int K, vf acc[{mr}][{nv}]) {{"]
     for r in range(mr):
         lines.append("    " + " ".join(f"vf c{r}_{j} = vzero();" for j in range(nv)))
-    lines.append("    for (int k = 0; k < K; k++, w += %d) {" % nr)
+    lines.append("#pragma GCC unroll 4")
+    lines.append(f"    for (int k = 0; k < K; k++, w += {nr}, Ap += {mr}) {{")
     lines.append("        " + " ".join(f"vf b{j} = {load}(w + {j * vl});" for j in range(nv)))
     for r in range(mr):
         body = " ".join(f"c{r}_{j} = vfma(x{r}, b{j}, c{r}_{j});" for j in range(nv))
-        lines.append(f"        vf x{r} = vset1(a{r}[k]); {body}")
+        lines.append(f"        vf x{r} = vset1(Ap[{r}]); {body}")
     lines.append("    }")
     for r in range(mr):
         lines.append("    " + " ".join(f"acc[{r}][{j}] = c{r}_{j};" for j in range(nv)))
     lines.append("}")
     return "\n".join(lines)
+
+
+def packed_a_floats(sch: Schedule, k: int, rows: int) -> int:
+    """Per-thread scratch for a row block's A, packed per row tile: [rows/mr][kc][mr] floats."""
+    return (-(-rows // sch.mr) * sch.mr) * min(k, sch.kc) + 64
 
 
 def _pair_tile(mr: int, nr: int, vl: int, int8: bool) -> str:
@@ -552,6 +560,7 @@ def _pair_tile(mr: int, nr: int, vl: int, int8: bool) -> str:
         lines.append(f"    const {at} *a{r} = A + (long)MIN({r}, m - 1) * lda;")
     for r in range(mr):
         lines.append("    " + " ".join(f"{acc_t} c{r}_{j} = {zero};" for j in range(nv)))
+    lines.append("#pragma GCC unroll 4")
     lines.append(f"    for (int k = 0; k < KG; k++, w += {g * nr}) {{")
     lines.append("        " + " ".join(f"vi b{j} = viload(w + {j * g * vl});" for j in range(nv)))
     for r in range(mr):
@@ -679,13 +688,22 @@ def gemm_loop(sch: Schedule, k: int, n: int, pre_code: str = "", expr: str = "x"
     kc = min(k, sch.kc)
     nv_expr = f"{sch.nr} / VL"
     return f"""    const int K = {k}, N = {n}, NP = (N + {sch.nr - 1}) / {sch.nr};
+    float *AP = scratch;  /* the block's A, packed per row tile: [tile][{kc}][{sch.mr}] */
     for (int k0 = 0; k0 < K; k0 += {kc}) {{
         const int kc = MIN({kc}, K - k0), last = k0 + kc == K;
+        for (long i0 = r0; i0 < r1; i0 += {sch.mr}) {{
+            const int m = (int)MIN({sch.mr}, r1 - i0);
+            float *dst = AP + (i0 - r0) / {sch.mr} * {kc * sch.mr}L;
+            for (int r = 0; r < {sch.mr}; r++) {{  /* rows past m repeat the last */
+                const float *src = A + (i0 + MIN(r, m - 1)) * lda + k0;
+                for (int k = 0; k < kc; k++) dst[k * {sch.mr} + r] = src[k];
+            }}
+        }}
         for (int p = 0; p < NP; p++)
             for (long i0 = r0; i0 < r1; i0 += {sch.mr}) {{
                 const int m = (int)MIN({sch.mr}, r1 - i0);
                 vf acc[{sch.mr}][{nv_expr}];
-                tile_{sch.mr}x{sch.nr}{tile_suffix}(A + i0 * lda + k0, lda, m, P + ((long)p * K + k0) * {sch.nr}, kc, acc);
+                tile_{sch.mr}x{sch.nr}{tile_suffix}(AP + (i0 - r0) / {sch.mr} * {kc * sch.mr}L, P + ((long)p * K + k0) * {sch.nr}, kc, acc);
 #pragma GCC unroll {sch.mr}
                 for (int r = 0; r < {sch.mr}; r++) {{
                     if (r >= m) break;
