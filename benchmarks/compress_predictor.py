@@ -36,7 +36,7 @@ def main():
     torch.set_num_threads(a.threads)
     teacher = BertConfig.from_hf(read_config(Path(a.teacher)))
     space = SearchSpace.from_teacher(teacher, seq=a.seq)
-    oracle = LatencyOracle(teacher, a.threads, a.backend, a.db,
+    oracle = LatencyOracle(teacher, a.threads, a.backend, a.db, runs=20, rounds=8,
                            progress=lambda arch, m: print(f"{arch.key()}: p50 {m['median_ms']:.2f} p95 {m['p95_ms']:.2f} ms "
                                                           f"(compile {m['compile_s']:.1f}s)", file=sys.stderr, flush=True))
     t0 = time.time()

@@ -25,6 +25,8 @@ def register(sub) -> None:
     p.add_argument("--latency-db", default=None, help="measurement database (default ~/.cache/canao/latency-db.json)")
     p.add_argument("--latency-backend", choices=["canao", "torch"], default="canao",
                    help="time canao-compiled code (default) or PyTorch eager")
+    p.add_argument("--precisions", default="fp32,int8",
+                   help="precisions the search may choose (comma-separated; those the compiler has: fp32, bf16, int8)")
     p.add_argument("--seed", type=int, default=0)
     add_common(p)
     p.set_defaults(func=cmd_search, threads=None)
@@ -40,7 +42,7 @@ def cmd_search(args) -> dict:
               controllers=tuple(c.strip() for c in args.controllers.split(",") if c.strip()),
               max_mb=args.max_mb, max_mem_mb=args.max_mem_mb,
               latency_db=Path(args.latency_db) if args.latency_db else None, backend=args.latency_backend,
-              seed=args.seed)
+              precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()), seed=args.seed)
     result = run(job, resume=args.resume, progress=True)
     if not args.json:
         print(f"chosen {result['arch']}: F1 {result['f1']:.2f}, p50 {result['median_ms']:.2f} ms, "

@@ -126,6 +126,8 @@ class LatencyOracle:
             if self.backend == "canao":
                 times, compile_s = self._time_canao(model, arch, threads, ids, tt, mask)
             else:
+                if arch.precision != "fp32":
+                    raise CanaoError(f"the torch latency backend times fp32 only, not {arch.precision}")
                 times, compile_s = self._time_torch(model, ids, tt, mask), 0.0
         finally:
             torch.set_num_threads(old_threads)
@@ -206,18 +208,41 @@ def features(arch: Arch, teacher) -> np.ndarray:
     ])
 
 
+def compiler_precisions() -> tuple[str, ...]:
+    """Precisions canao's compiler can generate code for."""
+    try:
+        from ..compiler.codegen.c import PRECISIONS
+    except ImportError:
+        return ("fp32",)
+    return tuple(PRECISIONS)
+
+
 class LatencyPredictor:
-    """latency_ms ~= features(arch) @ coef, coef >= 0, fitted to minimise relative error."""
+    """latency_ms ~= scale[precision] * features(arch) @ coef, coef >= 0, fitted to minimise relative
+    error on fp32 measurements; each other precision gets one scale factor fitted on its own (few)
+    measurements, as a recalibration would."""
 
     def __init__(self, teacher, coef: np.ndarray | None = None, threads: int = 1, key: str = "p95_ms", trim: float = 1.25):
         self.teacher, self.threads, self.key, self.trim = teacher, threads, key, trim
         self.coef = None if coef is None else np.asarray(coef, float)
         self.n_fit = 0
         self.contended: list[str] = []
+        self.scale: dict[str, float] = {}
 
     def fit(self, samples: list[tuple[Arch, dict]]) -> "LatencyPredictor":
         if len(samples) < 2:
             raise CanaoError("latency predictor: need at least 2 measurements to fit")
+        base = [(a, m) for a, m in samples if a.precision == "fp32"]
+        if len(base) < 2:
+            base = samples
+        self._fit_base(base)
+        self.scale = {}
+        for prec in sorted({a.precision for a, _ in samples} - {"fp32"}):
+            ratios = [m[self.key] / float(features(a, self.teacher) @ self.coef) for a, m in samples if a.precision == prec]
+            self.scale[prec] = float(np.median(ratios))
+        return self
+
+    def _fit_base(self, samples: list[tuple[Arch, dict]]) -> None:
         X = np.stack([features(a, self.teacher) for a, _ in samples])
         y = np.array([m[self.key] for _, m in samples])
         keep = np.ones(len(y), bool)
@@ -230,7 +255,6 @@ class LatencyPredictor:
                 break
             keep = new
         self.n_fit, self.contended = int(keep.sum()), [a.key() for (a, _), k in zip(samples, keep) if not k]
-        return self
 
     def is_contended(self, arch: Arch, m: dict) -> bool:
         return m[self.key] > self.trim * self.predict(arch)
@@ -248,7 +272,7 @@ class LatencyPredictor:
     def predict(self, arch: Arch) -> float:
         if self.coef is None:
             raise CanaoError("latency predictor used before fitting")
-        return float(features(arch, self.teacher) @ self.coef)
+        return float(features(arch, self.teacher) @ self.coef) * self.scale.get(arch.precision, 1.0)
 
     def errors(self, samples: list[tuple[Arch, dict]], skip_contended: bool = False) -> dict:
         """Error against measurement; with skip_contended, measurements > trim x predicted are left out
@@ -265,12 +289,13 @@ class LatencyPredictor:
     def to_dict(self) -> dict:
         return {"features": list(FEATURES), "coef": None if self.coef is None else self.coef.tolist(),
                 "threads": self.threads, "key": self.key, "n_fit": self.n_fit, "trim": self.trim,
-                "contended": self.contended}
+                "contended": self.contended, "scale": self.scale}
 
     @classmethod
     def from_dict(cls, d: dict, teacher) -> "LatencyPredictor":
         p = cls(teacher, d.get("coef"), d.get("threads", 1), d.get("key", "p95_ms"), d.get("trim", 1.25))
         p.n_fit = d.get("n_fit", 0)
+        p.scale = dict(d.get("scale", {}))
         return p
 
 
@@ -293,11 +318,12 @@ def holdout_error(predictor: LatencyPredictor, samples: list[tuple[Arch, dict]],
                   seed: int = 0) -> dict:
     """Fit on (1-frac) of the measurements, report the error on the rest; then refit on all."""
     rng = random.Random(seed)
-    idx = list(range(len(samples)))
+    # held-out candidates come from the base precision; the others' few measurements fit their scales
+    idx = [i for i, (a, _) in enumerate(samples) if a.precision == "fp32"] or list(range(len(samples)))
     rng.shuffle(idx)
-    n_test = max(1, int(round(len(samples) * frac)))
+    n_test = max(1, int(round(len(idx) * frac)))
     test = [samples[i] for i in idx[:n_test]]
-    train = [samples[i] for i in idx[n_test:]]
+    train = [samples[i] for i in range(len(samples)) if i not in set(idx[:n_test])]
     predictor.fit(train)
     err = predictor.errors(test)
     err["uncontended"] = predictor.errors(test, skip_contended=True)
@@ -309,12 +335,17 @@ def holdout_error(predictor: LatencyPredictor, samples: list[tuple[Arch, dict]],
 def calibration_set(space, n: int, seed: int = 0) -> list[Arch]:
     """Candidates that span the space: the largest, the smallest, uniform shapes and random ones."""
     rng = random.Random(seed)
-    out = [space.largest(space.seq_choices[0]), space.smallest(space.seq_choices[0])]
-    while len(out) < n:
+    base = space.precisions[0]
+    out = [space.largest(space.seq_choices[0], base), space.smallest(space.seq_choices[0], base)]
+    while len(out) < n:  # the base precision fits the per-layer costs
         a = space.sample(rng)
+        a = Arch(a.heads, a.ffn, a.seq, base)
         if a not in out:
             out.append(a)
-    return out[:n]
+    for prec in space.precisions[1:]:  # two more per other precision fit its scale factor
+        for a in (out[2 % len(out)], out[3 % len(out)]):
+            out.append(Arch(a.heads, a.ffn, a.seq, prec))
+    return out
 
 
 def arch_hash(arch: Arch) -> str:

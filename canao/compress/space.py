@@ -43,6 +43,10 @@ class Arch:
     def depth(self) -> int:
         return len(self.heads)
 
+    def shape_key(self) -> str:
+        """The key without the precision: the supernet's F1 is the same weights at any precision."""
+        return f"L{self.depth}-h{'.'.join(map(str, self.heads))}-f{'.'.join(map(str, self.ffn))}-s{self.seq}"
+
     def key(self) -> str:
         return f"L{self.depth}-h{'.'.join(map(str, self.heads))}-f{'.'.join(map(str, self.ffn))}-s{self.seq}-{self.precision}"
 
@@ -89,13 +93,15 @@ class SearchSpace:
                    [f for f in ffn_choices if f <= ffn], seqs, precisions or ["fp32"])
 
     # --- candidates -------------------------------------------------------
-    def largest(self, seq: int | None = None) -> Arch:
+    def largest(self, seq: int | None = None, precision: str | None = None) -> Arch:
         L = max(self.depths)
-        return Arch((self.teacher_heads,) * L, (self.teacher_ffn,) * L, seq or max(self.seq_choices), self.precisions[0])
+        return Arch((self.teacher_heads,) * L, (self.teacher_ffn,) * L, seq or max(self.seq_choices),
+                    precision or self.precisions[0])
 
-    def smallest(self, seq: int | None = None) -> Arch:
+    def smallest(self, seq: int | None = None, precision: str | None = None) -> Arch:
         d = min(self.depths)
-        return Arch((min(self.head_choices),) * d, (min(self.ffn_choices),) * d, seq or min(self.seq_choices), self.precisions[0])
+        return Arch((min(self.head_choices),) * d, (min(self.ffn_choices),) * d, seq or min(self.seq_choices),
+                    precision or self.precisions[0])
 
     def sample(self, rng: random.Random) -> Arch:
         d = rng.choice(self.depths)
@@ -103,8 +109,8 @@ class SearchSpace:
                     tuple(rng.choice(self.ffn_choices) for _ in range(d)),
                     rng.choice(self.seq_choices), rng.choice(self.precisions))
 
-    def uniform(self, depth: int, heads: int, ffn: int, seq: int | None = None) -> Arch:
-        return Arch((heads,) * depth, (ffn,) * depth, seq or self.seq_choices[0], self.precisions[0])
+    def uniform(self, depth: int, heads: int, ffn: int, seq: int | None = None, precision: str | None = None) -> Arch:
+        return Arch((heads,) * depth, (ffn,) * depth, seq or self.seq_choices[0], precision or self.precisions[0])
 
     def contains(self, arch: Arch) -> bool:
         return (arch.depth in self.depths and all(h in self.head_choices for h in arch.heads)

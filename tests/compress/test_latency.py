@@ -58,3 +58,26 @@ def test_compiler_oracle_measures_compiled_code(tmp_path):
     oracle = LatencyOracle(small, threads=1, backend="canao", db_path=tmp_path / "db.json", runs=5, warmup=1)
     m = oracle.measure(Arch((2,), (64,), 32))
     assert m["backend"] == "canao" and m["compile_s"] > 0 and 0 < m["median_ms"] <= m["p95_ms"]
+
+
+def test_precision_scale_factor():
+    space = SearchSpace.from_teacher(TEACHER, precisions=["fp32", "int8"])
+    coef = np.array([0.3, 0.02, 12.0, 9.0, 11.0])
+    archs = calibration_set(space, 12)
+    assert sum(a.precision == "int8" for a in archs) == 2
+    samples = [(a, {"p95_ms": float(features(a, TEACHER) @ coef) * (0.4 if a.precision == "int8" else 1.0)})
+               for a in archs]
+    pred = LatencyPredictor(TEACHER)
+    err = holdout_error(pred, samples)
+    assert err["mape_pct"] < 1 and pred.scale["int8"] == pytest.approx(0.4)
+    a = space.largest()
+    i8 = Arch(a.heads, a.ffn, a.seq, "int8")
+    assert pred.predict(i8) == pytest.approx(0.4 * pred.predict(a))
+    assert LatencyPredictor.from_dict(pred.to_dict(), TEACHER).predict(i8) == pytest.approx(pred.predict(i8))
+
+
+def test_compiler_oracle_int8(tmp_path):
+    small = BertConfig(vocab_size=200, hidden_size=64, layer_heads=[4] * 2, layer_ffn=[128] * 2, head_dim=16)
+    oracle = LatencyOracle(small, threads=1, backend="canao", db_path=tmp_path / "db.json", runs=3, warmup=1, rounds=1)
+    m = oracle.measure(Arch((4,), (128,), 32, "int8"))
+    assert m["arch"]["precision"] == "int8" and m["median_ms"] > 0

@@ -25,7 +25,8 @@ def test_search_end_to_end_and_resume(tmp_path, teacher_dir, data_dir):
     assert (out / "pareto.png").exists() and (out / "report.md").exists()
     log = [json.loads(line) for line in (out / "search-log.jsonl").read_text().splitlines()]
     cands = [e for e in log if e["type"] == "candidate"]
-    assert len(cands) == 11 and {e["controller"] for e in cands} == {"rl", "evolution", "random", "anchor"}
+    assert len([e for e in cands if e["controller"] != "anchor"]) == 9
+    assert {e["controller"] for e in cands} == {"rl", "evolution", "random", "anchor"}
     assert all("predicted_ms" in e and "reward" in e for e in cands)
     assert any(e["type"] == "confirm" and e["within_budget"] for e in log)
     assert set(res["baselines"]) == {"layer-dropped", "width-shrunk"} and res["teacher"]["f1"] > 0
