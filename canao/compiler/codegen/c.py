@@ -1,11 +1,18 @@
 """C code generation: one readable C file per model, calling into the kernel headers.
 
-Every fused IR operator becomes one C function. Matmuls get a register-blocked
-tile loop specialised to their shape and schedule, with the epilogue expression
-applied to the accumulators before the only store; LayerNorms read their
-prologue expression (residual, bias, embedding rows through the token index)
-as they fill the row; attention calls the fused kernel with the strides the
-layout pass derived, so no transpose or reshape ever copies.
+Every fused IR operator becomes one C function over a range of rows [r0, r1) of the
+sequence. Matmuls get a register-blocked tile loop specialised to their shape,
+schedule (from the tuner) and precision (fp32; bf16 weights; int8 with per-channel
+weights and per-row activation scales), with the epilogue expression applied to the
+accumulators before the only store; LayerNorms read their prologue expression
+(residual, bias, embedding rows through the token index) as they fill the row;
+attention runs query rows against a K^T that the row blocks producing K packed, so no
+transpose or reshape ever copies.
+
+Kernels are grouped into phases: within a phase every kernel reads only the rows of
+its inputs that the same row block wrote, so a row block runs through the whole phase
+without synchronisation; a kernel that reads across rows (attention reads all keys)
+starts a new phase behind a barrier. The runtime hands row blocks to its threads.
 """
 
 from __future__ import annotations
