@@ -489,7 +489,7 @@ static void {k.name}({ARGS}) {{
                 calls += copies
             cases.append(f"    case {ph}:\n" + "\n".join(calls) + "\n        break;")
         sp = -(-self.max_seq // self.t.vl) * self.t.vl
-        scratch = max(4 * sp + 16, self.q_scratch_floats)  # ATT_QB rows of scores, or quantized rows
+        scratch = max(8 * sp + 16, self.q_scratch_floats)  # ATT_QB (<= 8) rows of scores, or quantized rows
         tiles = "\n\n".join(self.tile_fn(*t) for t in sorted(self.tiles))
         mrs = sorted({mr for _, mr, _ in self.tiles} | {self.t.gemm_mr})
         quantum = int(np.lcm.reduce(mrs))

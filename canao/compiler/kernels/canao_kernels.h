@@ -78,7 +78,9 @@ static void attention_pack_kt(long S, int H, int D, const float *k, long kh, lon
  * attention_pack_kt's layout. A block of ATT_QB rows' scores lives in the thread's
  * scratch (L1), never in the arena. key_bias may be NULL. Padded keys (S..sp) hold
  * whatever the arena held: their scores are overwritten with -inf before the max. */
-#define ATT_QB 4
+#ifndef ATT_QB
+#define ATT_QB 6
+#endif
 static void attention_rows(long S, int H, int D, const float *q, long qh, long qs, const float *kt,
                            const float *v, long vh, long vs, float *out, long oh, long os,
                            const float *key_bias, float *sc, long r0, long r1) {
@@ -137,25 +139,42 @@ static void attention_rows(long S, int H, int D, const float *q, long qh, long q
                 }
                 inv[r] = 1.0f / vhsum(sum);
             }
-            /* out = p v, two vectors of head columns at a time */
+            /* out = p v, two vectors of head columns at a time (accumulators in registers:
+             * every loop over rows has a constant trip count) */
             for (int d0 = 0; d0 < D; d0 += 2 * VL) {
                 const int n0 = D - d0, n1 = D - d0 - VL;
-                vf acc[ATT_QB][2];
-                for (int r = 0; r < ATT_QB; r++) acc[r][0] = acc[r][1] = vzero();
-                for (long jj = 0; jj < S; jj++) {
-                    const float *vr = vh_ + jj * vs + d0;
-                    vf v0 = vload_n(vr, n0), v1 = n1 > 0 ? vload_n(vr + VL, n1) : vzero();
+                vf acc0[ATT_QB], acc1[ATT_QB];
 #pragma GCC unroll 8
-                    for (int r = 0; r < ATT_QB; r++) {
-                        vf p = vset1(sc[r * sp + jj]);
-                        acc[r][0] = vfma(p, v0, acc[r][0]);
-                        acc[r][1] = vfma(p, v1, acc[r][1]);
+                for (int r = 0; r < ATT_QB; r++) acc0[r] = acc1[r] = vzero();
+                if (n1 >= VL) {
+                    for (long jj = 0; jj < S; jj++) {
+                        const float *vr = vh_ + jj * vs + d0;
+                        const vf v0 = vload(vr), v1 = vload(vr + VL);
+#pragma GCC unroll 8
+                        for (int r = 0; r < ATT_QB; r++) {
+                            const vf p = vset1(sc[r * sp + jj]);
+                            acc0[r] = vfma(p, v0, acc0[r]);
+                            acc1[r] = vfma(p, v1, acc1[r]);
+                        }
+                    }
+                } else {
+                    for (long jj = 0; jj < S; jj++) {
+                        const float *vr = vh_ + jj * vs + d0;
+                        const vf v0 = vload_n(vr, n0), v1 = n1 > 0 ? vload_n(vr + VL, n1) : vzero();
+#pragma GCC unroll 8
+                        for (int r = 0; r < ATT_QB; r++) {
+                            const vf p = vset1(sc[r * sp + jj]);
+                            acc0[r] = vfma(p, v0, acc0[r]);
+                            acc1[r] = vfma(p, v1, acc1[r]);
+                        }
                     }
                 }
-                for (int r = 0; r < m; r++) {
+#pragma GCC unroll 8
+                for (int r = 0; r < ATT_QB; r++) {
+                    if (r >= m) break;
                     float *o = out + h * oh + (i0 + r) * os + d0;
-                    vstore_n(o, vmul(acc[r][0], vset1(inv[r])), n0);
-                    if (n1 > 0) vstore_n(o + VL, vmul(acc[r][1], vset1(inv[r])), n1);
+                    vstore_n(o, vmul(acc0[r], vset1(inv[r])), n0);
+                    if (n1 > 0) vstore_n(o + VL, vmul(acc1[r], vset1(inv[r])), n1);
                 }
             }
         }
