@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,17 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from canao.compiler.targets import cpu_model  # noqa: E402
 from canao.models.decoders import load_decoder  # noqa: E402
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @torch.inference_mode()
@@ -77,7 +68,7 @@ def main() -> None:
             })
     print(json.dumps({
         "model": info["path"], "architecture": info["architecture"], "params": info["params"],
-        "weights": info["weight_types"], "cpu": cpu_name(), "cores": os.cpu_count(),
+        "weights": info["weight_types"], "cpu": cpu_model(), "cores": os.cpu_count(),
         "torch": torch.__version__, "results": results,
     }, indent=2))
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import CanaoError
+from .targets import cpu_model
 
 ENGINES = ("canao", "pytorch", "onnxruntime", "tflite")
 
@@ -189,7 +190,7 @@ def run_bench(model, artifact, engines: list[str], seqs: list, threads: list[int
             if progress:
                 progress(f"threads {th} seq {seq}: " + ", ".join(
                     f"{r['engine']} {r['precision']} {r['median_ms']:.1f} ms" for r in results[-len(runners):]))
-    return {"cpu": _cpu_name(), "machine": platform.machine(), "results": results, "skipped": skipped,
+    return {"cpu": cpu_model(), "machine": platform.machine(), "results": results, "skipped": skipped,
             "note": "engines interleaved run by run; median/p90 over runs; squad rows: one real dev question per run"}
 
 
@@ -210,12 +211,3 @@ def markdown(report: dict) -> str:
                      + f" | {'; '.join(ratios)} |")
     return "\n".join(lines) + "\n"
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()

@@ -28,7 +28,6 @@ import fcntl
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from pathlib import Path
 from ..errors import CanaoError
 from .build import KERNEL_DIR, cache_dir, compiler
 from .codegen.c import TILE_SOURCES, Schedule, gemm_loop, gemm_loop_int8, gemm_mode
-from .targets import Target
+from .targets import Target, cpu_model
 
 TUNER_VERSION = 4  # bump when generated kernels change so old measurements are not reused
 DEFAULT_M = 96     # the row block the runtime hands a GEMM (canao_block_rows)
@@ -49,15 +48,6 @@ def db_path() -> Path:
     env = os.environ.get("CANAO_TUNING_DB")
     return Path(env) if env else cache_dir() / "tuning.json"
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def target_key(target: Target) -> str:
