@@ -1,0 +1,67 @@
+"""`canao device measure` (an artifact's latency on a device) and `canao device info` (what a device is)."""
+
+from __future__ import annotations
+
+import argparse
+
+DEVICE_HELP = "local, ssh://user@host[:port][?key=PATH] or adb[://SERIAL] (default: local)"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..cli import add_common
+
+    p = sub.add_parser("device", help="run compiled artifacts on a device (this machine, ssh, adb)")
+    dsub = p.add_subparsers(dest="device_command", required=True, metavar="ACTION")
+
+    m = dsub.add_parser("measure", help="latency of an artifact on a device, timed there by its canao-run")
+    m.add_argument("--artifact", required=True, help="artifact folder from `canao compile`")
+    m.add_argument("--device", default="local", help=DEVICE_HELP)
+    m.add_argument("--seq", type=int, default=128, help="tokens per input (batch 1)")
+    m.add_argument("--runs", type=int, default=20, help="timed runs")
+    m.add_argument("--warmup", type=int, default=5, help="untimed runs first")
+    m.add_argument("--timeout", type=float, default=600, help="seconds the device may take")
+    add_common(m)
+    m.set_defaults(func=cmd_measure)
+
+    i = dsub.add_parser("info", help="a device's architecture, CPU and the canao target that fits it")
+    i.add_argument("--device", default="local", help=DEVICE_HELP)
+    add_common(i)
+    i.set_defaults(func=cmd_info)
+
+
+def cmd_measure(args) -> dict:
+    from .runner import measure
+
+    r = measure(args.artifact, args.device, seq=args.seq, threads=args.threads or 1, runs=args.runs,
+                warmup=args.warmup, timeout=args.timeout)
+    if not args.json:
+        d = r["device"]
+        print(f"{r['artifact']} ({r['target']}, {r['precision']}) on {d['spec']} "
+              f"({d['arch']}, {d['cpu_model'] or 'unknown CPU'}):")
+        print(f"  seq {r['seq']}, {r['threads']} thread(s), {r['runs']} runs after {r['warmup']} warm-up: "
+              f"median {r['median_ms']:.3f} ms, p90 {r['p90_ms']:.3f}, p95 {r['p95_ms']:.3f}, "
+              f"min {r['min_ms']:.3f}, mean {r['mean_ms']:.3f}")
+    return r
+
+
+def cmd_info(args) -> dict:
+    from ..errors import CanaoError
+    from .runner import best_x86_target, get_device
+
+    info = dict(get_device(args.device).probe())
+    arch = info["arch"]
+    try:
+        info["target"] = best_x86_target(info["flags"]) if arch in ("x86_64", "amd64") else None
+    except CanaoError:
+        info["target"] = None
+    if arch in ("aarch64", "arm64"):
+        from ..compiler.targets import TARGETS
+
+        info["target"] = next((n for n, t in TARGETS.items() if getattr(t, "arch", None) == "aarch64"
+                               or n.startswith("aarch64")), None)
+    if not args.json:
+        print(f"{info['spec']}: {arch}, {info['cpu_model'] or 'unknown CPU'}, {info['cores']} cores"
+              + (f", {info['product']}" if info["product"] else ""))
+        print(f"  canao target: {info['target'] or 'none (canao cannot generate code for it)'}")
+    info.pop("flags")
+    return info
