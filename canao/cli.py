@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "canao.compiler.command",
     "canao.serve.command",
     "canao.compress.command",
+    "canao.device.command",
 ]
 
 
