@@ -1,4 +1,4 @@
-"""The artifact folder: generated C, shared library, packed weights, manifest.json.
+"""The artifact folder: generated C, shared library, the canao-run program, packed weights, manifest.json.
 
 The manifest records the target ISA, precision, maximum length and a SHA-256 of
 every file, so a corrupted or foreign artifact is refused before it runs.
@@ -12,10 +12,11 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import CanaoError
-from .targets import TARGETS, missing_features
+from .targets import TARGETS, host_arch, is_cross, missing_features
 
 MANIFEST = "manifest.json"
 LIBRARY = "libcanao_model.so"
+RUNNER = "canao-run"  # standalone C runner (kernels/canao_run.c); the only executable of a cross build
 WEIGHTS = "weights.bin"
 WEIGHTS_MAGIC = b"CANAOW01"
 HEADER_BYTES = 64
@@ -44,8 +45,8 @@ def write_manifest(folder: Path, info: dict) -> dict:
     return manifest
 
 
-def read_manifest(folder: Path, check: bool = True) -> dict:
-    """The manifest, after checking the folder is complete, unmodified and runs on this CPU."""
+def read_manifest(folder: Path, check: bool = True, here: bool = True) -> dict:
+    """The manifest, after checking the folder is complete, unmodified and (here=True) runs on this CPU."""
     path = folder / MANIFEST
     if not path.exists():
         raise CanaoError(f"{folder} is not a canao artifact (no {MANIFEST}); build one with `canao compile`")
@@ -58,7 +59,11 @@ def read_manifest(folder: Path, check: bool = True) -> dict:
     target = TARGETS.get(manifest.get("target", {}).get("name"))
     if target is None:
         raise CanaoError(f"{folder}: unknown target in manifest; rebuild the artifact")
-    missing = missing_features(target)
+    if here and is_cross(target):
+        raise CanaoError(f"{folder} was built for {target.arch} (target {target.name}), not this {host_arch()} "
+                         f"machine; run it on the device with canao-run ({folder / RUNNER} "
+                         f"{folder / WEIGHTS} --help), or under qemu with canao.compiler.runner")
+    missing = missing_features(target) if here else []
     if missing:
         raise CanaoError(f"{folder} was built for {target.name}, but this CPU lacks {', '.join(missing)}; "
                          f"recompile it here with `canao compile --target host`")

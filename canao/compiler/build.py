@@ -10,10 +10,11 @@ import tempfile
 from pathlib import Path
 
 from ..errors import CanaoError
-from .targets import Target
+from .targets import Target, is_cross
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
-SUPPORT_FILES = ("canao.h", "canao_kernels.h", "canao_runtime.c", "vec_avx2.h", "vec_avx512.h")
+SUPPORT_FILES = ("canao.h", "canao_kernels.h", "canao_runtime.c", "canao_run.c", "vec_avx2.h", "vec_avx512.h",
+                 "vec_neon.h")
 BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-std=gnu11",
               "-Werror=incompatible-pointer-types", "-Werror=int-conversion")
 
@@ -24,7 +25,17 @@ def cache_dir() -> Path:
     return root
 
 
-def compiler() -> str:
+def compiler(target: Target | None = None) -> str:
+    """The C compiler for `target` (the host's by default; a cross compiler for another machine)."""
+    if target is not None and is_cross(target):
+        env = f"CANAO_{target.name.upper()}_CC"
+        cc = os.environ.get(env) or target.cc
+        found = shutil.which(cc)
+        if not found:
+            package = f"gcc-{cc[:-4]}" if cc.endswith("-gcc") else cc
+            raise CanaoError(f"cross compiler {cc} for target {target.name} not found: install the Debian package "
+                             f"{package} (apt-get install {package}) or set ${env}")
+        return found
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         raise CanaoError("no C compiler found: install gcc (or set CC)")
@@ -38,39 +49,55 @@ def _run_cc(cmd: list[str]) -> None:
         raise CanaoError(f"C compilation failed: {first}")
 
 
-def _runtime_object(source_dir: Path, flags: list[str]) -> Path:
-    """canao_runtime.c compiled once per (runtime sources, flags): it is the same in every artifact."""
-    key = hashlib.sha256(" ".join([compiler(), *flags]).encode())
-    for name in ("canao_runtime.c", "canao.h"):
-        key.update((source_dir / name).read_bytes())
-    obj = cache_dir() / "build" / f"runtime-{key.hexdigest()[:24]}.o"
-    if not obj.exists():
-        obj.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp_o = Path(tmp) / "runtime.o"
-            _run_cc([compiler(), *[f for f in flags if f != "-shared"], "-c", "-I", str(source_dir),
-                     str(source_dir / "canao_runtime.c"), "-o", str(tmp_o)])
-            shutil.move(str(tmp_o), obj)
-    return obj
+def object_flags(target: Target) -> list[str]:
+    """Flags of every object: position-independent where a shared library links them (host targets)."""
+    drop = {"-shared", "-fPIC"} if is_cross(target) else {"-shared"}
+    return [*(f for f in BASE_FLAGS if f not in drop), *target.cflags]
 
 
-def build_library(source_dir: Path, target: Target, out: Path) -> Path:
-    """Compile model.c + the runtime in source_dir into the shared library `out`."""
-    flags = [*BASE_FLAGS, *target.cflags]
-    key = hashlib.sha256(" ".join([compiler(), *flags]).encode())
-    for name in ("model.c", *SUPPORT_FILES):
-        key.update((source_dir / name).read_bytes())
-    cached = cache_dir() / "build" / f"{key.hexdigest()[:24]}.so"
-    if not cached.exists():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        runtime = _runtime_object(source_dir, flags)
+def _cached(kind: str, cc: str, flags: list[str], inputs: list[Path], suffix: str, make) -> Path:
+    """Build once per (compiler, flags, input bytes): make(tmp_path) writes the file, kept in the cache."""
+    key = hashlib.sha256(" ".join([kind, cc, *flags]).encode())
+    for path in inputs:
+        key.update(path.read_bytes())
+    out = cache_dir() / "build" / f"{kind}-{key.hexdigest()[:24]}{suffix}"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            tmp_so = Path(tmp) / "lib.so"
-            _run_cc([compiler(), *flags, "-I", str(source_dir), str(source_dir / "model.c"), str(runtime),
-                     "-o", str(tmp_so), "-lm"])
-            shutil.move(str(tmp_so), cached)
-    shutil.copyfile(cached, out)
+            tmp_out = Path(tmp) / f"out{suffix}"
+            make(tmp_out)
+            shutil.move(str(tmp_out), out)
     return out
+
+
+def _object(source_dir: Path, name: str, target: Target, headers: tuple[str, ...]) -> Path:
+    cc, flags = compiler(target), object_flags(target)
+    inputs = [source_dir / name, *(source_dir / h for h in headers)]
+    return _cached(Path(name).stem, cc, flags, inputs, ".o",
+                   lambda o: _run_cc([cc, *flags, "-c", "-I", str(source_dir), str(source_dir / name), "-o", str(o)]))
+
+
+def build_artifact(source_dir: Path, target: Target, library: str | None, runner: str) -> list[str]:
+    """Compile model.c, the runtime (the same in every artifact: compiled once per flags) and canao_run.c in
+    source_dir into the shared library `library` (host targets; None skips it) and the standalone
+    program `runner` (statically linked for another machine). Returns the names written."""
+    cc = compiler(target)
+    model = _object(source_dir, "model.c", target, tuple(SUPPORT_FILES))
+    runtime = _object(source_dir, "canao_runtime.c", target, ("canao.h",))
+    main = _object(source_dir, "canao_run.c", target, ("canao.h",))
+    written = []
+    if library and not is_cross(target):
+        lib = _cached("lib", cc, [], [model, runtime], ".so",
+                      lambda o: _run_cc([cc, "-shared", "-pthread", str(model), str(runtime), "-o", str(o), "-lm"]))
+        shutil.copyfile(lib, source_dir / library)
+        written.append(library)
+    link = ["-static"] if is_cross(target) else []
+    exe = _cached("run", cc, link, [model, runtime, main], "",
+                  lambda o: _run_cc([cc, *link, "-pthread", str(model), str(runtime), str(main), "-o", str(o), "-lm"]))
+    shutil.copyfile(exe, source_dir / runner)
+    os.chmod(source_dir / runner, 0o755)
+    written.append(runner)
+    return written
 
 
 def copy_support_files(dest: Path) -> None:

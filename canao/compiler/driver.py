@@ -8,11 +8,11 @@ from pathlib import Path
 
 from ..errors import CanaoError
 from . import artifact
-from .build import build_library, copy_support_files
+from .build import build_artifact, copy_support_files
 from .codegen.c import generate
 from .frontend import capture
 from .passes import optimize
-from .targets import get_target
+from .targets import get_target, is_cross
 from .tuner import tune_graph
 
 from .codegen.c import PRECISIONS
@@ -40,7 +40,10 @@ def compile_model(model, out: str | Path, precision: str = "fp32", max_seq: int 
     graph, report = optimize(graph, max_seq)
     times["passes_ms"] = (time.perf_counter() - t0) * 1e3
     schedules, tuning = {}, {"enabled": False}
-    if tune is not False:
+    if is_cross(tgt):
+        # schedules measured on this machine say nothing about the device's: the target's defaults
+        tuning["note"] = f"cross-compiled for {tgt.arch}: default schedules, nothing measured"
+    elif tune is not False:
         t0 = time.perf_counter()
         schedules, tuning = tune_graph(graph, tgt, precision, measure_missing=bool(tune), log=log)
         tuning["enabled"] = bool(tune)
@@ -58,11 +61,12 @@ def compile_model(model, out: str | Path, precision: str = "fp32", max_seq: int 
     copy_support_files(out)
     artifact.write_weights(out / artifact.WEIGHTS, program.weights)
     t0 = time.perf_counter()
-    build_library(out, tgt, out / artifact.LIBRARY)
+    build_artifact(out, tgt, artifact.LIBRARY, artifact.RUNNER)
     times["cc_ms"] = (time.perf_counter() - t0) * 1e3
     cfg = model.config
     info = {
-        "target": {"name": tgt.name, "features": list(tgt.features), "cflags": list(tgt.cflags)},
+        "target": {"name": tgt.name, "arch": tgt.arch, "features": list(tgt.features), "cflags": list(tgt.cflags)},
+        "runner": artifact.RUNNER,
         "precision": precision,
         "max_seq": max_seq,
         "threads": threads,

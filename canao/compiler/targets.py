@@ -21,6 +21,9 @@ class Target:
     int8_wmax: int = 63         # int8 weight range: 63 where u8 x s8 pair sums saturate at 16 bits (vpmaddubsw)
     bf16_dot: bool = False      # vdpbf16ps: bf16 activations x bf16 weights, fp32 accumulation
     int8_tile: tuple = (4, 16)  # default int8 register tile (rows, columns)
+    int8_act_offset: int = 128  # added to int8 activations: u8 for vpmaddubsw/vpdpbusd; 0 where sdot takes s8 x s8
+    arch: str = "x86_64"        # the machine the code runs on (platform.machine())
+    cc: str = ""                # cross compiler, when arch is not the host's ($CANAO_<NAME>_CC overrides)
 
 
 TARGETS = {
@@ -33,13 +36,28 @@ TARGETS = {
                           ("-march=x86-64-v4", "-mavx512vnni", "-mavx512bf16", "-mtune=znver3",
                            "-mprefer-vector-width=512"), "vec_avx512.h", 16, 8, 32, 127, True, (8, 32)),
     "avx2": Target("avx2", ("avx2", "fma"), ("-march=x86-64-v3", "-mtune=znver3"), "vec_avx2.h", 8, 6, 16),
+    # ARMv8.2-A phones and boards (Cortex-A55/A76 and later): NEON, and sdot for int8 (s8 x s8, so the
+    # activations need no offset and the weights use the full int8 range). Cross-compiled, run by canao-run.
+    "aarch64": Target("aarch64", ("asimd", "asimddp"), ("-march=armv8.2-a+dotprod", "-mtune=cortex-a76"),
+                      "vec_neon.h", 4, 6, 16, int8_wmax=127, int8_tile=(4, 16), int8_act_offset=0,
+                      arch="aarch64", cc="aarch64-linux-gnu-gcc"),
 }
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def is_cross(target: Target) -> bool:
+    """Code for another machine: compiled here, run there (or under qemu) by canao-run."""
+    return target.arch != host_arch()
 
 
 def cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
+            if line.startswith(("flags", "Features")):  # x86, ARM
                 return set(line.split(":", 1)[1].split())
     except OSError:
         pass
@@ -60,6 +78,10 @@ def cpu_model() -> str:
 def host_target() -> Target:
     """The widest target this CPU runs."""
     flags = cpu_flags()
+    if host_arch() == "aarch64":
+        if set(TARGETS["aarch64"].features) <= flags:
+            return TARGETS["aarch64"]
+        raise CanaoError("this ARM CPU lacks the dot-product instructions (asimddp) canao's aarch64 target needs")
     for name in ("avx512_vnni", "avx512", "avx2"):
         if set(TARGETS[name].features) <= flags:
             return TARGETS[name]
@@ -75,4 +97,6 @@ def get_target(name: str) -> Target:
 
 
 def missing_features(target: Target) -> list[str]:
+    if is_cross(target):
+        return sorted(target.features)
     return sorted(set(target.features) - cpu_flags())

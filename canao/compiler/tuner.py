@@ -188,7 +188,7 @@ typedef void (*gemm_fn)(const float *, long, const void *, const int32_t *, cons
 typedef struct {{ long M, N, K; int mode; int nc; gemm_fn fn[{max_c}]; int nr[{max_c}]; }} sig_t;
 
 /* W [K][N] -> the panel layout of mode 0 (fp32 [N/nr][K][nr]), 1 (bf16, same) or 2 (int8 [N/nr][K/4][nr][4],
- * with column sums x 128 and scales) */
+ * with column sums x CANAO_ACT_OFFSET and scales) */
 static void *pack(int mode, const float *W, long K, long N, int nr, int32_t **cs, float **sw) {{
     const long np = (N + nr - 1) / nr, kp = (K + 3) / 4 * 4;
     *cs = calloc(np * nr + 16, 4);
@@ -202,7 +202,7 @@ static void *pack(int mode, const float *W, long K, long N, int nr, int32_t **cs
                     const long col = p * nr + j;
                     const int8_t q = (k < K && col < N) ? (int8_t)lrintf(W[k * N + col] * 126) : 0;
                     P[((p * (kp / 4) + k / 4) * nr + j) * 4 + k % 4] = q;
-                    (*cs)[col] += 128 * q;
+                    (*cs)[col] += CANAO_ACT_OFFSET * q;
                 }}
         return P;
     }}

@@ -237,13 +237,15 @@ class _Gen:
         kc = min(kk, sch.kc)
         w = g.consts[w_name]
         if mode == "int8":
-            panels, colsum, scales = quantize_int8(w, sch.nr, self.t.int8_wmax)
+            panels, colsum, scales = quantize_int8(w, sch.nr, self.t.int8_wmax, self.t.int8_act_offset)
             weights = (f"    const int8_t *P = {self.blob_array(w_name + f'@q{sch.nr}', panels, 'int8_t')};\n"
                        f"    const int32_t *CS = {self.blob_array(w_name + f'@cs{sch.nr}', colsum, 'int32_t')};\n"
                        f"    const float *SW = {self.blob_array(w_name + f'@sw{sch.nr}', scales, 'float')};\n")
             body = gemm_loop_int8(sch, kk, n, pre_code, expr)
+            act = (f"u8 = q + {self.t.int8_act_offset}, minus the column sums" if self.t.int8_act_offset
+                   else "s8, no offset")
             what = (f"int8: weights per-column symmetric in [-{self.t.int8_wmax}, {self.t.int8_wmax}], activations per row "
-                    f"(u8 = q + 128, minus the column sums), int32 accumulation")
+                    f"({act}), int32 accumulation")
             self.q_scratch_floats = max(self.q_scratch_floats, 2 * self.max_seq + 32 + self.max_seq * (-(-kk // 4)))
         elif mode == "bf16dot":
             weights = f"    const uint16_t *P = {self.blob_array(w_name + f'@bp{sch.nr}', pack_bf16_pairs(w, sch.nr), 'uint16_t')};\n"
@@ -376,6 +378,12 @@ static void {k.name}({ARGS}) {{
 {loops}{'    ' * (len(shape) + 1)}{at(op.output)} = {expr};
 }}"""
 
+    def input_rows(self, name: str) -> int:
+        """Rows of the smallest table the input indexes (ids must lie below it); 0 if it indexes none."""
+        rows = [self.g.consts[op.inputs[0]].shape[0] for op in self.g.ops
+                if op.kind == "gather" and op.attrs.get("index") == "tensor" and op.inputs[1] == name]
+        return min(rows, default=0)
+
     # -- phases, liveness, program -------------------------------------------
     def bases(self, name: str) -> list[str]:
         """The materialised buffers a read of `name` touches (an inlined gather is read through its index)."""
@@ -503,6 +511,7 @@ static void {k.name}({ARGS}) {{
  * threads in any order, with one barrier between phases ({barriers} per forward pass). */
 #include "{self.t.vec_header}"
 #include "canao_kernels.h"
+_Static_assert(CANAO_ACT_OFFSET == {self.t.int8_act_offset}, "int8 column sums assume another activation offset");
 
 #define SCRATCH_FLOATS {scratch}L
 const long canao_max_seq = {self.max_seq}, canao_arena_bytes = {plan.peak_bytes}, canao_scratch_floats = SCRATCH_FLOATS;
@@ -510,6 +519,7 @@ const long canao_weight_bytes = {len(self.blob)}, canao_num_outputs = {len(g.out
 const long canao_block_rows = {block_rows}, canao_row_quantum = {quantum};
 const int canao_num_phases = {phases};
 const char canao_target[] = "{self.t.name}";
+const long canao_vocab_size = {self.input_rows('input_ids')}, canao_type_vocab_size = {self.input_rows('token_type_ids')};
 
 {tiles}
 
@@ -630,9 +640,10 @@ def gemm_mode(precision: str, target: Target, n: int) -> str:
     return "int8"
 
 
-def quantize_int8(w: np.ndarray, nr: int, wmax: int):
+def quantize_int8(w: np.ndarray, nr: int, wmax: int, act_offset: int = 128):
     """Per-column symmetric int8 in [-wmax, wmax], packed [N/nr][K/4][nr][4] (4 K values of a column
-    in one 32-bit lane); the column sums times 128 (the u8 activation offset); the column scales."""
+    in one 32-bit lane); the column sums times the activation offset (128 for u8 activations, 0 where
+    the dot product is s8 x s8); the column scales."""
     k, n = w.shape
     scale = np.abs(w).max(axis=0) / wmax
     scale[scale == 0] = 1.0
@@ -641,7 +652,7 @@ def quantize_int8(w: np.ndarray, nr: int, wmax: int):
     qp = np.zeros((kp, panels * nr), np.int8)
     qp[:k, :n] = q
     packed = np.ascontiguousarray(qp.reshape(kp // 4, 4, panels, nr).transpose(2, 0, 3, 1))
-    colsum = (128 * qp.astype(np.int32).sum(axis=0)).astype(np.int32)
+    colsum = (act_offset * qp.astype(np.int32).sum(axis=0)).astype(np.int32)
     scales = np.ones(panels * nr, np.float32)
     scales[:n] = scale
     return packed, colsum, scales

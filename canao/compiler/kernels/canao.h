@@ -19,5 +19,6 @@ int canao_set_threads(canao_model *m, int threads);
 void canao_close(canao_model *m);
 
 extern const long canao_max_seq, canao_arena_bytes, canao_weight_bytes, canao_num_outputs;
+extern const long canao_vocab_size, canao_type_vocab_size;  /* ids must lie below these (0: unchecked) */
 extern const char canao_target[];
 #endif

@@ -6,6 +6,12 @@
 
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 
+/* Added to each quantized activation: 128 (u8) where the dot product takes unsigned activations
+ * (x86 vpmaddubsw/vpdpbusd); a vector layer with a signed dot product defines 0 (vec_neon.h). */
+#ifndef CANAO_ACT_OFFSET
+#define CANAO_ACT_OFFSET 128
+#endif
+
 /* exp(x): Cephes-style range reduction + degree-6 polynomial, ~1 ulp on [-87, 88];
  * lanes below -87.3 give exactly 0 (so masked attention scores vanish as in PyTorch). */
 static inline vf vexp(vf x) {
@@ -181,8 +187,8 @@ static void attention_rows(long S, int H, int D, const float *q, long qh, long q
     }
 }
 
-/* Quantize one activation row for the int8 GEMMs: q[k] = round(x[k] / scale) + 128 (u8),
- * scale = max|x| / 127, K rounded up to kp (a multiple of 4) with q = 128 (zero). Returns scale. */
+/* Quantize one activation row for the int8 GEMMs: q[k] = round(x[k] / scale) + CANAO_ACT_OFFSET,
+ * scale = max|x| / 127, K rounded up to kp (a multiple of 4) with q = CANAO_ACT_OFFSET (zero). Returns scale. */
 static inline float quantize_row_u8(const float *x, int K, uint8_t *q, int kp) {
     vf mx = vzero();
     for (int c = 0; c < K; c += VL) mx = vmax(mx, vabs(vload_n(x + c, K - c)));
@@ -191,8 +197,8 @@ static inline float quantize_row_u8(const float *x, int K, uint8_t *q, int kp) {
     const vf inv = vset1(1.0f / scale);
     int c = 0;
     for (; c + VL <= K; c += VL) vstore_u8(q + c, vmul(vload(x + c), inv));
-    for (; c < K; c++) q[c] = (uint8_t)(lrintf(x[c] * (1.0f / scale)) + 128);
-    for (; c < kp; c++) q[c] = 128;
+    for (; c < K; c++) q[c] = (uint8_t)(lrintf(x[c] * (1.0f / scale)) + CANAO_ACT_OFFSET);
+    for (; c < kp; c++) q[c] = CANAO_ACT_OFFSET;
     return scale;
 }
 

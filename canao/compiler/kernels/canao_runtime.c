@@ -14,7 +14,6 @@
  * sleep on a futex, so an idle pool never competes for the cores. */
 #include <errno.h>
 #include <fcntl.h>
-#include <immintrin.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <pthread.h>
@@ -28,6 +27,17 @@
 #include <unistd.h>
 
 #include "canao.h"
+
+/* the pause hint while spinning: fewer wasted cycles, and the sibling hyperthread / core gets them */
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+static inline void cpu_relax(void) { _mm_pause(); }
+#elif defined(__aarch64__)
+#include <sys/auxv.h>
+static inline void cpu_relax(void) { __asm__ volatile("yield" ::: "memory"); }
+#else
+static inline void cpu_relax(void) {}
+#endif
 
 extern const long canao_scratch_floats, canao_block_rows, canao_row_quantum;
 extern const int canao_num_phases;
@@ -55,7 +65,7 @@ static void futex_wake_all(atomic_uint *addr) {
 static void wait_change(atomic_uint *word, unsigned seen, atomic_int *sleepers) {
     for (long i = 0; i < spin_iters; i++) {
         if (atomic_load_explicit(word, memory_order_acquire) != seen) return;
-        _mm_pause();
+        cpu_relax();
     }
     atomic_fetch_add(sleepers, 1);
     while (atomic_load(word) == seen) futex_wait(word, seen);
@@ -174,6 +184,14 @@ static pool_t *pool_create(int threads) {
 /* ---- the C API ----------------------------------------------------------------------- */
 
 static int cpu_ok(char *err, int n) {
+#if defined(__aarch64__)
+    /* NEON (asimd) and the dot-product instructions (asimddp, ARMv8.2-A) */
+    const unsigned long hw = getauxval(AT_HWCAP);
+    const int ok = (hw & (1UL << 1)) && (hw & (1UL << 20));
+    if (!ok) snprintf(err, n, "this artifact was built for %s (NEON + dotprod), which this CPU does not support",
+                      canao_target);
+    return ok;
+#else
     __builtin_cpu_init();
     int ok = strncmp(canao_target, "avx512", 6) == 0
                  ? __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -183,6 +201,7 @@ static int cpu_ok(char *err, int n) {
         ok = ok && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bf16");
     if (!ok) snprintf(err, n, "this artifact was built for %s, which this CPU does not support", canao_target);
     return ok;
+#endif
 }
 
 int canao_set_threads(canao_model *m, int threads) {
