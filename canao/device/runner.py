@@ -148,6 +148,24 @@ def _file_key(folder: Path, manifest: dict, names: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+_verified: set[tuple] = set()
+
+
+def _verify(path: Path, digest: str | None) -> None:
+    """What goes to the device is what was compiled: a file is hashed once per process (per size and mtime)."""
+    if not digest:
+        return
+    st = path.stat()
+    stamp = (str(path.resolve()), st.st_size, st.st_mtime_ns, digest)
+    if stamp in _verified:
+        return
+    from ..compiler.artifact import sha256
+
+    if sha256(path) != digest:
+        raise CanaoError(f"{path.parent}: {path.name} does not match its checksum; the artifact is corrupted, recompile it")
+    _verified.add(stamp)
+
+
 def stage(artifact_dir, spec: str = "local", files: list[str] | None = None) -> tuple[Transport, str]:
     """Check the artifact against the device and copy its runner files there (once per process).
     Returns the transport and the folder on the device that holds them."""
@@ -162,6 +180,8 @@ def stage(artifact_dir, spec: str = "local", files: list[str] | None = None) -> 
             raise CanaoError(f"{folder}: {name} is missing; the artifact is incomplete, recompile it")
     t = get_device(spec)
     check_compatible(folder, manifest, t.probe())
+    for name in names:
+        _verify(folder / name, manifest.get("checksums", {}).get(name))
     key = _file_key(folder, manifest, names)
     pushed = _pushed[t.spec]
     if key in pushed:
