@@ -161,12 +161,16 @@ class Generator:
         budget = min(max_new_tokens, self.context_length - len(ids))
         cache = self.model.new_cache(max_len=len(ids) + budget)
         rng = torch.Generator().manual_seed(int(seed))
+        c_state = [int(seed) * 0x9E3779B97F4A7C15 % (1 << 64) or 1]  # a compiled model samples in C
         logits = self.model(torch.tensor([ids]), cache, 0, last_only=True)[0, -1]
         pos = len(ids)
         run.stop_reason = "length" if budget == max_new_tokens else "context"
         try:
             for _ in range(budget):
-                token = _sample(logits, temperature, top_k, top_p, rng)
+                if hasattr(self.model, "sample_next"):  # compiled: the logits never leave C
+                    token = self.model.sample_next(temperature, top_k, top_p, c_state)
+                else:
+                    token = _sample(logits, temperature, top_k, top_p, rng)
                 now = time.perf_counter()
                 if run.first is None:
                     run.first = now

@@ -45,6 +45,10 @@ def load_causal_lm(spec: str | Path) -> tuple[torch.nn.Module, BPETokenizer, dic
 def _load(spec, with_tokenizer: bool):
     start = time.perf_counter()
     path = resolve_model_path(spec)
+    if path.is_dir() and (path / "manifest.json").exists():
+        model, tokenizer, info = _from_artifact(path, with_tokenizer)
+        info.update(path=str(path), load_ms=(time.perf_counter() - start) * 1000.0)
+        return model, tokenizer, info
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise CanaoError(f"{path}: expected a .gguf file or a checkpoint folder (config.json + model.safetensors)")
@@ -74,6 +78,19 @@ def _from_gguf(path: Path, with_tokenizer: bool):
     types = Counter(t.tensor_type.name for t in gf.tensors.values())
     info = {"format": "gguf", "architecture": arch, "name": gf.get("general.name"), "weight_types": dict(types)}
     return model, tokenizer, info
+
+
+def _from_artifact(folder: Path, with_tokenizer: bool):
+    """A decoder compiled by `canao compile` (native code; the tokenizer travels with it)."""
+    from ..compiler.decoder.runtime import CompiledCausalLM, CompiledDecoder
+
+    decoder = CompiledDecoder(folder)
+    tokenizer = BPETokenizer.from_folder(folder) if with_tokenizer else None
+    m = decoder.manifest
+    info = {"format": "canao-artifact", "architecture": m["model"]["architecture"], "name": folder.name,
+            "precision": m["precision"], "target": m["target"]["name"], "weight_types": {}, "params": 0,
+            "context_length": decoder.max_ctx, "config": m["model"]}
+    return CompiledCausalLM(decoder), tokenizer, info
 
 
 def _from_folder(folder: Path, with_tokenizer: bool):

@@ -1,0 +1,169 @@
+"""Weights of a Llama model packed for the decoder kernels, in GGUF's own block formats.
+
+A matrix whose GGUF type is already the wanted format is copied block for block (no
+round trip through fp32); any other is dequantized and requantized with the `gguf`
+package's reference quantizers. Rows are what moves: llama.cpp's Q/K row permutation is
+undone by reordering whole rows, which is exact for any block format, and Q/K/V and
+gate/up are packed by concatenating and interleaving rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ...errors import CanaoError
+from ...models import gguf_loader
+from ...models.llama import LlamaConfig, RotaryEmbedding
+
+QK = 32
+NR = 16  # rows per kernel chunk; gate/up are interleaved in chunks of NR (canao_decoder.c)
+FORMATS = {"F32": 0, "Q8_0": 1, "Q4_1": 2}
+ALIGN = 64
+
+
+def row_bytes(fmt: str, k: int) -> int:
+    return {"F32": 4 * k, "Q8_0": k // QK * 34, "Q4_1": k // QK * 20}[fmt]
+
+
+@dataclass
+class Packed:
+    blob: bytearray = field(default_factory=bytearray)
+    offsets: dict = field(default_factory=dict)
+    formats: dict = field(default_factory=dict)
+    copied_raw: int = 0      # matrices taken block for block from the source file
+    requantized: int = 0
+
+    def add(self, name: str, data: np.ndarray, fmt: str = "F32") -> None:
+        pad = -len(self.blob) % ALIGN
+        self.blob += b"\0" * pad
+        self.offsets[name] = len(self.blob)
+        self.formats[name] = fmt
+        self.blob += np.ascontiguousarray(data).tobytes()
+
+
+class Source:
+    """Tensors of a Llama checkpoint by our parameter names, as rows of a wanted format."""
+
+    def __init__(self, spec):
+        from ...paths import resolve_model_path
+
+        path = resolve_model_path(spec)
+        self.path = path
+        if path.is_file():
+            self.gguf = gguf_loader.open_gguf(path)
+            if self.gguf.architecture != "llama":
+                raise CanaoError(f"{path}: canao compiles llama-architecture decoders; this GGUF is "
+                                 f"'{self.gguf.architecture}' (run it uncompiled with `canao generate`)")
+            self.config = gguf_loader.llama_config(self.gguf)
+            self.state = None
+        else:
+            from ...models.decoders import load_decoder
+
+            model, info = load_decoder(path)
+            if info.get("architecture") != "llama":
+                raise CanaoError(f"{path}: canao compiles llama-architecture decoders; this is "
+                                 f"'{info.get('architecture')}' (run it uncompiled with `canao generate`)")
+            self.gguf = None
+            self.config = model.config
+            self.state = {k: v.detach().float() for k, v in model.state_dict().items()}
+
+    def vector(self, name: str, gguf_name: str) -> np.ndarray:
+        if self.gguf is None:
+            return self.state[name].numpy().astype(np.float32)
+        return gguf_loader.dequantize(self.gguf, gguf_name).numpy()
+
+    def matrix(self, name: str, gguf_name: str, fmt: str, permute_heads: int = 0) -> tuple[np.ndarray, bool]:
+        """(rows as a [out, row_bytes] uint8 array or [out, in] float32, taken raw?)."""
+        import gguf
+
+        raw = None
+        if self.gguf is not None:
+            t = self.gguf.tensors.get(gguf_name)
+            if t is None:
+                raise CanaoError(f"{self.path}: tensor '{gguf_name}' is missing; the file is not a complete llama model")
+            if t.tensor_type.name == fmt and fmt != "F32":
+                raw = np.asarray(t.data, dtype=np.uint8).reshape(int(t.shape[1]), -1)
+        if raw is not None:
+            rows = raw
+        else:
+            dense = self.state[name].numpy() if self.gguf is None else gguf_loader.dequantize(self.gguf, gguf_name).numpy()
+            if self.gguf is not None and permute_heads:
+                dense = gguf_loader.reverse_permute(torch.from_numpy(dense), permute_heads).numpy()
+                permute_heads = 0  # done
+            dense = np.ascontiguousarray(dense, dtype=np.float32)
+            if fmt == "F32":
+                return dense, False
+            if dense.shape[1] % QK:
+                raise CanaoError(f"{name}: input size {dense.shape[1]} is not a multiple of {QK}; use --precision fp32")
+            rows = gguf.quants.quantize(dense, gguf.GGMLQuantizationType[fmt])
+        if permute_heads:
+            order = gguf_loader.reverse_permute(torch.arange(rows.shape[0])[:, None], permute_heads)[:, 0].numpy()
+            rows = rows[order]
+        return rows, raw is not None
+
+
+PRECISION_FORMATS = {"fp32": "F32", "q8_0": "Q8_0", "q4_1": "Q4_1"}
+
+
+def embedding_format(src: Source, precision: str) -> str:
+    """fp32 keeps fp32; quantized builds keep a quantized embedding as the file has it (llama.cpp
+    writes token_embd as Q8_0 in its Q4 files: the tied output matrix is sensitive)."""
+    if precision == "fp32":
+        return "F32"
+    if src.gguf is not None:
+        kind = src.gguf.tensors["token_embd.weight"].tensor_type.name
+        if kind in ("Q8_0", "Q4_1"):
+            return kind
+    return "Q8_0"
+
+
+def pack_llama(src: Source, precision: str, max_ctx: int) -> tuple[Packed, dict]:
+    cfg: LlamaConfig = src.config
+    wfmt = PRECISION_FORMATS[precision]
+    efmt = embedding_format(src, precision)
+    if cfg.intermediate_size % NR or cfg.num_heads % cfg.num_kv_heads or cfg.head_dim % 2:
+        raise CanaoError(f"unsupported shapes for the decoder kernels: intermediate_size {cfg.intermediate_size} "
+                         f"(multiple of {NR} needed), {cfg.num_heads} heads over {cfg.num_kv_heads} KV heads")
+    if wfmt != "F32" and (cfg.hidden_size % QK or cfg.intermediate_size % QK):
+        raise CanaoError(f"{precision} needs hidden and intermediate sizes that are multiples of {QK}; use --precision fp32")
+    if cfg.attention_bias:
+        raise CanaoError("attention biases are not supported by the compiled decoder yet")
+    p = Packed()
+
+    def take(name, gname, fmt, heads=0):
+        rows, raw = src.matrix(name, gname, fmt, heads)
+        p.copied_raw += raw
+        p.requantized += (not raw) and fmt != "F32"
+        return rows
+
+    emb = take("embed_tokens.weight", "token_embd.weight", efmt)
+    p.add("tok_embd", emb, efmt)
+    if cfg.tie_embeddings:
+        p.offsets["lm_head"], p.formats["lm_head"] = p.offsets["tok_embd"], efmt
+    else:
+        p.add("lm_head", take("lm_head.weight", "output.weight", efmt), efmt)
+    p.add("out_norm", src.vector("norm.weight", "output_norm.weight"))
+    rope = RotaryEmbedding(cfg.head_dim, max_ctx, cfg.rope_theta)  # the same tables PyTorch uses
+    half = cfg.head_dim // 2
+    p.add("rope_cos", rope.cos[:, :half].numpy())
+    p.add("rope_sin", rope.sin[:, :half].numpy())
+    for i in range(cfg.num_layers):
+        pre = f"layers.{i}."
+        g = f"blk.{i}."
+        p.add(f"{i}.attn_norm", src.vector(pre + "input_layernorm.weight", g + "attn_norm.weight"))
+        q = take(pre + "self_attn.q_proj.weight", g + "attn_q.weight", wfmt, cfg.num_heads)
+        k = take(pre + "self_attn.k_proj.weight", g + "attn_k.weight", wfmt, cfg.num_kv_heads)
+        v = take(pre + "self_attn.v_proj.weight", g + "attn_v.weight", wfmt)
+        p.add(f"{i}.wqkv", np.concatenate([q, k, v]), wfmt)
+        p.add(f"{i}.wo", take(pre + "self_attn.o_proj.weight", g + "attn_output.weight", wfmt), wfmt)
+        p.add(f"{i}.ffn_norm", src.vector(pre + "post_attention_layernorm.weight", g + "ffn_norm.weight"))
+        gate = take(pre + "mlp.gate_proj.weight", g + "ffn_gate.weight", wfmt)
+        up = take(pre + "mlp.up_proj.weight", g + "ffn_up.weight", wfmt)
+        chunks = cfg.intermediate_size // NR
+        w13 = np.stack([gate.reshape(chunks, NR, -1), up.reshape(chunks, NR, -1)], axis=1).reshape(2 * cfg.intermediate_size, -1)
+        p.add(f"{i}.w13", w13, wfmt)
+        p.add(f"{i}.w2", take(pre + "mlp.down_proj.weight", g + "ffn_down.weight", wfmt), wfmt)
+    return p, {"weights_format": wfmt, "embedding_format": efmt}

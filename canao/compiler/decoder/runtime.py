@@ -1,0 +1,130 @@
+"""ctypes binding of a decoder artifact (canao_lm.h), and the model interface the generator uses."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import CanaoError
+from ..artifact import LIBRARY, MANIFEST, WEIGHTS, read_manifest
+
+_ERR = 512
+
+
+def is_decoder_artifact(folder) -> bool:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("kind") == "decoder"
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+class CompiledDecoder:
+    """A loaded decoder artifact: forward(ids, pos) fills the KV cache and the last token's logits."""
+
+    def __init__(self, folder, threads: int | None = None, check: bool = True):
+        self.path = Path(folder)
+        self.manifest = read_manifest(self.path, check=check)
+        if self.manifest.get("kind") != "decoder":
+            raise CanaoError(f"{self.path} is an encoder artifact; use it with `canao qa`, not for generation")
+        self.max_ctx = int(self.manifest["max_seq"])
+        lib = self._lib = ctypes.CDLL(str((self.path / LIBRARY).resolve()), mode=os.RTLD_LOCAL)
+        lib.canao_lm_open.restype = ctypes.c_void_p
+        lib.canao_lm_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.canao_lm_forward.restype = ctypes.c_int
+        lib.canao_lm_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                         ctypes.c_char_p, ctypes.c_int]
+        lib.canao_lm_logits.restype = ctypes.POINTER(ctypes.c_float)
+        lib.canao_lm_logits.argtypes = [ctypes.c_void_p]
+        lib.canao_lm_sample.restype = ctypes.c_int
+        lib.canao_lm_sample.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_float,
+                                        ctypes.POINTER(ctypes.c_uint64)]
+        lib.canao_lm_set_threads.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.canao_lm_close.argtypes = [ctypes.c_void_p]
+        self.vocab = ctypes.c_long.in_dll(lib, "canao_lm_vocab").value
+        self.threads = threads or int(self.manifest.get("threads") or 1)
+        err = ctypes.create_string_buffer(_ERR)
+        self._handle = lib.canao_lm_open(str(self.path / WEIGHTS).encode(), self.threads, err, _ERR)
+        if not self._handle:
+            raise CanaoError(f"{self.path}: {err.value.decode()}")
+        # a view of the C buffer: reading logits never copies them
+        self._logits = np.ctypeslib.as_array(lib.canao_lm_logits(self._handle), shape=(self.vocab,))
+
+    def set_threads(self, threads: int) -> None:
+        self.threads = threads
+        self._lib.canao_lm_set_threads(self._handle, threads)
+
+    def forward(self, ids, pos: int) -> np.ndarray:
+        """Logits [vocab] of the last of `ids` (placed at positions pos..); valid until the next call."""
+        arr = np.ascontiguousarray(np.asarray(ids, dtype=np.int32).reshape(-1))
+        err = ctypes.create_string_buffer(_ERR)
+        if self._lib.canao_lm_forward(self._handle, arr.ctypes.data, len(arr), int(pos), err, _ERR) != 0:
+            raise CanaoError(err.value.decode())
+        return self._logits
+
+    def sample(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, state: list | None = None) -> int:
+        """Next token from the current logits, drawn in C (state: [uint64] xorshift state, updated)."""
+        rng = ctypes.c_uint64(state[0] if state else 0x9E3779B97F4A7C15)
+        token = self._lib.canao_lm_sample(self._handle, float(temperature), int(top_k), float(top_p), ctypes.byref(rng))
+        if state:
+            state[0] = rng.value
+        return token
+
+    def close(self) -> None:
+        if getattr(self, "_handle", None):
+            self._lib.canao_lm_close(self._handle)
+            self._handle = None
+
+    def __del__(self):
+        self.close()
+
+
+class CompiledCausalLM:
+    """The generator's model interface (`model(ids, cache, start_pos, last_only=True)`, `new_cache`,
+    `max_seq_len`) over a compiled decoder: the KV cache lives in C, so `new_cache` only checks sizes."""
+
+    def __init__(self, decoder: CompiledDecoder):
+        self.decoder = decoder
+        self.config = decoder.manifest["model"]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.decoder.max_ctx
+
+    def new_cache(self, max_len: int | None = None, batch: int = 1):
+        if batch != 1:
+            raise CanaoError("a compiled decoder generates one sequence at a time (batch 1)")
+        if max_len is not None and max_len > self.decoder.max_ctx:
+            raise CanaoError(f"{max_len} positions requested but the artifact's context is {self.decoder.max_ctx}; "
+                             "recompile with a larger --max-seq")
+        return None
+
+    def to(self, dtype):
+        import torch
+
+        if dtype != torch.float32:
+            raise CanaoError(f"a compiled decoder runs at its compiled precision ({self.decoder.manifest['precision']}); "
+                             "choose the precision at `canao compile` time, not with --dtype")
+        return self
+
+    def eval(self):
+        return self
+
+    def parameters(self):
+        return iter(())
+
+    def __call__(self, input_ids, cache=None, start_pos: int = 0, last_only: bool = True):
+        import torch
+
+        ids = input_ids.reshape(-1).tolist() if hasattr(input_ids, "reshape") else list(input_ids)
+        logits = self.decoder.forward(ids, start_pos)
+        return torch.from_numpy(logits).view(1, 1, -1)
+
+    def sample_next(self, temperature: float, top_k: int, top_p: float, state: list) -> int:
+        return self.decoder.sample(temperature, top_k, top_p, state)

@@ -1,0 +1,467 @@
+/* The fixed part of a decoder artifact: weights mapping, KV cache, thread pool and the
+ * Llama forward pass (prefill and decode step) over canao_decoder_kernels.h.
+ *
+ * The generated model.c defines the model's shapes, weight formats and the tensor offset
+ * table as compile-time constants and then includes this file, so every loop bound below
+ * is a constant the C compiler specialises on.
+ *
+ * Fusions: Q, K and V are one packed matrix (one GEMV); gate and up are interleaved in
+ * chunks of NR rows so the thread computing a chunk applies SiLU(gate) * up before the only
+ * store; o_proj and down_proj add into the residual stream in their epilogue; RoPE and the
+ * KV-cache write happen in one pass; the last RMSNorm runs only for the last token. A
+ * decode step uses weight-only quantized GEMVs (activations quantized once per matrix
+ * input); a prompt of several tokens uses the panel GEMM, which dequantizes NR weight rows
+ * once and reuses them for every token. */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "canao_lm.h"
+
+#define WEIGHTS_MAGIC "CANAOW01"
+#define HEADER_BYTES 64
+#define MAX_THREADS 64
+#define Q_ROWS (N_HEAD * HEAD_DIM)
+#define KV_ROWS (N_KV * HEAD_DIM)
+#define QKV_ROWS (Q_ROWS + 2 * KV_ROWS)
+
+const long canao_lm_vocab = VOCAB, canao_lm_max_ctx = MAX_CTX, canao_lm_dim = DIM;
+const char canao_lm_target[] = TARGET_NAME;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
+static long row_bytes(int type, int k) {
+    return type == WT_F32 ? (long)k * 4 : type == WT_Q8_0 ? (long)k / QK * Q8_0_BYTES : (long)k / QK * Q4_1_BYTES;
+}
+
+/* ---- thread pool: persistent workers, dynamic chunks, spin then futex ------------------ */
+
+typedef void (*task_fn)(struct canao_lm *m, int tid, long item);
+
+typedef struct {
+    int threads;
+    pthread_t workers[MAX_THREADS];
+    atomic_uint gen;
+    atomic_int sleepers;
+    atomic_int stop;
+    atomic_long next;
+    atomic_int done;
+    long items;
+    task_fn fn;
+    struct canao_lm *m;
+} pool_t;
+
+struct canao_lm {
+    void *map;
+    size_t map_bytes;
+    const char *W;
+    int threads;
+    pool_t *pool;
+    float *kcache, *vcache;      /* [layer][kv_head][MAX_CTX][HEAD_DIM] */
+    int cap;                     /* tokens the activation buffers hold */
+    float *x, *xn, *qkv, *att, *hid, *tmp;
+    int8_t *xq;                  /* quantized GEMV input */
+    float *xd, *xs;
+    float *scratch;              /* per thread: a weight panel + attention scores */
+    float *logits;
+    /* the current task's arguments */
+    const void *w;
+    int wtype, k, rows, n, pos, layer, mode;
+    const float *in;
+    float *out;
+};
+
+static long spin_iters = 4000;
+
+static void futex_wait(atomic_uint *a, unsigned v) { syscall(SYS_futex, (unsigned *)a, FUTEX_WAIT_PRIVATE, v, NULL, NULL, 0); }
+static void futex_wake(atomic_uint *a) { syscall(SYS_futex, (unsigned *)a, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0); }
+
+static void drain(pool_t *p, int tid) {
+    for (;;) {
+        const long i = atomic_fetch_add_explicit(&p->next, 1, memory_order_relaxed);
+        if (i >= p->items) break;
+        p->fn(p->m, tid, i);
+    }
+}
+
+static void *worker_main(void *arg) {
+    pool_t *p = ((void **)arg)[0];
+    const int tid = (int)(long)((void **)arg)[1];
+    free(arg);
+    unsigned seen = 0;
+    for (;;) {
+        long i = 0;
+        while (atomic_load_explicit(&p->gen, memory_order_acquire) == seen && i++ < spin_iters) cpu_relax();
+        if (atomic_load(&p->gen) == seen) {
+            atomic_fetch_add(&p->sleepers, 1);
+            while (atomic_load(&p->gen) == seen) futex_wait(&p->gen, seen);
+            atomic_fetch_sub(&p->sleepers, 1);
+        }
+        seen = atomic_load(&p->gen);
+        if (atomic_load(&p->stop)) return NULL;
+        drain(p, tid);
+        atomic_fetch_add_explicit(&p->done, 1, memory_order_release);
+    }
+}
+
+static void parallel(struct canao_lm *m, task_fn fn, long items) {
+    pool_t *p = m->pool;
+    if (p->threads == 1 || items == 1) {
+        for (long i = 0; i < items; i++) fn(m, 0, i);
+        return;
+    }
+    p->fn = fn;
+    p->m = m;
+    p->items = items;
+    atomic_store(&p->next, 0);
+    atomic_store(&p->done, 0);
+    atomic_fetch_add(&p->gen, 1);
+    if (atomic_load(&p->sleepers) > 0) futex_wake(&p->gen);
+    drain(p, 0);
+    /* join: spin briefly, then yield so a descheduled worker on a shared core can finish */
+    for (long i = 0; atomic_load_explicit(&p->done, memory_order_acquire) != p->threads - 1; i++) {
+        if (i < spin_iters) cpu_relax();
+        else sched_yield();
+    }
+}
+
+static void pool_destroy(pool_t *p) {
+    if (!p) return;
+    atomic_store(&p->stop, 1);
+    atomic_fetch_add(&p->gen, 1);
+    futex_wake(&p->gen);
+    for (int i = 1; i < p->threads; i++) pthread_join(p->workers[i], NULL);
+    free(p);
+}
+
+static pool_t *pool_create(int threads) {
+    pool_t *p = calloc(1, sizeof(pool_t));
+    if (!p) return NULL;
+    p->threads = threads;
+    for (int i = 1; i < threads; i++) {
+        void **a = malloc(2 * sizeof(void *));
+        a[0] = p;
+        a[1] = (void *)(long)i;
+        if (pthread_create(&p->workers[i], NULL, worker_main, a) != 0) {
+            free(a);
+            p->threads = i;
+            pool_destroy(p);
+            return NULL;
+        }
+    }
+    return p;
+}
+
+/* ---- matrix products ------------------------------------------------------------------ */
+
+enum { EPI_STORE, EPI_ADD, EPI_SWIGLU };
+
+#define SCRATCH_FLOATS ((long)NR * (FFN > DIM ? FFN : DIM) + MAX_CTX + 64)
+
+/* A chunk is NR rows (EPI_SWIGLU: NR gate rows followed by NR up rows, giving NR outputs). */
+static void gemv_chunk(struct canao_lm *m, int tid, long chunk) {
+    (void)tid;
+    const int k = m->k, nb = k / QK;
+    const long rb = row_bytes(m->wtype, k);
+    const int span = m->mode == EPI_SWIGLU ? 2 * NR : NR;
+    const int r0 = (int)chunk * span;
+    float y[2 * NR];
+    const int nrows = m->rows - r0 < span ? m->rows - r0 : span;
+    for (int r = 0; r < nrows; r++) {
+        const uint8_t *w = (const uint8_t *)m->w + (long)(r0 + r) * rb;
+        y[r] = m->wtype == WT_Q4_1 ? dot_q4_1(w, m->xq, m->xd, m->xs, nb)
+             : m->wtype == WT_Q8_0 ? dot_q8_0(w, m->xq, m->xd, nb)
+                                   : dot_f32((const float *)w, m->in, k);
+    }
+    if (m->mode == EPI_STORE) memcpy(m->out + r0, y, nrows * sizeof(float));
+    else if (m->mode == EPI_ADD) for (int r = 0; r < nrows; r++) m->out[r0 + r] += y[r];
+    else for (int r = 0; r < nrows / 2; r++) m->out[chunk * NR + r] = silu(y[r]) * y[NR + r];
+}
+
+static void gemm_chunk(struct canao_lm *m, int tid, long chunk) {
+    float *panel = m->scratch + (long)tid * SCRATCH_FLOATS;
+    const int k = m->k, n = m->n;
+    const long rb = row_bytes(m->wtype, k);
+    if (m->mode != EPI_SWIGLU) {
+        const int r0 = (int)chunk * NR, nrows = m->rows - r0 < NR ? m->rows - r0 : NR;
+        dequant_panel(m->wtype, m->w, rb, r0, nrows, k, panel);
+        float *dst = m->mode == EPI_STORE ? m->out + r0 : m->tmp + r0;
+        panel_gemm(m->in, k, n, k, panel, dst, m->rows, nrows);
+        if (m->mode == EPI_ADD)
+            for (int t = 0; t < n; t++)
+                for (int r = 0; r < nrows; r++) m->out[(long)t * m->rows + r0 + r] += m->tmp[(long)t * m->rows + r0 + r];
+        return;
+    }
+    /* gate rows then up rows of this chunk, into tmp[t][chunk*2NR ...], then SiLU(gate) * up */
+    const int r0 = (int)chunk * 2 * NR;
+    for (int half = 0; half < 2; half++) {
+        dequant_panel(m->wtype, m->w, rb, r0 + half * NR, NR, k, panel);
+        panel_gemm(m->in, k, n, k, panel, m->tmp + r0 + half * NR, m->rows, NR);
+    }
+    for (int t = 0; t < n; t++) {
+        const float *g = m->tmp + (long)t * m->rows + r0;
+        for (int r = 0; r < NR; r++) m->out[(long)t * (m->rows / 2) + chunk * NR + r] = silu(g[r]) * g[NR + r];
+    }
+}
+
+/* out = W in (+ epilogue), for m->n tokens; rows are split into chunks over the threads */
+static void matmul(struct canao_lm *m, const void *w, int wtype, int k, int rows, const float *in, float *out, int mode) {
+    m->w = w;
+    m->wtype = wtype;
+    m->k = k;
+    m->rows = rows;
+    m->in = in;
+    m->out = out;
+    m->mode = mode;
+    const int span = mode == EPI_SWIGLU ? 2 * NR : NR;
+    const long chunks = (rows + span - 1) / span;
+    if (m->n == 1) {
+        if (wtype != WT_F32) quantize_row_q8(in, k, m->xq, m->xd, m->xs);
+        parallel(m, gemv_chunk, chunks);
+    } else {
+        parallel(m, gemm_chunk, chunks);
+    }
+}
+
+/* ---- attention over the cache ------------------------------------------------------- */
+
+static void attention_item(struct canao_lm *m, int tid, long item) {
+    const int t = (int)(item / N_HEAD), h = (int)(item % N_HEAD), kvh = h / (N_HEAD / N_KV);
+    const int len = m->pos + t + 1;  /* causal: this query sees itself and everything before */
+    const long base = ((long)m->layer * N_KV + kvh) * MAX_CTX * HEAD_DIM;
+    float *scores = m->scratch + (long)tid * SCRATCH_FLOATS + (long)NR * (FFN > DIM ? FFN : DIM);
+    attend(m->qkv + (long)t * QKV_ROWS + h * HEAD_DIM, m->kcache + base, m->vcache + base, HEAD_DIM, len, HEAD_DIM,
+           ATTN_SCALE, scores, m->att + (long)t * Q_ROWS + h * HEAD_DIM);
+}
+
+/* ---- the forward pass --------------------------------------------------------------- */
+
+static const void *tensor(const struct canao_lm *m, long offset) { return m->W + offset; }
+
+static int ensure_capacity(struct canao_lm *m, int n) {
+    if (n <= m->cap) return 0;
+    float **bufs[] = {&m->x, &m->xn, &m->qkv, &m->att, &m->hid, &m->tmp};
+    const long widths[] = {DIM, DIM, QKV_ROWS, Q_ROWS, FFN, 2 * FFN > QKV_ROWS ? 2 * FFN : QKV_ROWS};
+    for (int i = 0; i < 6; i++) {
+        free(*bufs[i]);
+        *bufs[i] = aligned_alloc(64, ((size_t)n * widths[i] * sizeof(float) + 63) / 64 * 64);
+        if (!*bufs[i]) return -1;
+    }
+    m->cap = n;
+    return 0;
+}
+
+int canao_lm_forward(canao_lm *m, const int32_t *tokens, int n, int pos, char *err, int err_len) {
+    if (n < 1 || pos < 0 || pos + n > MAX_CTX) {
+        snprintf(err, err_len, "positions %d..%d exceed the artifact's context of %d tokens; recompile with a larger --max-seq",
+                 pos, pos + n - 1, MAX_CTX);
+        return -1;
+    }
+    for (int t = 0; t < n; t++)
+        if (tokens[t] < 0 || tokens[t] >= VOCAB) {
+            snprintf(err, err_len, "token id %d is outside the vocabulary (0..%d)", tokens[t], VOCAB - 1);
+            return -1;
+        }
+    if (ensure_capacity(m, n) != 0) {
+        snprintf(err, err_len, "out of memory for %d tokens of activations", n);
+        return -1;
+    }
+    m->n = n;
+    m->pos = pos;
+    const long erb = row_bytes(E_TYPE, DIM);
+    for (int t = 0; t < n; t++) {  /* embedding rows, dequantized */
+        float row[DIM];
+        const uint8_t *e = (const uint8_t *)tensor(m, OFF_TOK_EMBD) + (long)tokens[t] * erb;
+        if (E_TYPE == WT_F32) memcpy(row, e, DIM * sizeof(float));
+        else if (E_TYPE == WT_Q8_0)
+            for (int b = 0; b < DIM / QK; b++) {
+                const float d = fp16_to_f32(e + b * Q8_0_BYTES);
+                for (int j = 0; j < QK; j++) row[b * QK + j] = d * ((const int8_t *)e)[b * Q8_0_BYTES + 2 + j];
+            }
+        else
+            for (int b = 0; b < DIM / QK; b++) {
+                const uint8_t *blk = e + b * Q4_1_BYTES;
+                const float d = fp16_to_f32(blk), mn = fp16_to_f32(blk + 2);
+                for (int j = 0; j < 16; j++) {
+                    row[b * QK + j] = d * (blk[4 + j] & 15) + mn;
+                    row[b * QK + j + 16] = d * (blk[4 + j] >> 4) + mn;
+                }
+            }
+        memcpy(m->x + (long)t * DIM, row, sizeof row);
+    }
+    const float *cos_tab = tensor(m, OFF_ROPE_COS), *sin_tab = tensor(m, OFF_ROPE_SIN);
+    for (int l = 0; l < N_LAYER; l++) {
+        const layer_offsets *L = &LAYERS[l];
+        m->layer = l;
+        for (int t = 0; t < n; t++) rmsnorm(m->x + (long)t * DIM, tensor(m, L->attn_norm), m->xn + (long)t * DIM, DIM, EPS);
+        matmul(m, tensor(m, L->wqkv), W_TYPE, DIM, QKV_ROWS, m->xn, m->qkv, EPI_STORE);
+        for (int t = 0; t < n; t++) {  /* RoPE on q and k, then k and v into the cache */
+            float *row = m->qkv + (long)t * QKV_ROWS;
+            const long p = pos + t;
+            for (int h = 0; h < N_HEAD + N_KV; h++)
+                rope_head(row + h * HEAD_DIM, cos_tab + p * (HEAD_DIM / 2), sin_tab + p * (HEAD_DIM / 2), HEAD_DIM / 2);
+            for (int h = 0; h < N_KV; h++) {
+                const long at = (((long)l * N_KV + h) * MAX_CTX + p) * HEAD_DIM;
+                memcpy(m->kcache + at, row + Q_ROWS + h * HEAD_DIM, HEAD_DIM * sizeof(float));
+                memcpy(m->vcache + at, row + Q_ROWS + KV_ROWS + h * HEAD_DIM, HEAD_DIM * sizeof(float));
+            }
+        }
+        parallel(m, attention_item, (long)n * N_HEAD);
+        matmul(m, tensor(m, L->wo), W_TYPE, Q_ROWS, DIM, m->att, m->x, EPI_ADD);
+        for (int t = 0; t < n; t++) rmsnorm(m->x + (long)t * DIM, tensor(m, L->ffn_norm), m->xn + (long)t * DIM, DIM, EPS);
+        matmul(m, tensor(m, L->w13), W_TYPE, DIM, 2 * FFN, m->xn, m->hid, EPI_SWIGLU);
+        matmul(m, tensor(m, L->w2), W_TYPE, FFN, DIM, m->hid, m->x, EPI_ADD);
+    }
+    /* logits of the last token only: that is what generation samples from */
+    rmsnorm(m->x + (long)(n - 1) * DIM, tensor(m, OFF_OUT_NORM), m->xn, DIM, EPS);
+    m->n = 1;
+    matmul(m, tensor(m, OFF_LM_HEAD), E_TYPE, DIM, VOCAB, m->xn, m->logits, EPI_STORE);
+    return 0;
+}
+
+const float *canao_lm_logits(canao_lm *m) { return m->logits; }
+
+/* ---- sampling on the logits, in place ---------------------------------------------- */
+
+static uint64_t next_random(uint64_t *s) {  /* xorshift64* */
+    *s ^= *s >> 12;
+    *s ^= *s << 25;
+    *s ^= *s >> 27;
+    return *s * 2685821657736338717ULL;
+}
+
+static int by_prob_desc(const void *a, const void *b) {
+    const float x = ((const float *)a)[0], y = ((const float *)b)[0];
+    return (x < y) - (x > y);
+}
+
+int canao_lm_sample(canao_lm *m, float temperature, int top_k, float top_p, uint64_t *rng) {
+    const float *lg = m->logits;
+    int best = 0;
+    for (int i = 1; i < VOCAB; i++)
+        if (lg[i] > lg[best]) best = i;
+    if (temperature <= 0.0f) return best;
+    /* candidates as (probability, id) pairs: top-k first, then the nucleus */
+    static _Thread_local float cand[2 * VOCAB];
+    int n = 0;
+    float sum = 0.0f;
+    for (int i = 0; i < VOCAB; i++) {
+        const float p = expf((lg[i] - lg[best]) / temperature);
+        cand[2 * n] = p;
+        cand[2 * n + 1] = (float)i;
+        n++;
+        sum += p;
+    }
+    if ((top_k > 0 && top_k < n) || top_p < 1.0f) {
+        qsort(cand, n, 2 * sizeof(float), by_prob_desc);
+        if (top_k > 0 && top_k < n) n = top_k;
+        float keep = 0.0f, total = 0.0f;
+        for (int i = 0; i < n; i++) total += cand[2 * i];
+        int cut = n;
+        for (int i = 0; i < n; i++) {
+            keep += cand[2 * i];
+            if (keep >= top_p * total) { cut = i + 1; break; }
+        }
+        n = cut;
+        sum = 0.0f;
+        for (int i = 0; i < n; i++) sum += cand[2 * i];
+    }
+    const float r = (float)((next_random(rng) >> 40) * (1.0 / 16777216.0)) * sum;
+    float acc = 0.0f;
+    for (int i = 0; i < n; i++) {
+        acc += cand[2 * i];
+        if (r < acc) return (int)cand[2 * i + 1];
+    }
+    return (int)cand[2 * (n - 1) + 1];
+}
+
+/* ---- open / close ------------------------------------------------------------------- */
+
+int canao_lm_set_threads(canao_lm *m, int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (m->pool && m->threads == threads) return 0;
+    pool_destroy(m->pool);
+    free(m->scratch);
+    m->scratch = aligned_alloc(64, ((size_t)threads * SCRATCH_FLOATS * sizeof(float) + 63) / 64 * 64);
+    m->threads = threads;
+    m->pool = m->scratch ? pool_create(threads) : NULL;
+    return m->pool ? 0 : -1;
+}
+
+void canao_lm_close(canao_lm *m) {
+    if (!m) return;
+    pool_destroy(m->pool);
+    float *bufs[] = {m->x, m->xn, m->qkv, m->att, m->hid, m->tmp, m->scratch, m->logits, m->xd, m->xs};
+    for (unsigned i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
+    free(m->xq);
+    if (m->kcache) munmap(m->kcache, (size_t)2 * N_LAYER * N_KV * MAX_CTX * HEAD_DIM * sizeof(float));
+    if (m->map) munmap(m->map, m->map_bytes);
+    free(m);
+}
+
+canao_lm *canao_lm_open(const char *weights_path, int threads, char *err, int err_len) {
+    const char *spin = getenv("CANAO_SPIN");
+    if (spin) spin_iters = atol(spin);
+    const int fd = open(weights_path, O_RDONLY);
+    if (fd < 0) {
+        snprintf(err, err_len, "cannot open %s: %s", weights_path, strerror(errno));
+        return NULL;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || (unsigned long)st.st_size != HEADER_BYTES + (unsigned long)WEIGHT_BYTES) {
+        snprintf(err, err_len, "%s has %ld bytes, expected %ld: truncated or from another build", weights_path,
+                 (long)st.st_size, (long)(HEADER_BYTES + WEIGHT_BYTES));
+        close(fd);
+        return NULL;
+    }
+    void *map = mmap(NULL, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED) {
+        snprintf(err, err_len, "cannot map %s: %s", weights_path, strerror(errno));
+        return NULL;
+    }
+    if (memcmp(map, WEIGHTS_MAGIC, 8) != 0) {
+        snprintf(err, err_len, "%s is not a canao weights file", weights_path);
+        munmap(map, st.st_size);
+        return NULL;
+    }
+    canao_lm *m = calloc(1, sizeof *m);
+    m->map = map;
+    m->map_bytes = st.st_size;
+    m->W = (const char *)map + HEADER_BYTES;
+    /* the cache is mapped, not touched: pages exist only for positions actually used */
+    const size_t cache_bytes = (size_t)2 * N_LAYER * N_KV * MAX_CTX * HEAD_DIM * sizeof(float);
+    void *cache = mmap(NULL, cache_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    m->kcache = cache == MAP_FAILED ? NULL : cache;
+    m->vcache = m->kcache ? m->kcache + (size_t)N_LAYER * N_KV * MAX_CTX * HEAD_DIM : NULL;
+    m->logits = aligned_alloc(64, ((size_t)VOCAB * sizeof(float) + 63) / 64 * 64);
+    const int kmax = FFN > DIM ? FFN : DIM;
+    m->xq = aligned_alloc(64, (size_t)kmax + 64);
+    m->xd = malloc(sizeof(float) * (kmax / QK + 1));
+    m->xs = malloc(sizeof(float) * (kmax / QK + 1));
+    if (!m->kcache || !m->logits || !m->xq || !m->xd || !m->xs || ensure_capacity(m, 1) != 0 ||
+        canao_lm_set_threads(m, threads) != 0) {
+        snprintf(err, err_len, "out of memory opening the model (KV cache of %ld MB)", (long)(cache_bytes >> 20));
+        canao_lm_close(m);
+        return NULL;
+    }
+    return m;
+}

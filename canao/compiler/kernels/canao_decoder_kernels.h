@@ -1,0 +1,315 @@
+/* canao's decoder kernels: weight-only quantized GEMV (decode), dequantize-to-panel GEMM
+ * (prefill), RMSNorm, RoPE, attention over the KV cache. Written against the vector layer
+ * (vec_*.h, included first) for fp32 and with per-ISA integer dot products for the
+ * quantized formats: AVX2 (vpmaddubsw), NEON (sdot) and a plain C fallback.
+ *
+ * Weight formats are GGUF's own blocks, so a Q4_1 / Q8_0 file is packed without passing
+ * through fp32 (bytes per weight read per token is what decode speed is made of):
+ *   Q8_0: 32 weights = fp16 d, 32 x int8             (34 bytes),  w = d * q
+ *   Q4_1: 32 weights = fp16 d, fp16 m, 16 bytes      (20 bytes),  w = d * q + m, q in 0..15;
+ *         byte j holds weight j (low nibble) and weight j + 16 (high nibble).
+ * Activations entering a quantized GEMV are quantized per 32-block to int8 (xq, scale xd)
+ * with xs = xd * sum(xq) for Q4_1's offset term, as llama.cpp's Q8_1. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define QK 32
+#define Q8_0_BYTES 34
+#define Q4_1_BYTES 20
+enum { WT_F32 = 0, WT_Q8_0 = 1, WT_Q4_1 = 2 };
+
+static inline float fp16_to_f32(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#elif defined(__aarch64__)
+    __fp16 f;
+    memcpy(&f, &h, 2);
+    return (float)f;
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0) {
+        if (man == 0) bits = sign;
+        else {  /* subnormal: normalise */
+            int e = -1;
+            uint32_t m = man;
+            do { e++; m <<= 1; } while (!(m & 0x400));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((m & 0x3ff) << 13);
+        }
+    } else if (exp == 31) bits = sign | 0x7f800000 | (man << 13);
+    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+/* ---- activations: fp32 row -> int8 blocks ------------------------------------------ */
+
+static void quantize_row_q8(const float *x, int k, int8_t *q, float *d, float *s) {
+    for (int b = 0; b < k / QK; b++) {
+        const float *xb = x + b * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QK; j++) {
+            const int v = (int)lrintf(xb[j] * inv);
+            q[b * QK + j] = (int8_t)v;
+            sum += v;
+        }
+        d[b] = scale;
+        s[b] = scale * (float)sum;
+    }
+}
+
+/* ---- one row of a quantized matrix times a quantized activation -------------------- */
+
+#if defined(__AVX2__)
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline __m256i unpack_nibbles(const uint8_t *p) {  /* 16 bytes -> 32 values 0..15 in weight order */
+    const __m128i b = _mm_loadu_si128((const __m128i *)p);
+    const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0f));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0f));
+    return _mm256_set_m128i(hi, lo);
+}
+#endif
+#if defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
+
+static inline float dot_q8_0(const uint8_t *w, const int8_t *xq, const float *xd, int nb) {
+#if defined(__AVX2__)
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {  /* two blocks a step: independent chains for the FMA latency */
+        const uint8_t *w0 = w + b * Q8_0_BYTES, *w1 = w0 + Q8_0_BYTES;
+        const __m256i q0 = _mm256_loadu_si256((const __m256i *)(w0 + 2));
+        const __m256i q1 = _mm256_loadu_si256((const __m256i *)(w1 + 2));
+        const __m256i a0 = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
+        const __m256i a1 = _mm256_loadu_si256((const __m256i *)(xq + (b + 1) * QK));
+        /* |w| x (a with w's sign): vpmaddubsw wants one unsigned operand */
+        const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q0, q0), _mm256_sign_epi8(a0, q0)), ones);
+        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q1, q1), _mm256_sign_epi8(a1, q1)), ones);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fp16_to_f32(w0) * xd[b]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(fp16_to_f32(w1) * xd[b + 1]), acc1);
+    }
+    for (; b < nb; b++) {
+        const uint8_t *w0 = w + b * Q8_0_BYTES;
+        const __m256i q0 = _mm256_loadu_si256((const __m256i *)(w0 + 2));
+        const __m256i a0 = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
+        const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q0, q0), _mm256_sign_epi8(a0, q0)), ones);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fp16_to_f32(w0) * xd[b]), acc0);
+    }
+    return hsum256(_mm256_add_ps(acc0, acc1));
+#elif defined(__ARM_FEATURE_DOTPROD)
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *wb = w + b * Q8_0_BYTES;
+        int32x4_t p = vdotq_s32(vdupq_n_s32(0), vld1q_s8((const int8_t *)wb + 2), vld1q_s8(xq + b * QK));
+        p = vdotq_s32(p, vld1q_s8((const int8_t *)wb + 18), vld1q_s8(xq + b * QK + 16));
+        acc = vmlaq_n_f32(acc, vcvtq_f32_s32(p), fp16_to_f32(wb) * xd[b]);
+    }
+    return vaddvq_f32(acc);
+#else
+    float sum = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *wb = w + b * Q8_0_BYTES;
+        const int8_t *q = (const int8_t *)wb + 2;
+        int isum = 0;
+        for (int j = 0; j < QK; j++) isum += q[j] * xq[b * QK + j];
+        sum += (float)isum * fp16_to_f32(wb) * xd[b];
+    }
+    return sum;
+#endif
+}
+
+static inline float dot_q4_1(const uint8_t *w, const int8_t *xq, const float *xd, const float *xs, int nb) {
+#if defined(__AVX2__)
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float offset = 0.0f;
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        const uint8_t *w0 = w + b * Q4_1_BYTES, *w1 = w0 + Q4_1_BYTES;
+        /* weights 0..15 are unsigned: vpmaddubsw(w, a) directly, pair sums <= 2*15*127 */
+        const __m256i p0 = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(unpack_nibbles(w0 + 4), _mm256_loadu_si256((const __m256i *)(xq + b * QK))), ones);
+        const __m256i p1 = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(unpack_nibbles(w1 + 4), _mm256_loadu_si256((const __m256i *)(xq + (b + 1) * QK))), ones);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fp16_to_f32(w0) * xd[b]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(fp16_to_f32(w1) * xd[b + 1]), acc1);
+        offset += fp16_to_f32(w0 + 2) * xs[b] + fp16_to_f32(w1 + 2) * xs[b + 1];
+    }
+    for (; b < nb; b++) {
+        const uint8_t *w0 = w + b * Q4_1_BYTES;
+        const __m256i p0 = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(unpack_nibbles(w0 + 4), _mm256_loadu_si256((const __m256i *)(xq + b * QK))), ones);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fp16_to_f32(w0) * xd[b]), acc0);
+        offset += fp16_to_f32(w0 + 2) * xs[b];
+    }
+    return hsum256(_mm256_add_ps(acc0, acc1)) + offset;
+#elif defined(__ARM_FEATURE_DOTPROD)
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    float offset = 0.0f;
+    const uint8x16_t mask = vdupq_n_u8(0x0f);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *wb = w + b * Q4_1_BYTES;
+        const uint8x16_t bytes = vld1q_u8(wb + 4);
+        /* nibbles 0..15 fit int8: sdot against the signed activations */
+        const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(bytes, mask));
+        const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(bytes, 4));
+        int32x4_t p = vdotq_s32(vdupq_n_s32(0), lo, vld1q_s8(xq + b * QK));
+        p = vdotq_s32(p, hi, vld1q_s8(xq + b * QK + 16));
+        acc = vmlaq_n_f32(acc, vcvtq_f32_s32(p), fp16_to_f32(wb) * xd[b]);
+        offset += fp16_to_f32(wb + 2) * xs[b];
+    }
+    return vaddvq_f32(acc) + offset;
+#else
+    float sum = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *wb = w + b * Q4_1_BYTES;
+        int isum = 0;
+        for (int j = 0; j < 16; j++) {
+            isum += (wb[4 + j] & 0x0f) * xq[b * QK + j];
+            isum += (wb[4 + j] >> 4) * xq[b * QK + j + 16];
+        }
+        sum += (float)isum * fp16_to_f32(wb) * xd[b] + fp16_to_f32(wb + 2) * xs[b];
+    }
+    return sum;
+#endif
+}
+
+static inline float dot_f32(const float *w, const float *x, int k) {
+    vf acc0 = vzero(), acc1 = vzero();
+    int c = 0;
+    for (; c + 2 * VL <= k; c += 2 * VL) {
+        acc0 = vfma(vload(w + c), vload(x + c), acc0);
+        acc1 = vfma(vload(w + c + VL), vload(x + c + VL), acc1);
+    }
+    for (; c < k; c += VL) acc0 = vfma(vload_n(w + c, k - c), vload_n(x + c, k - c), acc0);
+    return vhsum(vadd(acc0, acc1));
+}
+
+/* ---- dequantize rows into a transposed fp32 panel: panel[k * NR + r] = W[r0 + r][k] --- */
+
+#define NR 16  /* output columns (weight rows) of one prefill panel */
+
+static void dequant_panel(int type, const void *w, long row_bytes, int r0, int nrows, int k, float *panel) {
+    for (int r = 0; r < NR; r++) {
+        if (r >= nrows) {
+            for (int c = 0; c < k; c++) panel[(long)c * NR + r] = 0.0f;
+            continue;
+        }
+        const uint8_t *row = (const uint8_t *)w + (long)(r0 + r) * row_bytes;
+        if (type == WT_F32) {
+            const float *f = (const float *)row;
+            for (int c = 0; c < k; c++) panel[(long)c * NR + r] = f[c];
+        } else if (type == WT_Q8_0) {
+            for (int b = 0; b < k / QK; b++) {
+                const uint8_t *blk = row + b * Q8_0_BYTES;
+                const float d = fp16_to_f32(blk);
+                const int8_t *q = (const int8_t *)blk + 2;
+                for (int j = 0; j < QK; j++) panel[(long)(b * QK + j) * NR + r] = d * q[j];
+            }
+        } else {
+            for (int b = 0; b < k / QK; b++) {
+                const uint8_t *blk = row + b * Q4_1_BYTES;
+                const float d = fp16_to_f32(blk), m = fp16_to_f32(blk + 2);
+                for (int j = 0; j < 16; j++) {
+                    panel[(long)(b * QK + j) * NR + r] = d * (blk[4 + j] & 0x0f) + m;
+                    panel[(long)(b * QK + j + 16) * NR + r] = d * (blk[4 + j] >> 4) + m;
+                }
+            }
+        }
+    }
+}
+
+/* y[t][r0 + c] (+)= sum_k x[t][k] * panel[k][c] for tokens [0, n), columns c < ncols.
+ * Register tile: MR tokens x NR columns of fp32 accumulators. */
+#define MR 4
+static void panel_gemm(const float *x, long xs, int n, int k, const float *panel, float *y, long ys, int ncols) {
+    for (int t0 = 0; t0 < n; t0 += MR) {
+        const int mt = n - t0 < MR ? n - t0 : MR;
+        vf acc[MR][NR / VL];
+        for (int i = 0; i < MR; i++)
+            for (int v = 0; v < NR / VL; v++) acc[i][v] = vzero();
+        const float *xr = x + (long)t0 * xs;
+        if (mt == MR) {
+            for (int c = 0; c < k; c++) {
+                vf b[NR / VL];
+                for (int v = 0; v < NR / VL; v++) b[v] = vload(panel + (long)c * NR + v * VL);
+                for (int i = 0; i < MR; i++) {
+                    const vf a = vset1(xr[(long)i * xs + c]);
+                    for (int v = 0; v < NR / VL; v++) acc[i][v] = vfma(a, b[v], acc[i][v]);
+                }
+            }
+        } else {
+            for (int c = 0; c < k; c++)
+                for (int i = 0; i < mt; i++) {
+                    const vf a = vset1(xr[(long)i * xs + c]);
+                    for (int v = 0; v < NR / VL; v++) acc[i][v] = vfma(a, vload(panel + (long)c * NR + v * VL), acc[i][v]);
+                }
+        }
+        for (int i = 0; i < mt; i++) {
+            float out[NR];
+            for (int v = 0; v < NR / VL; v++) vstore(out + v * VL, acc[i][v]);
+            float *yr = y + (long)(t0 + i) * ys;
+            for (int c = 0; c < ncols; c++) yr[c] = out[c];
+        }
+    }
+}
+
+/* ---- normalisation, rotary embedding, activation ----------------------------------- */
+
+static void rmsnorm(const float *x, const float *g, float *y, int n, float eps) {
+    vf s = vzero();
+    for (int c = 0; c < n; c += VL) {
+        const vf v = vload_n(x + c, n - c);
+        s = vfma(v, v, s);
+    }
+    const float r = 1.0f / sqrtf(vhsum(s) / n + eps);
+    for (int c = 0; c < n; c += VL) vstore_n(y + c, vmul(vmul(vload_n(x + c, n - c), vset1(r)), vload_n(g + c, n - c)), n - c);
+}
+
+/* half-rotation RoPE (as Hugging Face Llama) of one head vector, tables for this position */
+static void rope_head(float *v, const float *cos_t, const float *sin_t, int half) {
+    for (int i = 0; i < half; i++) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * cos_t[i] - b * sin_t[i];
+        v[i + half] = b * cos_t[i] + a * sin_t[i];
+    }
+}
+
+static inline float silu(float x) { return x / (1.0f + expf(-x)); }
+
+/* one query head over keys [0, n): out = softmax(q k^T * scale) v; scores is n floats */
+static void attend(const float *q, const float *k, const float *v, long kv_stride, int n, int hd, float scale,
+                   float *scores, float *out) {
+    float mx = -INFINITY;
+    for (int t = 0; t < n; t++) {
+        const float s = dot_f32(k + (long)t * kv_stride, q, hd) * scale;
+        scores[t] = s;
+        mx = s > mx ? s : mx;
+    }
+    float sum = 0.0f;
+    for (int t = 0; t < n; t++) {
+        scores[t] = expf(scores[t] - mx);
+        sum += scores[t];
+    }
+    const float inv = 1.0f / sum;
+    for (int c = 0; c < hd; c += VL) {
+        vf acc = vzero();
+        for (int t = 0; t < n; t++) acc = vfma(vset1(scores[t]), vload_n(v + (long)t * kv_stride + c, hd - c), acc);
+        vstore_n(out + c, vmul(acc, vset1(inv)), hd - c);
+    }
+}
