@@ -12,12 +12,18 @@ from ..errors import CanaoError
 def register(sub: argparse._SubParsersAction) -> None:
     from ..cli import add_common
 
-    p = sub.add_parser("compile", help="compile a QA encoder into a native artifact (generated C + .so + weights)")
-    p.add_argument("--model", required=True, help="QA checkpoint folder (Hugging Face layout)")
+    p = sub.add_parser("compile", help="compile a QA encoder or a Llama decoder into a native artifact "
+                                       "(generated C + library + weights)")
+    p.add_argument("--model", required=True,
+                   help="QA checkpoint folder (Hugging Face layout), or a decoder: .gguf file, HF llama folder, smollm2")
     p.add_argument("--out", required=True, help="artifact folder to write")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"])
-    p.add_argument("--target", default="host", help="host, avx512 or avx2 (default: host)")
-    p.add_argument("--max-seq", type=int, default=384, help="longest input the artifact accepts")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "int8", "q8_0", "q4_1"],
+                   help="encoders: fp32 (default), bf16, int8; decoders: q4_1 (default), q8_0, fp32")
+    p.add_argument("--target", default="host",
+                   help="host, avx512, avx512_vnni, avx2, or aarch64 (ARMv8.2-A + dotprod: cross-compiled with "
+                        "aarch64-linux-gnu-gcc into a static canao-run; default: host)")
+    p.add_argument("--max-seq", type=int, default=None,
+                   help="longest input the artifact accepts (encoders: default 384; decoders: context, default 2048)")
     p.add_argument("--verify", action="store_true", help="compare with the PyTorch model on random and SQuAD inputs")
     p.add_argument("--tune", action="store_true",
                    help="measure GEMM schedules the tuning database lacks (~/.cache/canao/tuning.json, "
@@ -42,7 +48,49 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def _is_decoder_source(spec: str) -> bool:
+    """A GGUF file, or a folder whose config.json names a causal LM, is compiled as a decoder."""
+    import json
+
+    from ..paths import resolve_model_path
+
+    path = resolve_model_path(spec)
+    if path.is_file():
+        return path.suffix.lower() == ".gguf"
+    config = path / "config.json"
+    try:
+        return json.loads(config.read_text()).get("model_type") in ("llama", "gpt2")
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def cmd_compile_decoder(args) -> dict:
+    from .decoder import compile_decoder
+
+    if args.verify or args.tune:
+        raise CanaoError("--verify and --tune apply to encoders; a decoder is checked by `pytest tests/compiler/"
+                         "test_decoder.py` (greedy tokens equal PyTorch's) and measured by benchmarks/decode_speed.py")
+    precision = args.precision or "q4_1"
+    summary = compile_decoder(args.model, args.out, precision=precision,
+                              max_seq=args.max_seq if args.max_seq_given else 2048, target=args.target,
+                              threads=args.threads)
+    if not args.json:
+        w = summary["weights"]
+        print(f"wrote {summary['artifact']} (decoder, {summary['target']}, {precision}, context {summary['max_seq']})")
+        print(f"  weights {w['bytes'] / 1e6:.1f} MB: layers {w['weights_format']}, embedding/output "
+              f"{w['embedding_format']}; {w['copied_from_source']} matrices copied block for block from the source, "
+              f"{w['requantized']} requantized")
+    return summary
+
+
 def cmd_compile(args) -> dict:
+    args.max_seq_given = args.max_seq is not None
+    if _is_decoder_source(args.model):
+        return cmd_compile_decoder(args)
+    args.precision = args.precision or "fp32"
+    args.max_seq = args.max_seq or 384
+    if args.precision not in ("fp32", "bf16", "int8"):
+        raise CanaoError(f"precision {args.precision} is for decoders; an encoder compiles to fp32, bf16 or int8")
     from ..models.encoders import load_encoder
     from ..paths import resolve_model_path
     from . import compile_model, load_artifact
@@ -63,7 +111,19 @@ def cmd_compile(args) -> dict:
         if (source / name).exists():
             shutil.copyfile(source / name, Path(summary["artifact"]) / name)
     if args.verify:
-        compiled = load_artifact(args.out, threads=args.threads)
+        from .runner import RunnerModel
+        from .targets import get_target, is_cross
+
+        if is_cross(get_target(args.target)):
+            # another ISA: its canao-run under qemu-user (slow, so fp32 parity only: reduced precision is judged
+            # by SQuAD F1 over hundreds of questions)
+            if args.precision != "fp32":
+                raise CanaoError(f"--verify of a {args.precision} {args.target} artifact needs SQuAD F1 over "
+                                 f"hundreds of questions, too slow under qemu; verify --precision fp32, or measure "
+                                 f"F1 on the device")
+            compiled = RunnerModel(args.out, threads=args.threads)
+        else:
+            compiled = load_artifact(args.out, threads=args.threads)
         cases = random_cases(model.config.vocab_size, args.max_seq)
         squad = None
         try:
