@@ -9,6 +9,9 @@ host's CPU, the backend, the architecture and the threads, so nothing is
 measured twice (the compiler's own build cache makes a re-compile cheap too).
 `backend="torch"` times PyTorch eager instead, behind the same interface, for
 precisions the compiler does not have yet or when no C compiler is available.
+`device="ssh://user@host"` (or "adb", "local"; canao.device) compiles for that device's
+target and times on the device with the artifact's canao-run; its measurements are keyed
+by the device, not this host.
 
 `LatencyPredictor` is a linear model of per-layer costs (projections, attention,
 FFN, per-layer fixed work) plus overhead, fitted on measurements by relative
@@ -60,9 +63,11 @@ class LatencyOracle:
     """measure(arch, seq=None, threads=None) -> {"median_ms", "p95_ms", ...}."""
 
     def __init__(self, teacher_config, threads: int = 1, backend: str = "canao", db_path: str | Path | None = None,
-                 runs: int = 30, warmup: int = 5, progress=None, rounds: int = 3):
+                 runs: int = 30, warmup: int = 5, progress=None, rounds: int = 3, device: str | None = None):
         if backend not in ("canao", "torch"):
             raise CanaoError(f"latency backend '{backend}' unknown; use canao or torch")
+        if device and backend != "canao":
+            raise CanaoError("timing on a device needs the canao latency backend (the device has no PyTorch)")
         self.teacher = teacher_config
         self.threads, self.backend, self.runs, self.warmup = threads, backend, runs, warmup
         self.rounds = max(1, rounds)
@@ -74,6 +79,13 @@ class LatencyOracle:
             except json.JSONDecodeError:
                 self.db = {}  # a torn write: re-measure rather than fail
         self.host = host_id()
+        self.device, self.target = device, "host"
+        if device:
+            from ..device.runner import device_target, get_device
+
+            info = get_device(device).probe()
+            self.host = f"device:{info['spec']}|{info['cpu_model']}|{info['arch']}|{info['cores']}"
+            self.target = device_target(info)
         self.progress = progress
         self.measured_now = 0  # measurements taken by this process (not from the database)
 
@@ -123,7 +135,9 @@ class LatencyOracle:
         old_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            if self.backend == "canao":
+            if self.device:
+                stats, compile_s = self._time_device(model, arch, threads)
+            elif self.backend == "canao":
                 times, compile_s = self._time_canao(model, arch, threads, ids, tt, mask)
             else:
                 if arch.precision != "fp32":
@@ -131,7 +145,9 @@ class LatencyOracle:
                 times, compile_s = self._time_torch(model, ids, tt, mask), 0.0
         finally:
             torch.set_num_threads(old_threads)
-        result = {**timing_stats(times), "rounds": self.rounds, "arch": arch.to_dict(), "threads": threads, "backend": self.backend,
+        if not self.device:
+            stats = timing_stats(times)
+        result = {**stats, "rounds": self.rounds, "arch": arch.to_dict(), "threads": threads, "backend": self.backend,
                   "compile_s": compile_s, "measure_s": time.perf_counter() - t0, "when": time.time()}
         self.measured_now += 1
         if self.progress:
@@ -173,11 +189,35 @@ class LatencyOracle:
             shutil.rmtree(tmp, ignore_errors=True)
         return times, compile_s
 
+    def _device_rounds(self, path, seq: int, threads: int) -> dict:
+        """canao-run on the device: `rounds` rounds (warm-up before the first), the lowest median kept."""
+        from ..device.runner import measure
+
+        rounds = [measure(path, self.device, seq=seq, threads=threads, runs=self.runs,
+                          warmup=self.warmup if i == 0 else 0) for i in range(self.rounds)]
+        best = min(rounds, key=lambda r: r["median_ms"])
+        return {k: best[k] for k in ("median_ms", "p95_ms", "min_ms", "runs")}
+
+    def _time_device(self, model, arch, threads):
+        from ..compiler import compile_model
+
+        tmp = Path(tempfile.mkdtemp(prefix="canao-lat-"))
+        try:
+            t0 = time.perf_counter()
+            compile_model(model, tmp / "artifact", precision=arch.precision, max_seq=arch.seq, target=self.target,
+                          threads=threads)
+            compile_s = time.perf_counter() - t0
+            return self._device_rounds(tmp / "artifact", arch.seq, threads), compile_s
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def time_artifact(self, path, seq: int, threads: int | None = None) -> dict:
         """Median/p95 of an already compiled artifact (the final model), batch 1, `seq` tokens."""
         from ..compiler import load_artifact
 
         threads = threads or self.threads
+        if self.device:
+            return {**self._device_rounds(path, seq, threads), "threads": threads, "seq": seq}
         rng = np.random.default_rng(0)
         ids = rng.integers(1, self.teacher.vocab_size, (1, seq))
         tt, mask = np.zeros_like(ids), np.ones_like(ids)
