@@ -46,21 +46,15 @@ def cmd_measure(args) -> dict:
 
 def cmd_info(args) -> dict:
     from ..errors import CanaoError
-    from .runner import best_x86_target, get_device
+    from .runner import device_target, get_device
 
     info = dict(get_device(args.device).probe())
-    arch = info["arch"]
     try:
-        info["target"] = best_x86_target(info["flags"]) if arch in ("x86_64", "amd64") else None
+        info["target"] = device_target(info)
     except CanaoError:
         info["target"] = None
-    if arch in ("aarch64", "arm64"):
-        from ..compiler.targets import TARGETS
-
-        info["target"] = next((n for n, t in TARGETS.items() if getattr(t, "arch", None) == "aarch64"
-                               or n.startswith("aarch64")), None)
     if not args.json:
-        print(f"{info['spec']}: {arch}, {info['cpu_model'] or 'unknown CPU'}, {info['cores']} cores"
+        print(f"{info['spec']}: {info['arch']}, {info['cpu_model'] or 'unknown CPU'}, {info['cores']} cores"
               + (f", {info['product']}" if info["product"] else ""))
         print(f"  canao target: {info['target'] or 'none (canao cannot generate code for it)'}")
     info.pop("flags")

@@ -134,6 +134,21 @@ def best_x86_target(flags) -> str:
     raise CanaoError("the device's CPU has neither AVX-512 nor AVX2+FMA; canao's x86 code generator needs one of them")
 
 
+def device_target(info: dict) -> str:
+    """The canao target to compile for a probed device (its widest one), or a CanaoError."""
+    arch = _ARCH_ALIASES.get(info["arch"], info["arch"])
+    if arch == "x86_64":
+        return best_x86_target(info.get("flags", []))
+    from ..compiler.targets import TARGETS
+
+    flags = set(info.get("flags") or [])
+    for name, t in TARGETS.items():
+        if getattr(t, "arch", "x86_64") == arch and (not flags or set(t.features) <= flags):
+            return name
+    raise CanaoError(f"canao has no target for {info['spec']} ({info['arch']}, {info.get('cpu_model') or 'unknown CPU'}); "
+                     f"x86_64 (AVX2 or AVX-512) and aarch64 (ARMv8.2 dot product) devices are supported")
+
+
 def _file_key(folder: Path, manifest: dict, names: list[str]) -> str:
     """The copied files' identity: their manifest checksums, or their bytes when the manifest lacks one."""
     h = hashlib.sha256()

@@ -169,6 +169,25 @@ def test_ssh_measure(artifact, sshd):
     assert not Path(remote).parent.exists(), "the remote work folder outlives cleanup()"
 
 
+def test_latency_oracle_on_device(sshd, tmp_path):
+    """The search's latency oracle compiles for the device's target and times there, keyed by device."""
+    from canao.compress.latency import LatencyOracle
+    from canao.compress.space import Arch
+    from canao.models.bert import BertConfig
+
+    small = BertConfig(vocab_size=200, hidden_size=64, layer_heads=[4] * 2, layer_ffn=[128] * 2, head_dim=16)
+    oracle = LatencyOracle(small, threads=1, db_path=tmp_path / "db.json", runs=5, warmup=1, rounds=2,
+                           device=sshd["spec"])
+    assert oracle.host.startswith(f"device:{sshd['spec']}|") and oracle.target in ("avx2", "avx512", "avx512_vnni")
+    a = Arch((2,), (64,), 32)
+    m = oracle.measure(a)
+    assert m["runs"] == 5 and 0 < m["min_ms"] <= m["median_ms"] <= m["p95_ms"] and m["compile_s"] > 0
+    assert LatencyOracle(small, db_path=tmp_path / "db.json", device=sshd["spec"]).cached(a) == m
+    assert LatencyOracle(small, db_path=tmp_path / "db.json", backend="canao").cached(a) is None  # host != device
+    with pytest.raises(CanaoError, match="needs the canao latency backend"):
+        LatencyOracle(small, backend="torch", device=sshd["spec"])
+
+
 def test_ssh_errors(sshd):
     d = sshd["dir"]
     refused = f"ssh://{sshd['user']}@127.0.0.1:{free_port()}?key={d / 'client'}&known_hosts={d / 'known_hosts'}"
