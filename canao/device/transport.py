@@ -244,6 +244,7 @@ class SSHTransport(Transport):
         not a pipe (the background master would hold a pipe open forever)."""
         if self._master:
             return
+        Path(self._ctl_dir).mkdir(exist_ok=True)
         log = Path(self._ctl_dir) / "connect.log"
         with open(log, "w") as err:
             try:
@@ -254,7 +255,9 @@ class SSHTransport(Transport):
                 raise CanaoError(f"ssh to {self.host}:{self.port} did not connect within 60 s; "
                                  f"check the address and that the host is up") from None
         if rc != 0:
-            raise self._error(log.read_text())
+            message = log.read_text()
+            shutil.rmtree(self._ctl_dir, ignore_errors=True)  # a failed transport is not cleaned up by its caller
+            raise self._error(message)
         self._master = True
 
     def _error(self, stderr: str) -> CanaoError:
