@@ -1,0 +1,164 @@
+"""Compiled decoders: SmolLM2 greedy generations equal PyTorch's token for token (fp32), the
+quantized builds stay close to the PyTorch model of the same weights, GGUF blocks are copied
+without requantizing, prefill in pieces equals one prefill, and the errors a user can meet."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from canao.apps.generate import Generator
+from canao.compiler.decoder import CompiledDecoder, compile_decoder
+from canao.errors import CanaoError
+from safetensors.torch import save_file
+from canao.models.decoders import load_causal_lm
+from canao.models.llama import Llama, LlamaConfig
+
+PROMPTS = ["What is the capital of France?", "Write a short poem about the ocean."]
+TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
+        "structure in Paris. Its base is square, measuring 125 metres on each side.")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    torch.set_num_threads(1)
+    return Generator.load("smollm2", threads=1)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("decoders")
+    return {p: compile_decoder("smollm2", root / p, precision=p, max_seq=256) for p in ("fp32", "q4_1")}
+
+
+def _logits_per_position(model, decoder, ids):
+    """PyTorch logits and the artifact's for every prefix of ids (decode steps after a 4-token prefill)."""
+    with torch.inference_mode():
+        ref = model(torch.tensor([ids]), model.new_cache(len(ids)), 0)[0].numpy()
+    got = [decoder.forward(ids[:4], 0).copy()]
+    for pos in range(4, len(ids)):
+        got.append(decoder.forward([ids[pos]], pos).copy())
+    return ref[3:], np.stack(got)
+
+
+def test_fp32_greedy_generation_equals_pytorch_token_for_token(smollm2, artifacts):
+    compiled = Generator.load(artifacts["fp32"]["artifact"], threads=1)
+    for prompt in PROMPTS:
+        ours = compiled.generate(prompt, max_new_tokens=24)
+        ref = smollm2.generate(prompt, max_new_tokens=24)
+        assert ours["text"] == ref["text"] and ours["generated_tokens"] == ref["generated_tokens"]
+    assert "Paris" in compiled.generate(PROMPTS[0], max_new_tokens=16)["text"]
+
+
+def test_fp32_logits_match_pytorch(smollm2, artifacts):
+    decoder = CompiledDecoder(artifacts["fp32"]["artifact"], threads=2)
+    ids = smollm2.tokenizer.encode(TEXT)[:40]
+    ref, got = _logits_per_position(smollm2.model, decoder, ids)
+    assert np.abs(got - ref).max() < 2e-4
+
+
+def test_q4_1_copies_the_gguf_blocks_and_tracks_pytorch(smollm2, artifacts):
+    weights = artifacts["q4_1"]["weights"]
+    # 30 layers x 7 matrices in the file are Q4_1 and the embedding Q8_0: all taken as they are
+    assert weights["copied_from_source"] == 211 and weights["requantized"] == 0
+    assert (weights["weights_format"], weights["embedding_format"]) == ("Q4_1", "Q8_0")
+    decoder = CompiledDecoder(artifacts["q4_1"]["artifact"], threads=1)
+    ids = smollm2.tokenizer.encode(TEXT)[:40]
+    ref, got = _logits_per_position(smollm2.model, decoder, ids)
+    # the only difference is int8 activations inside the GEMVs (as llama.cpp's Q8_1)
+    assert np.abs(got - ref).max() < 2.0
+    agree = (got.argmax(-1) == ref.argmax(-1)).mean()
+    assert agree >= 0.9, f"top-1 agreement {agree:.2f}"
+
+
+def test_q8_0_requantized_from_q4_1_tracks_pytorch(smollm2, tmp_path):
+    summary = compile_decoder("smollm2", tmp_path / "q8", precision="q8_0", max_seq=64)
+    assert summary["weights"]["requantized"] == 210 and summary["weights"]["copied_from_source"] == 1
+    decoder = CompiledDecoder(summary["artifact"], threads=2)
+    ids = smollm2.tokenizer.encode(TEXT)[:24]
+    ref, got = _logits_per_position(smollm2.model, decoder, ids)
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A random Llama in a HF folder with untied embeddings and odd sizes (not multiples of the 4-token tile)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, max_seq_len=64, tie_embeddings=False, rope_theta=10000.0)
+    model = Llama(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    folder = tmp_path_factory.mktemp("tiny") / "llama"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "max_position_embeddings": 64, "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}))
+    shutil.copyfile(_any_tokenizer_json(), folder / "tokenizer.json")
+    return model, folder
+
+
+def _any_tokenizer_json():
+    # a byte-level BPE tokenizer.json for the folder: the tiny model never decodes text in these tests
+    import tempfile
+
+    from canao.models.bpe_tokenizer import BPETokenizer
+    from canao.models import gguf_loader
+    from canao.paths import builtin_model
+
+    tok = BPETokenizer.from_gguf(gguf_loader.open_gguf(builtin_model("smollm2")))
+    path = tempfile.mkdtemp() + "/tokenizer.json"
+    tok.tokenizer.save(path)
+    return path
+
+
+def test_random_llama_folder_prefill_in_pieces_equals_pytorch(tiny_llama, tmp_path):
+    model, folder = tiny_llama
+    summary = compile_decoder(folder, tmp_path / "tiny", precision="fp32", max_seq=64)
+    decoder = CompiledDecoder(summary["artifact"], threads=2)
+    ids = list(np.random.default_rng(0).integers(0, 300, 23))
+    with torch.inference_mode():
+        ref = model(torch.tensor([ids]), model.new_cache(64), 0)[0].numpy()
+    assert np.abs(decoder.forward(ids, 0) - ref[-1]).max() < 1e-4
+    # the same sequence as 7 + 9 + 1 x 7 tokens: cached keys from earlier calls are used
+    decoder.forward(ids[:7], 0)
+    assert np.abs(decoder.forward(ids[7:16], 7) - ref[15]).max() < 1e-4
+    for pos in range(16, 23):
+        out = decoder.forward([ids[pos]], pos)
+        assert np.abs(out - ref[pos]).max() < 1e-4
+
+
+def test_sampling_in_c_is_seeded_and_top_k_1_is_greedy(artifacts):
+    gen = Generator.load(artifacts["q4_1"]["artifact"], threads=1)
+    settings = dict(max_new_tokens=8, temperature=1.0, top_p=0.9)
+    first = gen.generate(PROMPTS[1], seed=5, **settings)["text"]
+    assert gen.generate(PROMPTS[1], seed=5, **settings)["text"] == first
+    assert {gen.generate(PROMPTS[1], seed=s, **settings)["text"] for s in (1, 2, 3)} - {first}
+    greedy = gen.generate(PROMPTS[1], max_new_tokens=8)["text"]
+    assert gen.generate(PROMPTS[1], max_new_tokens=8, temperature=0.7, top_k=1, seed=9)["text"] == greedy
+
+
+def test_errors_name_the_problem(artifacts, tmp_path):
+    decoder = CompiledDecoder(artifacts["q4_1"]["artifact"], threads=1)
+    with pytest.raises(CanaoError, match="context of 256 tokens"):
+        decoder.forward(list(range(10)), 250)
+    with pytest.raises(CanaoError, match="outside the vocabulary"):
+        decoder.forward([49152], 0)
+    gen = Generator.load(artifacts["q4_1"]["artifact"])
+    with pytest.raises(CanaoError, match="context window is 256"):
+        gen.generate("word " * 300, max_new_tokens=4)
+    with pytest.raises(CanaoError, match="compiled precision"):
+        Generator.load(artifacts["q4_1"]["artifact"], dtype="bfloat16")
+    broken = tmp_path / "broken"
+    shutil.copytree(artifacts["q4_1"]["artifact"], broken)
+    with open(broken / "weights.bin", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(CanaoError, match="checksum|truncated"):
+        CompiledDecoder(broken)
+    with pytest.raises(CanaoError, match="decoder precision 'int8'"):
+        compile_decoder("smollm2", tmp_path / "x", precision="int8")
