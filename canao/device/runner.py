@@ -222,6 +222,9 @@ def run_runner(t: Transport, remote: str, args: list[str], timeout: float = DEFA
     if sig:
         raise CanaoError(f"{RUNNER} on {t.spec} was killed by signal {sig} ({line}); "
                          f"check the device's free memory (`free`) and logs")
+    if "GLIBC_" in line or "ld-linux" in line or (rc == 127 and "no such file or directory" in line.lower()):
+        raise CanaoError(f"{RUNNER} cannot start on {t.spec}: {line}; the device's C library differs from this "
+                         f"machine's (a host build links glibc dynamically): compile on a machine like the device")
     if rc in (126, 127):
         raise CanaoError(f"{RUNNER} could not be started on {t.spec}: {line}; its folder {remote} must allow "
                          f"executables (not mounted noexec) and the binary must match the device")
