@@ -107,3 +107,24 @@ def bench_local(artifact_dir, seq: int, threads: int = 1, runs: int = 20, warmup
         return json.loads(out)
     except json.JSONDecodeError:
         raise CanaoError(f"{RUNNER} --bench printed no JSON: {out[:200]!r}") from None
+
+
+class RunnerModel:
+    """CompiledModel's run() over canao-run (for an artifact this process cannot load: another ISA under qemu)."""
+
+    def __init__(self, folder, threads: int | None = None, launcher: list[str] | None = None):
+        self.path = Path(folder)
+        self.manifest, _ = _command(self.path, launcher, check=True)
+        self.threads, self.launcher = threads, launcher
+
+    def run(self, input_ids, token_type_ids=None, attention_mask=None, as_torch: bool | None = None):
+        torch_in = as_torch if as_torch is not None else type(input_ids).__module__.startswith("torch")
+        outs = run_local(self.path, input_ids, token_type_ids, attention_mask, threads=self.threads,
+                         launcher=self.launcher, check=False)
+        if torch_in:
+            import torch
+
+            return tuple(torch.from_numpy(np.array(o)) for o in outs)
+        return outs
+
+    __call__ = run
