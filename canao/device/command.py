@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-DEVICE_HELP = "local, ssh://user@host[:port][?key=PATH] or adb[://SERIAL] (default: local)"
+DEVICE_HELP = "local, ssh://user@host[:port][?key=PATH], adb[://SERIAL] or qemu-aarch64 (emulated) (default: local)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:

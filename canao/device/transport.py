@@ -7,6 +7,8 @@ Device specs:
                                     StrictHostKeyChecking=accept-new; the key may also come from
                                     $CANAO_SSH_KEY and the known_hosts file from $CANAO_SSH_KNOWN_HOSTS
     adb | adb://SERIAL              an Android device through the system `adb` (files in /data/local/tmp/canao)
+    qemu-aarch64                    this machine emulating another architecture (user-mode qemu): checks that
+                                    an artifact runs; its timings are the emulator's
 
 Nothing here knows about models; every failure is a CanaoError that names the problem and the fix.
 """
@@ -194,6 +196,32 @@ class LocalTransport(Transport):
 
     def _remove(self, path):
         shutil.rmtree(path, ignore_errors=True)
+
+
+class QemuTransport(LocalTransport):
+    """qemu-ARCH: this machine running another architecture's binaries under user-mode qemu (-cpu max).
+    It proves an artifact runs before a real device is at hand; its timings measure the emulator."""
+
+    kind = "qemu"
+
+    def __init__(self, spec: str):
+        super().__init__(spec)
+        self.arch = spec[len("qemu-"):]
+        self.qemu = shutil.which(spec)
+        if not self.qemu:
+            raise CanaoError(f"{spec} is not installed: install user-mode qemu (Debian: apt install qemu-user)")
+
+    def run(self, argv, timeout=DEFAULT_TIMEOUT, cwd=None):
+        return super().run([self.qemu, "-cpu", "max", *argv], timeout=timeout, cwd=cwd)
+
+    def probe(self) -> dict:
+        if self._probe is None:
+            host = parse_cpuinfo(Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "")
+            # no flags: -cpu max emulates every extension, so no ISA check applies
+            self._probe = {"spec": self.spec, "transport": self.kind, "arch": self.arch, "flags": [],
+                           "cpu_model": f"qemu-{self.arch} -cpu max on {host['cpu_model'] or 'this machine'} (emulated)",
+                           "cores": host["cores"], "product": None}
+        return self._probe
 
 
 class SSHTransport(Transport):
@@ -443,4 +471,6 @@ def open_transport(spec: str) -> Transport:
         return SSHTransport(spec)
     if spec == "adb" or spec.startswith("adb://"):
         return ADBTransport(spec)
-    raise CanaoError(f"unknown device '{spec}'; use local, ssh://user@host[:port] or adb[://SERIAL]")
+    if re.fullmatch(r"qemu-[a-z0-9_]+", spec):
+        return QemuTransport(spec)
+    raise CanaoError(f"unknown device '{spec}'; use local, ssh://user@host[:port], adb[://SERIAL] or qemu-aarch64")
