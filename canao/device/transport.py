@@ -163,8 +163,11 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _timeout_error(spec: str, argv: list[str], timeout: float) -> CanaoError:
-    return CanaoError(f"`{' '.join(argv[:2])} ...` on {spec} did not finish within {timeout:.0f} s; "
+def _timeout_error(spec: str, what, timeout: float) -> CanaoError:
+    what = what if isinstance(what, str) else " ".join(what[:2])
+    if len(what) > 60:
+        what = what[:57] + "..."
+    return CanaoError(f"`{what}` on {spec} did not finish within {timeout:.0f} s; "
                       f"ask for fewer --runs or a shorter --seq, or check the device is not overloaded")
 
 
@@ -315,7 +318,7 @@ class SSHTransport(Transport):
             p = subprocess.run(argv, stdin=stdin if stdin is not None else subprocess.DEVNULL,
                                capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise _timeout_error(self.spec, shlex.split(command)[-1:], timeout) from None
+            raise _timeout_error(self.spec, command, timeout) from None
         if p.returncode == 255 and not p.stdout:
             raise self._error(p.stderr)
         return p.returncode, p.stdout, p.stderr

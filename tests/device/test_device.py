@@ -67,6 +67,8 @@ def test_local_errors(artifact, tmp_path):
     t, remote = runner.stage(artifact, "local")
     with pytest.raises(CanaoError, match=r"canao-run on local failed \(exit 2\): canao-run: .*seq"):
         runner.run_runner(t, remote, ["weights.bin", "--bench", "--seq", "0"])
+    with pytest.raises(CanaoError, match="did not finish within 1 s; ask for fewer --runs"):
+        t.run(["sleep", "5"], timeout=1)
 
     def copy(name):
         d = tmp_path / name
@@ -144,7 +146,10 @@ PermitRootLogin prohibit-password
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 """)
-    Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation directory
+    try:
+        Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation directory
+    except PermissionError:
+        pass  # not root: sshd runs unprivileged without it
     log = open(d / "sshd.log", "w")
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log, stderr=subprocess.STDOUT)
     try:
