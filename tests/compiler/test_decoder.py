@@ -3,6 +3,7 @@ quantized builds stay close to the PyTorch model of the same weights, GGUF block
 without requantizing, prefill in pieces equals one prefill, and the errors a user can meet."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -162,3 +163,50 @@ def test_errors_name_the_problem(artifacts, tmp_path):
         CompiledDecoder(broken)
     with pytest.raises(CanaoError, match="decoder precision 'int8'"):
         compile_decoder("smollm2", tmp_path / "x", precision="int8")
+
+
+def _run(cmd):
+    import subprocess
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_canao_run_generates_what_python_generates(smollm2, artifacts):
+    folder = artifacts["q4_1"]["artifact"]
+    decoder = CompiledDecoder(folder, threads=1)
+    prompt = smollm2.prompt_ids(PROMPTS[0])
+    expected = [int(decoder.forward(prompt, 0).argmax())]
+    for i in range(5):
+        expected.append(int(decoder.forward([expected[-1]], len(prompt) + i).argmax()))
+    out = _run([f"{folder}/canao-run", f"{folder}/weights.bin", "--ids", ",".join(map(str, prompt)), "--generate", "6"])
+    assert out["ids"] == expected
+    bench = _run([f"{folder}/canao-run", f"{folder}/weights.bin", "--bench-decode", "--context", "16", "--steps", "20",
+                  "--ttft-prompt", "16", "--ttft-runs", "2"])
+    assert bench["decode_ms_median"] <= bench["decode_ms_p90"] and bench["tokens_per_s"] > 0
+
+
+@pytest.mark.skipif((not shutil.which("qemu-aarch64") or not shutil.which("aarch64-linux-gnu-gcc"))
+                    and not os.environ.get("CI"),  # CI installs both (scripts/setup.sh): there it must run
+                    reason="needs qemu-user and gcc-aarch64-linux-gnu (scripts/setup.sh installs both)")
+def test_aarch64_decoders_under_qemu_match(smollm2, artifacts, tiny_llama, tmp_path):
+    """NEON/sdot kernels, cross-compiled and statically linked, run under qemu-aarch64."""
+    model, folder = tiny_llama
+    arm = compile_decoder(folder, tmp_path / "tiny-arm", precision="fp32", max_seq=64, target="aarch64")["artifact"]
+    ids = [5, 17, 250, 3, 99, 42, 7]
+    out = _run(["qemu-aarch64", "-cpu", "max", f"{arm}/canao-run", f"{arm}/weights.bin", "--ids",
+                ",".join(map(str, ids)), "--generate", "3", "--logits", str(tmp_path / "tiny.f32")])
+    with torch.inference_mode():
+        ref = model(torch.tensor([ids]), model.new_cache(16), 0)[0, -1].numpy()
+    assert np.abs(np.fromfile(tmp_path / "tiny.f32", np.float32) - ref).max() < 1e-4
+    # SmolLM2 Q4_1: the same greedy tokens and logits as the x86 artifact (integer dots are exact;
+    # only the float accumulation order differs)
+    arm = compile_decoder("smollm2", tmp_path / "smol-arm", precision="q4_1", max_seq=64, target="aarch64")["artifact"]
+    prompt = [1, 9690, 198, 2683]
+    out = _run(["qemu-aarch64", "-cpu", "max", f"{arm}/canao-run", f"{arm}/weights.bin", "--ids",
+                ",".join(map(str, prompt)), "--generate", "3", "--logits", str(tmp_path / "smol.f32")])
+    x86 = CompiledDecoder(artifacts["q4_1"]["artifact"], threads=1)
+    expected = x86.forward(prompt, 0).copy()
+    assert np.abs(np.fromfile(tmp_path / "smol.f32", np.float32) - expected).max() < 1e-3
+    assert out["ids"][0] == int(expected.argmax())

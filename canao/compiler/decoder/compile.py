@@ -4,36 +4,45 @@ weights, the tokenizer, and a manifest (kind "decoder")."""
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from ...errors import CanaoError
 from .. import artifact
-from ..build import BASE_FLAGS, KERNEL_DIR, _run_cc, cache_dir, compiler
-from ..targets import get_target
+from ..build import KERNEL_DIR, _cached, _run_cc, compiler, object_flags
+from ..targets import get_target, is_cross
 from .codegen import generate
 from .pack import PRECISION_FORMATS, Source, pack_llama
 
 DECODER_PRECISIONS = tuple(PRECISION_FORMATS)
 DECODER_FILES = ("canao_lm.h", "canao_decoder.c", "canao_decoder_kernels.h")
+RUNNER_SOURCE = "canao_lm_run.c"
 
 
-def _build(folder: Path, target, out: Path) -> None:
-    flags = [*BASE_FLAGS, *target.cflags]
-    key = hashlib.sha256(" ".join([compiler(), *flags]).encode())
-    for name in ("model.c", *DECODER_FILES, target.vec_header):
-        key.update((folder / name).read_bytes())
-    cached = cache_dir() / "build" / f"lm-{key.hexdigest()[:24]}.so"
-    if not cached.exists():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            _run_cc([compiler(), *flags, "-I", str(folder), str(folder / "model.c"), "-o", f"{tmp}/lib.so", "-lm"])
-            shutil.move(f"{tmp}/lib.so", cached)
-    shutil.copyfile(cached, out)
+def _build(folder: Path, target) -> list[str]:
+    """model.c (which includes the decoder runtime) into the shared library (host targets) and the
+    standalone canao-run (statically linked for another machine)."""
+    cc, flags = compiler(target), object_flags(target)
+    headers = [folder / n for n in (*DECODER_FILES, target.vec_header)]
+    model = _cached("lm-model", cc, flags, [folder / "model.c", *headers], ".o",
+                    lambda o: _run_cc([cc, *flags, "-c", "-I", str(folder), str(folder / "model.c"), "-o", str(o)]))
+    main = _cached("lm-main", cc, flags, [folder / RUNNER_SOURCE, folder / "canao_lm.h"], ".o",
+                   lambda o: _run_cc([cc, *flags, "-c", "-I", str(folder), str(folder / RUNNER_SOURCE), "-o", str(o)]))
+    written = []
+    if not is_cross(target):
+        lib = _cached("lm-lib", cc, [], [model], ".so",
+                      lambda o: _run_cc([cc, "-shared", "-pthread", str(model), "-o", str(o), "-lm"]))
+        shutil.copyfile(lib, folder / artifact.LIBRARY)
+        written.append(artifact.LIBRARY)
+    link = ["-static"] if is_cross(target) else []
+    exe = _cached("lm-run", cc, link, [model, main], "",
+                  lambda o: _run_cc([cc, *link, "-pthread", str(model), str(main), "-o", str(o), "-lm"]))
+    shutil.copyfile(exe, folder / artifact.RUNNER)
+    os.chmod(folder / artifact.RUNNER, 0o755)
+    return [*written, artifact.RUNNER]
 
 
 def _save_tokenizer(src: Source, folder: Path) -> None:
@@ -71,15 +80,16 @@ def compile_decoder(spec, out, precision: str = "q4_1", max_seq: int = 2048, tar
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / "model.c").write_text(source)
-    for name in (*DECODER_FILES, tgt.vec_header):
+    for name in (*DECODER_FILES, RUNNER_SOURCE, tgt.vec_header):
         shutil.copyfile(KERNEL_DIR / name, tmp / name)
     artifact.write_weights(tmp / artifact.WEIGHTS, bytes(packed.blob))
     _save_tokenizer(src, tmp)
     t0 = time.perf_counter()
-    _build(tmp, tgt, tmp / artifact.LIBRARY)
+    _build(tmp, tgt)
     times["cc_ms"] = (time.perf_counter() - t0) * 1e3
     info = {
         "kind": "decoder",
+        "runner": artifact.RUNNER,
         "target": {"name": tgt.name, "features": list(tgt.features), "cflags": list(tgt.cflags)},
         "precision": precision,
         "max_seq": max_ctx,
