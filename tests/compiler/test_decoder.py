@@ -210,3 +210,17 @@ def test_aarch64_decoders_under_qemu_match(smollm2, artifacts, tiny_llama, tmp_p
     expected = x86.forward(prompt, 0).copy()
     assert np.abs(np.fromfile(tmp_path / "smol.f32", np.float32) - expected).max() < 1e-3
     assert out["ids"][0] == int(expected.argmax())
+
+
+def test_all_position_logits_and_perplexity_match_pytorch(smollm2, artifacts, data_dir):
+    from canao.tasks.lm import perplexity
+
+    decoder = CompiledDecoder(artifacts["fp32"]["artifact"], threads=2)
+    ids = smollm2.tokenizer.encode(TEXT)[:30]
+    with torch.inference_mode():
+        ref = smollm2.model(torch.tensor([ids]))[0].numpy()
+    assert np.abs(decoder.forward_all(ids, 0) - ref).max() < 2e-4
+    text = data_dir / "wikitext-2" / "valid.txt"
+    ours = perplexity(artifacts["fp32"]["artifact"], text, window=128, stride=64, max_tokens=384)
+    theirs = perplexity("smollm2", text, window=128, stride=64, max_tokens=384)
+    assert ours["tokens"] == theirs["tokens"] and abs(ours["ppl"] - theirs["ppl"]) < 1e-3 * theirs["ppl"]

@@ -40,6 +40,9 @@ class CompiledDecoder:
         lib.canao_lm_forward.restype = ctypes.c_int
         lib.canao_lm_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                          ctypes.c_char_p, ctypes.c_int]
+        lib.canao_lm_forward_all.restype = ctypes.c_int
+        lib.canao_lm_forward_all.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                             ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
         lib.canao_lm_logits.restype = ctypes.POINTER(ctypes.c_float)
         lib.canao_lm_logits.argtypes = [ctypes.c_void_p]
         lib.canao_lm_sample.restype = ctypes.c_int
@@ -67,6 +70,26 @@ class CompiledDecoder:
         if self._lib.canao_lm_forward(self._handle, arr.ctypes.data, len(arr), int(pos), err, _ERR) != 0:
             raise CanaoError(err.value.decode())
         return self._logits
+
+    def forward_all(self, ids, pos: int) -> np.ndarray:
+        """Logits [len(ids), vocab] of every position (scoring, perplexity)."""
+        arr = np.ascontiguousarray(np.asarray(ids, dtype=np.int32).reshape(-1))
+        out = np.empty((len(arr), self.vocab), np.float32)
+        err = ctypes.create_string_buffer(_ERR)
+        if self._lib.canao_lm_forward_all(self._handle, arr.ctypes.data, len(arr), int(pos), out.ctypes.data,
+                                          err, _ERR) != 0:
+            raise CanaoError(err.value.decode())
+        return out
+
+    # the decode-benchmark protocol (canao.baselines.protocol): append ids, return the last logits
+    def reset(self) -> None:
+        self.pos = 0
+
+    def feed(self, ids) -> np.ndarray:
+        ids = list(ids)
+        logits = self.forward(ids, getattr(self, "pos", 0))
+        self.pos = getattr(self, "pos", 0) + len(ids)
+        return logits
 
     def sample(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, state: list | None = None) -> int:
         """Next token from the current logits, drawn in C (state: [uint64] xorshift state, updated)."""
@@ -119,12 +142,15 @@ class CompiledCausalLM:
     def parameters(self):
         return iter(())
 
-    def __call__(self, input_ids, cache=None, start_pos: int = 0, last_only: bool = True):
+    def __call__(self, input_ids, cache=None, start_pos: int = 0, last_only: bool = False):
+        """Logits [1, T, vocab] as the PyTorch model returns them ([1, 1, vocab] with last_only, a view of
+        the C buffer: valid until the next call)."""
         import torch
 
         ids = input_ids.reshape(-1).tolist() if hasattr(input_ids, "reshape") else list(input_ids)
-        logits = self.decoder.forward(ids, start_pos)
-        return torch.from_numpy(logits).view(1, 1, -1)
+        if last_only or len(ids) == 1:
+            return torch.from_numpy(self.decoder.forward(ids, start_pos)).view(1, 1, -1)
+        return torch.from_numpy(self.decoder.forward_all(ids, start_pos))[None]
 
     def sample_next(self, temperature: float, top_k: int, top_p: float, state: list) -> int:
         return self.decoder.sample(temperature, top_k, top_p, state)

@@ -268,7 +268,7 @@ static int ensure_capacity(struct canao_lm *m, int n) {
     return 0;
 }
 
-int canao_lm_forward(canao_lm *m, const int32_t *tokens, int n, int pos, char *err, int err_len) {
+static int forward(canao_lm *m, const int32_t *tokens, int n, int pos, float *all_logits, char *err, int err_len) {
     if (n < 1 || pos < 0 || pos + n > MAX_CTX) {
         snprintf(err, err_len, "positions %d..%d exceed the artifact's context of %d tokens; recompile with a larger --max-seq",
                  pos, pos + n - 1, MAX_CTX);
@@ -329,11 +329,25 @@ int canao_lm_forward(canao_lm *m, const int32_t *tokens, int n, int pos, char *e
         matmul(m, tensor(m, L->w13), W_TYPE, DIM, 2 * FFN, m->xn, m->hid, EPI_SWIGLU);
         matmul(m, tensor(m, L->w2), W_TYPE, FFN, DIM, m->hid, m->x, EPI_ADD);
     }
+    if (all_logits) {  /* every position's logits (perplexity): one GEMM over the output matrix */
+        for (int t = 0; t < n; t++) rmsnorm(m->x + (long)t * DIM, tensor(m, OFF_OUT_NORM), m->xn + (long)t * DIM, DIM, EPS);
+        matmul(m, tensor(m, OFF_LM_HEAD), E_TYPE, DIM, VOCAB, m->xn, all_logits, EPI_STORE);
+        memcpy(m->logits, all_logits + (long)(n - 1) * VOCAB, VOCAB * sizeof(float));
+        return 0;
+    }
     /* logits of the last token only: that is what generation samples from */
     rmsnorm(m->x + (long)(n - 1) * DIM, tensor(m, OFF_OUT_NORM), m->xn, DIM, EPS);
     m->n = 1;
     matmul(m, tensor(m, OFF_LM_HEAD), E_TYPE, DIM, VOCAB, m->xn, m->logits, EPI_STORE);
     return 0;
+}
+
+int canao_lm_forward(canao_lm *m, const int32_t *tokens, int n, int pos, char *err, int err_len) {
+    return forward(m, tokens, n, pos, NULL, err, err_len);
+}
+
+int canao_lm_forward_all(canao_lm *m, const int32_t *tokens, int n, int pos, float *logits, char *err, int err_len) {
+    return forward(m, tokens, n, pos, logits, err, err_len);
 }
 
 const float *canao_lm_logits(canao_lm *m) { return m->logits; }

@@ -234,9 +234,10 @@ static void dequant_panel(int type, const void *w, long row_bytes, int r0, int n
     }
 }
 
-/* y[t][r0 + c] (+)= sum_k x[t][k] * panel[k][c] for tokens [0, n), columns c < ncols.
- * Register tile: MR tokens x NR columns of fp32 accumulators. */
-#define MR 4
+/* y[t][c] = sum_k x[t][k] * panel[k][c] for tokens [0, n), columns c < ncols.
+ * Register tile: MR tokens x NR columns of fp32 accumulators (AVX2: 6 x 2 vectors = 12 of the
+ * 16 registers; NEON: 6 x 4 of 32; AVX-512: 6 x 1, plus the panel and broadcast registers). */
+#define MR 6
 static void panel_gemm(const float *x, long xs, int n, int k, const float *panel, float *y, long ys, int ncols) {
     for (int t0 = 0; t0 < n; t0 += MR) {
         const int mt = n - t0 < MR ? n - t0 : MR;

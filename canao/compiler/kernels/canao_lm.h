@@ -15,6 +15,9 @@ canao_lm *canao_lm_open(const char *weights_path, int threads, char *err, int er
  * canao_lm_logits(). Returns 0, or -1 with err (positions past the context, bad ids). */
 int canao_lm_forward(canao_lm *m, const int32_t *tokens, int n, int pos, char *err, int err_len);
 
+/* The same, writing every position's logits to logits[n][canao_lm_vocab] (perplexity, scoring). */
+int canao_lm_forward_all(canao_lm *m, const int32_t *tokens, int n, int pos, float *logits, char *err, int err_len);
+
 const float *canao_lm_logits(canao_lm *m);  /* canao_lm_vocab floats, valid until the next forward */
 
 /* Next token from the current logits: greedy when temperature <= 0, else softmax(logits / T)
