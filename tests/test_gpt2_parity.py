@@ -141,3 +141,24 @@ def test_generator_greedy_matches_transformers_generate(hf_folder):
     assert len(new) >= 4, "too short to compare; pick another prompt or seed"
     assert result["generated_tokens"] == len(new)
     assert result["text"] == tok.decode(new)
+
+
+def test_compiled_gpt2_matches_transformers(hf_folder, tmp_path):
+    """canao compile on a GPT-2 (HF folder and GGUF): prefill and decode steps of the native code
+    against transformers; q8_0 keeps the greedy choices."""
+    from canao.compiler.decoder import CompiledDecoder, compile_decoder
+
+    folder, reference, tok = hf_folder
+    write_gguf(tmp_path / "gpt2.gguf", reference, tok)
+    ids = torch.randint(0, reference.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        ref = reference(ids).logits[0].numpy()
+    for source in (folder, tmp_path / "gpt2.gguf"):
+        art = compile_decoder(source, tmp_path / f"art-{source.name}", precision="fp32", max_seq=64)["artifact"]
+        dec = CompiledDecoder(art, threads=2)
+        assert np.abs(dec.forward_all(ids[0, :10].tolist(), 0) - ref[:10]).max() < 1e-4
+        for pos in range(10, 24):
+            assert np.abs(dec.forward([int(ids[0, pos])], pos) - ref[pos]).max() < 1e-4
+    art = compile_decoder(folder, tmp_path / "art-q8", precision="q8_0", max_seq=64)["artifact"]
+    got = CompiledDecoder(art, threads=1).forward_all(ids[0].tolist(), 0)
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9

@@ -15,7 +15,7 @@ from .. import artifact
 from ..build import KERNEL_DIR, _cached, _run_cc, compiler, object_flags
 from ..targets import get_target, is_cross
 from .codegen import generate
-from .pack import PRECISION_FORMATS, Source, pack_llama
+from .pack import PRECISION_FORMATS, Source, arch_shapes, pack_gpt2, pack_llama
 
 DECODER_PRECISIONS = tuple(PRECISION_FORMATS)
 DECODER_FILES = ("canao_lm.h", "canao_decoder.c", "canao_decoder_kernels.h")
@@ -49,7 +49,12 @@ def _save_tokenizer(src: Source, folder: Path) -> None:
     """tokenizer.json + tokenizer_config.json, so the artifact needs nothing else to chat."""
     from ...models.bpe_tokenizer import BPETokenizer
 
-    tok = BPETokenizer.from_gguf(src.gguf) if src.gguf is not None else BPETokenizer.from_folder(src.path)
+    from ...models import gguf_loader
+
+    if src.path.is_file():
+        tok = BPETokenizer.from_gguf(src.gguf if src.gguf is not None else gguf_loader.open_gguf(src.path))
+    else:
+        tok = BPETokenizer.from_folder(src.path)
     tok.tokenizer.save(str(folder / "tokenizer.json"))
     config = {name: tok.token(i) for name, i in
               (("bos_token", tok.bos_id), ("eos_token", tok.eos_id), ("pad_token", tok.pad_id)) if i is not None}
@@ -66,13 +71,13 @@ def compile_decoder(spec, out, precision: str = "q4_1", max_seq: int = 2048, tar
     times = {}
     t0 = time.perf_counter()
     src = Source(spec)
-    cfg = src.config
+    arch = arch_shapes(src)
     if not 2 <= max_seq:
         raise CanaoError(f"--max-seq {max_seq} must be at least 2")
-    max_ctx = min(max_seq, cfg.max_seq_len)
-    packed, formats = pack_llama(src, precision, max_ctx)
+    max_ctx = min(max_seq, arch["max_positions"])
+    packed, formats = (pack_llama if src.arch == "llama" else pack_gpt2)(src, precision, max_ctx)
     times["pack_ms"] = (time.perf_counter() - t0) * 1e3
-    source = generate(cfg, packed, tgt, max_ctx, str(src.path))
+    source = generate(arch, packed, tgt, max_ctx, str(src.path))
     final = Path(out)
     if final.exists() and not (final / artifact.MANIFEST).exists():
         raise CanaoError(f"{final} exists and is not a canao artifact; choose another --out")
@@ -94,7 +99,7 @@ def compile_decoder(spec, out, precision: str = "q4_1", max_seq: int = 2048, tar
         "precision": precision,
         "max_seq": max_ctx,
         "threads": threads,
-        "model": {"architecture": "llama", **cfg.to_dict(), "source": str(src.path)},
+        "model": {**arch, "config": src.config.to_dict(), "source": str(src.path)},
         "weights": {**formats, "bytes": len(packed.blob), "copied_from_source": packed.copied_raw,
                     "requantized": packed.requantized},
     }

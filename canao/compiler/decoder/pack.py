@@ -45,30 +45,33 @@ class Packed:
 
 
 class Source:
-    """Tensors of a Llama checkpoint by our parameter names, as rows of a wanted format."""
+    """Tensors of a decoder checkpoint by our parameter names, as rows of a wanted format.
+
+    Llama GGUF files are read tensor by tensor, so matrices already in the wanted block format
+    are copied as they are. Other sources (HF folders; GPT-2) go through the PyTorch model."""
 
     def __init__(self, spec):
         from ...paths import resolve_model_path
 
         path = resolve_model_path(spec)
         self.path = path
+        self.gguf = None
         if path.is_file():
-            self.gguf = gguf_loader.open_gguf(path)
-            if self.gguf.architecture != "llama":
-                raise CanaoError(f"{path}: canao compiles llama-architecture decoders; this GGUF is "
-                                 f"'{self.gguf.architecture}' (run it uncompiled with `canao generate`)")
-            self.config = gguf_loader.llama_config(self.gguf)
-            self.state = None
-        else:
-            from ...models.decoders import load_decoder
+            gf = gguf_loader.open_gguf(path)
+            if gf.architecture == "llama":
+                self.gguf = gf
+                self.arch = "llama"
+                self.config = gguf_loader.llama_config(gf)
+                self.state = None
+                return
+        from ...models.decoders import load_decoder
 
-            model, info = load_decoder(path)
-            if info.get("architecture") != "llama":
-                raise CanaoError(f"{path}: canao compiles llama-architecture decoders; this is "
-                                 f"'{info.get('architecture')}' (run it uncompiled with `canao generate`)")
-            self.gguf = None
-            self.config = model.config
-            self.state = {k: v.detach().float() for k, v in model.state_dict().items()}
+        model, info = load_decoder(path)
+        self.arch = info.get("architecture")
+        if self.arch not in ("llama", "gpt2"):
+            raise CanaoError(f"{path}: canao compiles llama and gpt2 decoders; this is '{self.arch}'")
+        self.config = model.config
+        self.state = {k: v.detach().float() for k, v in model.state_dict().items()}
 
     def vector(self, name: str, gguf_name: str) -> np.ndarray:
         if self.gguf is None:
@@ -166,4 +169,60 @@ def pack_llama(src: Source, precision: str, max_ctx: int) -> tuple[Packed, dict]
         w13 = np.stack([gate.reshape(chunks, NR, -1), up.reshape(chunks, NR, -1)], axis=1).reshape(2 * cfg.intermediate_size, -1)
         p.add(f"{i}.w13", w13, wfmt)
         p.add(f"{i}.w2", take(pre + "mlp.down_proj.weight", g + "ffn_down.weight", wfmt), wfmt)
+    return p, {"weights_format": wfmt, "embedding_format": efmt}
+
+
+def arch_shapes(src: Source) -> dict:
+    """The shapes and constants the generated C needs, for either architecture."""
+    c = src.config
+    if src.arch == "llama":
+        return {"architecture": "llama", "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+                "num_layers": c.num_layers, "num_heads": c.num_heads, "num_kv_heads": c.num_kv_heads,
+                "head_dim": c.head_dim, "vocab_size": c.vocab_size, "eps": c.rms_norm_eps,
+                "max_positions": c.max_seq_len}
+    return {"architecture": "gpt2", "hidden_size": c.n_embd, "intermediate_size": c.n_inner, "num_layers": c.n_layer,
+            "num_heads": c.n_head, "num_kv_heads": c.n_head, "head_dim": c.n_embd // c.n_head,
+            "vocab_size": c.vocab_size, "eps": c.layer_norm_epsilon, "max_positions": c.n_positions,
+            "gelu_tanh": c.activation != "gelu"}
+
+
+def pack_gpt2(src: Source, precision: str, max_ctx: int) -> tuple[Packed, dict]:
+    """GPT-2: LayerNorms with bias, learned positions, fused QKV with bias, GELU MLP, biases everywhere."""
+    import gguf
+
+    c = src.config
+    wfmt = PRECISION_FORMATS[precision]
+    efmt = "F32" if precision == "fp32" else "Q8_0"
+    if wfmt != "F32" and (c.n_embd % QK or c.n_inner % QK):
+        raise CanaoError(f"{precision} needs n_embd and n_inner that are multiples of {QK}; use --precision fp32")
+    state = src.state
+    p = Packed()
+
+    def mat(name, fmt):
+        dense = np.ascontiguousarray(state[name].numpy(), dtype=np.float32)
+        if fmt == "F32":
+            return dense
+        p.requantized += 1
+        return gguf.quants.quantize(dense, gguf.GGMLQuantizationType[fmt])
+
+    def vec(name):
+        return state[name].numpy().astype(np.float32)
+
+    p.add("tok_embd", mat("wte.weight", efmt), efmt)
+    if c.tie_embeddings:
+        p.offsets["lm_head"], p.formats["lm_head"] = p.offsets["tok_embd"], efmt
+    else:
+        p.add("lm_head", mat("lm_head.weight", efmt), efmt)
+    p.add("wpe", vec("wpe.weight")[:max_ctx])
+    p.add("out_norm", vec("ln_f.weight"))
+    p.add("out_norm_b", vec("ln_f.bias"))
+    for i in range(c.n_layer):
+        pre = f"h.{i}."
+        for field, name in (("attn_norm", "ln_1.weight"), ("attn_norm_b", "ln_1.bias"), ("bqkv", "attn.c_attn.bias"),
+                            ("bo", "attn.c_proj.bias"), ("ffn_norm", "ln_2.weight"), ("ffn_norm_b", "ln_2.bias"),
+                            ("b13", "mlp.c_fc.bias"), ("b2", "mlp.c_proj.bias")):
+            p.add(f"{i}.{field}", vec(pre + name))
+        for field, name in (("wqkv", "attn.c_attn.weight"), ("wo", "attn.c_proj.weight"), ("w13", "mlp.c_fc.weight"),
+                            ("w2", "mlp.c_proj.weight")):
+            p.add(f"{i}.{field}", mat(pre + name, wfmt), wfmt)
     return p, {"weights_format": wfmt, "embedding_format": efmt}

@@ -83,6 +83,7 @@ struct canao_lm {
     float *logits;
     /* the current task's arguments */
     const void *w;
+    const float *bias;           /* per output row, or NULL */
     int wtype, k, rows, n, pos, layer, mode;
     const float *in;
     float *out;
@@ -171,7 +172,10 @@ static pool_t *pool_create(int threads) {
 
 /* ---- matrix products ------------------------------------------------------------------ */
 
-enum { EPI_STORE, EPI_ADD, EPI_SWIGLU };
+enum { EPI_STORE, EPI_ADD, EPI_SWIGLU, EPI_GELU };
+enum { ARCH_LLAMA = 0, ARCH_GPT2 = 1 };
+
+static inline float act_gelu(float x) { return GELU_TANH ? gelu_tanh(x) : gelu_erf(x); }
 
 #define SCRATCH_FLOATS ((long)NR * (FFN > DIM ? FFN : DIM) + MAX_CTX + 64)
 
@@ -190,8 +194,11 @@ static void gemv_chunk(struct canao_lm *m, int tid, long chunk) {
              : m->wtype == WT_Q8_0 ? dot_q8_0(w, m->xq, m->xd, nb)
                                    : dot_f32((const float *)w, m->in, k);
     }
+    if (m->bias && m->mode != EPI_SWIGLU)
+        for (int r = 0; r < nrows; r++) y[r] += m->bias[r0 + r];
     if (m->mode == EPI_STORE) memcpy(m->out + r0, y, nrows * sizeof(float));
     else if (m->mode == EPI_ADD) for (int r = 0; r < nrows; r++) m->out[r0 + r] += y[r];
+    else if (m->mode == EPI_GELU) for (int r = 0; r < nrows; r++) m->out[r0 + r] = act_gelu(y[r]);
     else for (int r = 0; r < nrows / 2; r++) m->out[chunk * NR + r] = silu(y[r]) * y[NR + r];
 }
 
@@ -202,11 +209,16 @@ static void gemm_chunk(struct canao_lm *m, int tid, long chunk) {
     if (m->mode != EPI_SWIGLU) {
         const int r0 = (int)chunk * NR, nrows = m->rows - r0 < NR ? m->rows - r0 : NR;
         dequant_panel(m->wtype, m->w, rb, r0, nrows, k, panel);
-        float *dst = m->mode == EPI_STORE ? m->out + r0 : m->tmp + r0;
+        float *dst = m->mode == EPI_ADD ? m->tmp + r0 : m->out + r0;
         panel_gemm(m->in, k, n, k, panel, dst, m->rows, nrows);
-        if (m->mode == EPI_ADD)
-            for (int t = 0; t < n; t++)
-                for (int r = 0; r < nrows; r++) m->out[(long)t * m->rows + r0 + r] += m->tmp[(long)t * m->rows + r0 + r];
+        const float *bias = m->bias ? m->bias + r0 : NULL;
+        for (int t = 0; t < n; t++) {
+            float *o = m->out + (long)t * m->rows + r0;
+            const float *acc = dst + (long)t * m->rows;
+            if (m->mode == EPI_ADD) for (int r = 0; r < nrows; r++) o[r] += acc[r] + (bias ? bias[r] : 0.0f);
+            else if (m->mode == EPI_GELU) for (int r = 0; r < nrows; r++) o[r] = act_gelu(acc[r] + (bias ? bias[r] : 0.0f));
+            else if (bias) for (int r = 0; r < nrows; r++) o[r] += bias[r];
+        }
         return;
     }
     /* gate rows then up rows of this chunk, into tmp[t][chunk*2NR ...], then SiLU(gate) * up */
@@ -222,8 +234,10 @@ static void gemm_chunk(struct canao_lm *m, int tid, long chunk) {
 }
 
 /* out = W in (+ epilogue), for m->n tokens; rows are split into chunks over the threads */
-static void matmul(struct canao_lm *m, const void *w, int wtype, int k, int rows, const float *in, float *out, int mode) {
+static void matmul(struct canao_lm *m, const void *w, const float *bias, int wtype, int k, int rows, const float *in,
+                   float *out, int mode) {
     m->w = w;
+    m->bias = bias;
     m->wtype = wtype;
     m->k = k;
     m->rows = rows;
@@ -253,7 +267,15 @@ static void attention_item(struct canao_lm *m, int tid, long item) {
 
 /* ---- the forward pass --------------------------------------------------------------- */
 
-static const void *tensor(const struct canao_lm *m, long offset) { return m->W + offset; }
+static const void *tensor(const struct canao_lm *m, long offset) { return offset < 0 ? NULL : m->W + offset; }
+
+/* the block's normalisation: RMSNorm (Llama) or LayerNorm with bias (GPT-2) */
+static void norm_rows(struct canao_lm *m, const float *x, long g, long b, float *y, int n) {
+    for (int t = 0; t < n; t++) {
+        if (ARCH == ARCH_GPT2) layernorm(x + (long)t * DIM, tensor(m, g), tensor(m, b), y + (long)t * DIM, DIM, EPS);
+        else rmsnorm(x + (long)t * DIM, tensor(m, g), y + (long)t * DIM, DIM, EPS);
+    }
+}
 
 static int ensure_capacity(struct canao_lm *m, int n) {
     if (n <= m->cap) return 0;
@@ -304,18 +326,22 @@ static int forward(canao_lm *m, const int32_t *tokens, int n, int pos, float *al
                     row[b * QK + j + 16] = d * (blk[4 + j] >> 4) + mn;
                 }
             }
+        if (ARCH == ARCH_GPT2) {  /* learned absolute positions */
+            const float *wpe = (const float *)tensor(m, OFF_WPE) + (long)(pos + t) * DIM;
+            for (int c = 0; c < DIM; c++) row[c] += wpe[c];
+        }
         memcpy(m->x + (long)t * DIM, row, sizeof row);
     }
     const float *cos_tab = tensor(m, OFF_ROPE_COS), *sin_tab = tensor(m, OFF_ROPE_SIN);
     for (int l = 0; l < N_LAYER; l++) {
         const layer_offsets *L = &LAYERS[l];
         m->layer = l;
-        for (int t = 0; t < n; t++) rmsnorm(m->x + (long)t * DIM, tensor(m, L->attn_norm), m->xn + (long)t * DIM, DIM, EPS);
-        matmul(m, tensor(m, L->wqkv), W_TYPE, DIM, QKV_ROWS, m->xn, m->qkv, EPI_STORE);
+        norm_rows(m, m->x, L->attn_norm, L->attn_norm_b, m->xn, n);
+        matmul(m, tensor(m, L->wqkv), tensor(m, L->bqkv), W_TYPE, DIM, QKV_ROWS, m->xn, m->qkv, EPI_STORE);
         for (int t = 0; t < n; t++) {  /* RoPE on q and k, then k and v into the cache */
             float *row = m->qkv + (long)t * QKV_ROWS;
             const long p = pos + t;
-            for (int h = 0; h < N_HEAD + N_KV; h++)
+            for (int h = 0; h < N_HEAD + N_KV && ARCH == ARCH_LLAMA; h++)
                 rope_head(row + h * HEAD_DIM, cos_tab + p * (HEAD_DIM / 2), sin_tab + p * (HEAD_DIM / 2), HEAD_DIM / 2);
             for (int h = 0; h < N_KV; h++) {
                 const long at = (((long)l * N_KV + h) * MAX_CTX + p) * HEAD_DIM;
@@ -324,21 +350,22 @@ static int forward(canao_lm *m, const int32_t *tokens, int n, int pos, float *al
             }
         }
         parallel(m, attention_item, (long)n * N_HEAD);
-        matmul(m, tensor(m, L->wo), W_TYPE, Q_ROWS, DIM, m->att, m->x, EPI_ADD);
-        for (int t = 0; t < n; t++) rmsnorm(m->x + (long)t * DIM, tensor(m, L->ffn_norm), m->xn + (long)t * DIM, DIM, EPS);
-        matmul(m, tensor(m, L->w13), W_TYPE, DIM, 2 * FFN, m->xn, m->hid, EPI_SWIGLU);
-        matmul(m, tensor(m, L->w2), W_TYPE, FFN, DIM, m->hid, m->x, EPI_ADD);
+        matmul(m, tensor(m, L->wo), tensor(m, L->bo), W_TYPE, Q_ROWS, DIM, m->att, m->x, EPI_ADD);
+        norm_rows(m, m->x, L->ffn_norm, L->ffn_norm_b, m->xn, n);
+        if (ARCH == ARCH_GPT2) matmul(m, tensor(m, L->w13), tensor(m, L->b13), W_TYPE, DIM, FFN, m->xn, m->hid, EPI_GELU);
+        else matmul(m, tensor(m, L->w13), NULL, W_TYPE, DIM, 2 * FFN, m->xn, m->hid, EPI_SWIGLU);
+        matmul(m, tensor(m, L->w2), tensor(m, L->b2), W_TYPE, FFN, DIM, m->hid, m->x, EPI_ADD);
     }
     if (all_logits) {  /* every position's logits (perplexity): one GEMM over the output matrix */
-        for (int t = 0; t < n; t++) rmsnorm(m->x + (long)t * DIM, tensor(m, OFF_OUT_NORM), m->xn + (long)t * DIM, DIM, EPS);
-        matmul(m, tensor(m, OFF_LM_HEAD), E_TYPE, DIM, VOCAB, m->xn, all_logits, EPI_STORE);
+        norm_rows(m, m->x, OFF_OUT_NORM, OFF_OUT_NORM_B, m->xn, n);
+        matmul(m, tensor(m, OFF_LM_HEAD), NULL, E_TYPE, DIM, VOCAB, m->xn, all_logits, EPI_STORE);
         memcpy(m->logits, all_logits + (long)(n - 1) * VOCAB, VOCAB * sizeof(float));
         return 0;
     }
     /* logits of the last token only: that is what generation samples from */
-    rmsnorm(m->x + (long)(n - 1) * DIM, tensor(m, OFF_OUT_NORM), m->xn, DIM, EPS);
+    norm_rows(m, m->x + (long)(n - 1) * DIM, OFF_OUT_NORM, OFF_OUT_NORM_B, m->xn, 1);
     m->n = 1;
-    matmul(m, tensor(m, OFF_LM_HEAD), E_TYPE, DIM, VOCAB, m->xn, m->logits, EPI_STORE);
+    matmul(m, tensor(m, OFF_LM_HEAD), NULL, E_TYPE, DIM, VOCAB, m->xn, m->logits, EPI_STORE);
     return 0;
 }
 

@@ -293,6 +293,22 @@ static void rope_head(float *v, const float *cos_t, const float *sin_t, int half
 
 static inline float silu(float x) { return x / (1.0f + expf(-x)); }
 
+/* GPT-2's GELU: the tanh approximation ("gelu_new"), or the exact erf form */
+static inline float gelu_tanh(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+static inline float gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
+
+/* LayerNorm with weight and bias (GPT-2) */
+static void layernorm(const float *x, const float *g, const float *b, float *y, int n, float eps) {
+    float mean = 0.0f, var = 0.0f;
+    for (int c = 0; c < n; c++) mean += x[c];
+    mean /= n;
+    for (int c = 0; c < n; c++) var += (x[c] - mean) * (x[c] - mean);
+    const float r = 1.0f / sqrtf(var / n + eps);
+    for (int c = 0; c < n; c++) y[c] = (x[c] - mean) * r * g[c] + b[c];
+}
+
 /* one query head over keys [0, n): out = softmax(q k^T * scale) v; scores is n floats */
 static void attend(const float *q, const float *k, const float *v, long kv_stride, int n, int hd, float scale,
                    float *scores, float *out) {
