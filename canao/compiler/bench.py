@@ -6,7 +6,8 @@ and p90 milliseconds of at least 20 runs per engine and setting.
 
 Engines run in one or more precisions: canao fp32/bf16/int8 (one artifact each),
 ONNX Runtime fp32 and int8 (onnxruntime.quantization dynamic: int8 weights, per-row
-activation quantization at run time), PyTorch fp32. A sequence setting is a length
+activation quantization at run time), PyTorch fp32, TFLite fp32/int8 and ExecuTorch
+(XNNPACK) fp32/int8 in their own venvs, OpenVINO (CPU plugin) fp32. A sequence setting is a length
 (random tokens, no padding), or "squad": real SQuAD dev questions with their
 contexts at their real lengths, one question per run, in the same order for every
 engine.
@@ -26,7 +27,7 @@ import torch
 from ..errors import CanaoError
 from .targets import cpu_model
 
-ENGINES = ("canao", "pytorch", "onnxruntime", "tflite")
+ENGINES = ("canao", "pytorch", "onnxruntime", "tflite", "executorch", "openvino")
 
 
 class _Canao:
@@ -128,7 +129,56 @@ class _TFLite:
         self.last_ms = self.worker.run(self.key, ids, tt, mask)  # timed inside the worker, without the pipe
 
 
-FACTORIES = {"canao": _Canao, "pytorch": _Torch, "onnxruntime": _Ort, "tflite": _TFLite}
+class _ExecuTorch:
+    """ExecuTorch (XNNPACK delegate) in its own venv (canao.compiler.executorch_engine). Static shapes like
+    TFLite: one program per length, real SQuAD inputs padded to 384."""
+    precisions = ("fp32", "int8")
+
+    def __init__(self, model, artifact, precision="fp32"):
+        import sys
+
+        from . import executorch_engine
+
+        self.model, self.precision, self.et = model, precision, executorch_engine
+        self.log = lambda line: print(line, file=sys.stderr)
+        self.worker = executorch_engine.Worker(log=self.log)
+        self.version = f"{self.worker.version} {precision}"
+        self.paths, self.loaded = {}, set()
+
+    def setup(self, seq):
+        self.width = 384 if seq == "squad" else int(seq)
+        if self.width not in self.paths:
+            self.paths[self.width] = self.et.convert(self.model, self.width, self.precision, log=self.log)
+            self.worker.load(str(self.width), self.paths[self.width])
+        self.padded_to = self.width if seq == "squad" else None
+
+    def prepare(self, threads):
+        self.worker.threads(threads)  # one threadpool per process, reset for each setting
+
+    def __call__(self, ids, tt, mask):
+        self.last_ms = self.worker.run(str(self.width), ids, tt, mask)  # timed inside the worker
+
+
+class _OpenVINO:
+    """OpenVINO CPU plugin (canao.compiler.openvino_engine), fp32, dynamic sequence length."""
+    precisions = ("fp32",)
+
+    def __init__(self, model, artifact, precision="fp32"):
+        from .openvino_engine import OpenVINOModel
+
+        self.m = OpenVINOModel(model, threads=1, precision=precision)
+        self.version = f"{self.m.version} {precision}"
+
+    def prepare(self, threads):
+        if threads != self.m.threads:
+            self.m.compile(threads)
+
+    def __call__(self, ids, tt, mask):
+        return self.m(ids, tt, mask)
+
+
+FACTORIES = {"canao": _Canao, "pytorch": _Torch, "onnxruntime": _Ort, "tflite": _TFLite, "executorch": _ExecuTorch,
+             "openvino": _OpenVINO}
 
 
 def squad_inputs(tokenizer, squad_file: Path, count: int, max_seq: int = 384) -> list[tuple]:
