@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 DEVICE_HELP = "local, ssh://user@host[:port][?key=PATH], adb[://SERIAL] or qemu-aarch64 (emulated) (default: local)"
 
@@ -30,8 +31,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_measure(args) -> dict:
-    from .runner import measure
+    from .runner import measure, measure_decode, read_manifest
 
+    if read_manifest(Path(args.artifact)).get("kind") == "decoder":  # --seq is the context before decoding
+        r = measure_decode(args.artifact, args.device, context=args.seq, threads=args.threads or 1,
+                           steps=max(args.runs, 20), timeout=args.timeout)
+        if not args.json:
+            d = r["device"]
+            print(f"{r['artifact']} (decoder, {r['target']}, {r['precision']}) on {d['spec']} ({d['arch']}):")
+            print(f"  context {r['context']}, {r['threads']} thread(s): {r['tokens_per_s']:.1f} tokens/s "
+                  f"(median {r['decode_ms_median']:.2f} ms/token, p90 {r['decode_ms_p90']:.2f}); time to first "
+                  f"token for {r['ttft_prompt']} prompt tokens {r['ttft_ms_median']:.1f} ms")
+        return r
     r = measure(args.artifact, args.device, seq=args.seq, threads=args.threads or 1, runs=args.runs,
                 warmup=args.warmup, timeout=args.timeout)
     if not args.json:

@@ -258,6 +258,41 @@ def measure(artifact_dir, device: str = "local", seq: int = 128, threads: int = 
     return result
 
 
+DECODE_KEYS = ("context", "threads", "steps", "decode_ms_median", "decode_ms_p90", "tokens_per_s", "ttft_ms_median")
+
+
+def measure_decode(artifact_dir, device: str = "local", context: int = 64, threads: int = 1, steps: int = 32,
+                   warmup: int = 4, ttft_prompt: int = 128, timeout: float = DEFAULT_TIMEOUT) -> dict:
+    """Decode speed of a decoder artifact on `device`, timed there by its canao-run --bench-decode:
+    per-token milliseconds after a `context`-token prefill, tokens/s, and time to first token."""
+    folder = Path(artifact_dir)
+    manifest = read_manifest(folder)
+    if manifest.get("kind") != "decoder":
+        raise CanaoError(f"{folder} is an encoder artifact; measure it with --seq, not as a decoder")
+    limit = int(manifest.get("max_seq") or 0)
+    if context < 1 or context + warmup + steps > limit or ttft_prompt > limit:
+        raise CanaoError(f"context {context} + {warmup + steps} steps (or a {ttft_prompt}-token prompt) do not fit "
+                         f"the artifact's context of {limit}; recompile with a larger --max-seq")
+    t, remote = stage(folder, device)
+    out = run_runner(t, remote, [WEIGHTS, "--bench-decode", "--context", str(context), "--threads", str(threads),
+                                 "--steps", str(steps), "--warmup", str(warmup), "--ttft-prompt", str(ttft_prompt)],
+                     timeout=timeout)
+    line = _last_line(out)
+    try:
+        result = json.loads(line)
+    except json.JSONDecodeError:
+        raise CanaoError(f"{RUNNER} on {t.spec} printed no JSON result (last line: {line[:120]!r}); recompile the "
+                         f"artifact") from None
+    missing = [k for k in DECODE_KEYS if k not in result]
+    if missing:
+        raise CanaoError(f"{RUNNER} on {t.spec} left out {', '.join(missing)} from its result; recompile the artifact")
+    info = t.probe()
+    result["device"] = {k: info.get(k) for k in ("spec", "transport", "arch", "cpu_model", "cores", "product")}
+    result["artifact"] = str(folder)
+    result["precision"] = manifest.get("precision")
+    return result
+
+
 def parse_bench(stdout: str, spec: str) -> dict:
     """canao-run --bench's one JSON line (the last line of its stdout), checked for the fields it promises."""
     line = _last_line(stdout)

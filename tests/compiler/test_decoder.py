@@ -224,3 +224,13 @@ def test_all_position_logits_and_perplexity_match_pytorch(smollm2, artifacts, da
     ours = perplexity(artifacts["fp32"]["artifact"], text, window=128, stride=64, max_tokens=384)
     theirs = perplexity("smollm2", text, window=128, stride=64, max_tokens=384)
     assert ours["tokens"] == theirs["tokens"] and abs(ours["ppl"] - theirs["ppl"]) < 1e-3 * theirs["ppl"]
+
+
+def test_decode_speed_measured_through_the_device_runner(artifacts):
+    from canao.device.runner import measure_decode
+
+    r = measure_decode(artifacts["q4_1"]["artifact"], "local", context=16, steps=20, warmup=2, ttft_prompt=16)
+    assert r["decode_ms_median"] <= r["decode_ms_p90"] and r["tokens_per_s"] > 0 and r["ttft_ms_median"] > 0
+    assert r["device"]["arch"] == "x86_64" and r["precision"] == "q4_1"
+    with pytest.raises(CanaoError, match="context of 256"):
+        measure_decode(artifacts["q4_1"]["artifact"], "local", context=250)
