@@ -1,0 +1,248 @@
+"""llama.cpp decode baseline (llama-cpp-python, in a separate virtual environment).
+
+llama-cpp-python 0.3.36 ships as an sdist that compiles llama.cpp with cmake and a C++
+compiler, so it lives in its own venv ($CANAO_CACHE/venvs/llamacpp) built once on first
+use: CPU only, -march=native, no BLAS, no OpenMP (ggml's own thread pool, so the
+thread count we ask for is the thread count it uses). The benchmark talks to a
+worker in that venv over JSON lines:
+
+    python -m canao.baselines.llamacpp serve     (JSON lines on stdin/stdout)
+
+Timings use the low-level API (llama_decode on a batch, llama_get_logits_ith, argmax
+in numpy), so sampling and detokenizing are not in them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VERSION = "0.3.36"
+PINS = (f"llama-cpp-python=={VERSION}", "numpy==2.4.6", "jinja2==3.1.6")
+# CPU-only native build; the bundled multimodal (mtmd) library is not needed here.
+CMAKE_ARGS = ("-DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_VULKAN=OFF "
+              "-DGGML_METAL=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
+              "-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def venv_dir() -> Path:
+    from ..compiler.build import cache_dir
+
+    return cache_dir() / "venvs" / "llamacpp"
+
+
+def _stamp() -> str:
+    return " ".join(PINS) + " | " + CMAKE_ARGS
+
+
+def venv_ready() -> bool:
+    marker = venv_dir() / ".canao-ready"
+    return marker.exists() and marker.read_text() == _stamp()
+
+
+def ensure_venv(log=None) -> Path:
+    """The venv's python, building llama-cpp-python into a fresh venv when missing (minutes)."""
+    from ..errors import CanaoError
+
+    v = venv_dir()
+    py = v / "bin" / "python"
+    if venv_ready():
+        return py
+    missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
+    if missing:
+        raise CanaoError(f"llama.cpp baseline needs {' and '.join(missing)} to build llama-cpp-python: "
+                         "apt-get install cmake g++")
+    say = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    say(f"llamacpp: building llama-cpp-python {VERSION} into {v} (compiles llama.cpp; several minutes, once)")
+    t0 = time.perf_counter()
+    if v.exists():
+        shutil.rmtree(v)
+    subprocess.run([sys.executable, "-m", "venv", str(v)], check=True)
+    env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "FORCE_CMAKE": "1",
+           "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+    build_log = v / "build.log"
+    with open(build_log, "w") as fh:
+        proc = subprocess.run([str(py), "-m", "pip", "install", "--no-cache-dir", "-v", *PINS],
+                              stdout=fh, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        tail = build_log.read_text()[-600:].strip()
+        raise CanaoError(f"llamacpp: building llama-cpp-python failed (log {build_log}): ...{tail}")
+    (v / ".canao-ready").write_text(_stamp())
+    (v / ".canao-build-seconds").write_text(f"{time.perf_counter() - t0:.0f}")
+    say(f"llamacpp: built in {time.perf_counter() - t0:.0f} s")
+    return py
+
+
+def _env() -> dict:
+    # only the repo on the path: the worker imports canao.baselines.protocol (stdlib + numpy)
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+
+class Worker:
+    """A llama.cpp worker process in the venv. Timings are taken inside it, without the pipe."""
+
+    def __init__(self, log=None):
+        py = ensure_venv(log)
+        self.stderr = open(venv_dir() / "worker.log", "a")
+        self.proc = subprocess.Popen([str(py), "-m", "canao.baselines.llamacpp", "serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=_env())
+        self.info = self._ask({"cmd": "version"})
+        self.version = f"llama-cpp-python {self.info['version']}"
+
+    def _ask(self, msg: dict) -> dict:
+        from ..errors import CanaoError
+
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise CanaoError(f"llama.cpp worker exited (see {venv_dir() / 'worker.log'})")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise CanaoError(f"llama.cpp worker: {reply['error']}")
+        return reply
+
+    def load(self, path: str | os.PathLike, n_ctx: int, n_batch: int = 512) -> dict:
+        """Load a GGUF (read into memory, no mmap) with a context of n_ctx positions; replaces the last one."""
+        return self._ask({"cmd": "load", "path": str(path), "n_ctx": n_ctx, "n_batch": n_batch})
+
+    def threads(self, n: int) -> None:
+        self._ask({"cmd": "threads", "n": n})
+
+    def decode_ms(self, prompt: list[int], steps: int, warmup: int) -> list[float]:
+        return self._ask({"cmd": "decode", "prompt": prompt, "steps": steps, "warmup": warmup})["ms"]
+
+    def ttft_ms(self, prompt: list[int], runs: int) -> list[float]:
+        return self._ask({"cmd": "ttft", "prompt": prompt, "runs": runs})["ms"]
+
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        return self._ask({"cmd": "greedy", "prompt": prompt, "n": n})["ids"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        self.stderr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# -- in the venv -----------------------------------------------------------------------
+
+
+class _Engine:
+    """llama.cpp through the low-level C API: llama_decode on a batch, logits of the last token."""
+
+    def __init__(self, path: str, n_ctx: int, n_batch: int):
+        import ctypes
+
+        import llama_cpp as lc
+        import numpy as np
+
+        self.lc, self.np = lc, np
+        mp = lc.llama_model_default_params()
+        mp.load_mode = lc.LLAMA_LOAD_MODE_NONE  # read into memory: no page faults in the timings
+        self.model = lc.llama_model_load_from_file(path.encode(), mp)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        cp = lc.llama_context_default_params()  # llama.cpp's defaults (flash attention: auto)
+        cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_batch, n_batch
+        cp.n_threads = cp.n_threads_batch = 1
+        cp.no_perf = True
+        self.ctx = lc.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a context")
+        self.n_ctx, self.n_batch = n_ctx, n_batch
+        self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
+        self.batch = lc.llama_batch_init(n_batch, 0, 1)
+        self.mem = lc.llama_get_memory(self.ctx)
+        self.ctypes = ctypes
+        self.pos = 0
+
+    def set_threads(self, n: int) -> None:
+        self.lc.llama_set_n_threads(self.ctx, n, n)
+
+    def reset(self) -> None:
+        self.lc.llama_memory_clear(self.mem, True)
+        self.pos = 0
+
+    def feed(self, ids):
+        n = len(ids)
+        if n > self.n_batch or self.pos + n > self.n_ctx:
+            raise ValueError(f"{n} tokens at position {self.pos} exceed n_batch {self.n_batch} / n_ctx {self.n_ctx}")
+        b = self.batch
+        b.n_tokens = n
+        for i, tok in enumerate(ids):
+            b.token[i] = tok
+            b.pos[i] = self.pos + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = i == n - 1
+        rc = self.lc.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        self.pos += n
+        ptr = self.lc.llama_get_logits_ith(self.ctx, -1)
+        return self.np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def free(self) -> None:
+        self.lc.llama_batch_free(self.batch)
+        self.lc.llama_free(self.ctx)
+        self.lc.llama_model_free(self.model)
+
+
+def _serve_main() -> None:
+    import llama_cpp as lc
+
+    from . import protocol
+
+    lc.llama_backend_init()
+    engine = None
+    for line in sys.stdin:
+        msg = json.loads(line)
+        try:
+            cmd = msg["cmd"]
+            if cmd == "version":
+                reply = {"version": lc.__version__, "system_info": lc.llama_print_system_info().decode().strip()}
+            elif cmd == "load":
+                if engine is not None:
+                    engine.free()
+                    engine = None
+                engine = _Engine(msg["path"], msg["n_ctx"], msg["n_batch"])
+                reply = {"n_vocab": engine.n_vocab}
+            elif engine is None:
+                raise RuntimeError("no model loaded")
+            elif cmd == "threads":
+                engine.set_threads(msg["n"])
+                reply = {"ok": True}
+            elif cmd == "decode":
+                reply = {"ms": protocol.decode_ms(engine, msg["prompt"], msg["steps"], msg["warmup"])}
+            elif cmd == "ttft":
+                reply = {"ms": protocol.ttft_ms(engine, msg["prompt"], msg["runs"])}
+            elif cmd == "greedy":
+                reply = {"ids": protocol.greedy(engine, msg["prompt"], msg["n"])}
+            else:
+                raise RuntimeError(f"unknown command {cmd}")
+        except Exception as exc:  # report, keep serving
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["build"]:
+        ensure_venv()
+    elif sys.argv[1:] == ["serve"]:
+        _serve_main()
+    else:
+        sys.exit("usage: python -m canao.baselines.llamacpp build|serve")
