@@ -181,7 +181,8 @@ def _convert_main(weights: str, seq: str, precision: str, out: str) -> None:
     model = BertForQuestionAnswering(BertConfig(**config)).eval()
     model.load_state_dict(load_file(str(Path(weights) / "model.safetensors")))
     ids = torch.ones((1, int(seq)), dtype=torch.long)
-    args = (ids, ids * 0, ids)
+    # three distinct tensors: torch.export folds an input passed twice into one placeholder (ids as mask)
+    args = (ids, torch.zeros_like(ids), torch.ones_like(ids))
     with torch.no_grad():
         if precision == "int8":
             import executorch.backends.xnnpack.quantizer.xnnpack_quantizer as xq
