@@ -95,3 +95,23 @@ def test_help_and_clear_errors(artifact_dir, tmp_path):
 def test_manifest_lists_the_runner(compiled):
     assert compiled.manifest["runner"] == "canao-run" and "canao-run" in compiled.manifest["checksums"]
     assert compiled.manifest["target"]["arch"] == "x86_64"
+
+
+def test_profile_times_every_kernel(artifact_dir):
+    """CANAO_PROFILE=1: a table of thread-CPU ms per kernel (same-shaped layers summed) on stderr at close;
+    without it, nothing."""
+    import os
+
+    args = [artifact_dir / "weights.bin", "--bench", "--seq", 16, "--threads", 2, "--warmup", 1, "--runs", 2]
+    proc = subprocess.run([str(artifact_dir / "canao-run"), *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "CANAO_PROFILE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("canao profile: 3 runs, "), proc.stderr
+    rows = [line.split() for line in lines[1:]]
+    assert any("attention" in r for r in rows) and any("layernorm" in r for r in rows)
+    assert any(r[4] == "matmul" and r[5].startswith("K") and r[6].startswith("N") for r in rows)  # GEMM shapes
+    assert rows[-1][-2:] == ["barrier", "waits"]
+    assert abs(sum(float(r[2].rstrip("%")) for r in rows) - 100) < 1.0
+    plain = _run(artifact_dir, *args)
+    assert plain.returncode == 0 and plain.stderr == ""

@@ -57,6 +57,7 @@ class Kernel:
     reads: list                # (base buffer, aligned): aligned = row r reads only row r
     partitioned: bool          # runs on row blocks; else whole, by the block starting at row 0
     phase: int = 0
+    also_writes: list = field(default_factory=list)  # more buffers, written like `writes`
 
 
 @dataclass
@@ -217,8 +218,7 @@ class _Gen:
         a_name, w_name = op.inputs[:2]
         kk, n = g.consts[w_name].shape
         mode = self.gemm_mode(kk, n)
-        sch = self.schedule(op) if mode in ("f32", "bf16") or op.output in self.schedules \
-            else Schedule(*self.t.int8_tile, kk)
+        sch = self.gemm_schedule(op)
         self.tiles.add((mode, sch.mr, sch.nr))
         out_shape = g.tensors[op.output].shape
         a_ptr, a_cs = self.row_access(a_name, out_shape[:-1] + (kk,), "", plan, op.source)
@@ -275,6 +275,21 @@ static void {k.name}({ARGS}) {{
 """
         return header + body + "}"
 
+    def gemm_schedule(self, op: Op) -> Schedule:
+        kk, n = self.g.consts[op.inputs[1]].shape
+        if self.gemm_mode(kk, n) in ("f32", "bf16") or op.output in self.schedules:
+            return self.schedule(op)
+        return Schedule(*self.t.int8_tile, kk)
+
+    def label(self, kn: Kernel) -> str:
+        """What CANAO_PROFILE prints for a kernel: its name, and a GEMM's shape and tile."""
+        if kn.kind != "matmul":
+            return kn.name
+        kk, n = self.g.consts[kn.op.inputs[1]].shape
+        sch = self.gemm_schedule(kn.op)
+        epi = " " + kn.op.attrs["epilogue"][0] if kn.op.attrs.get("epilogue") else ""
+        return f"{kn.name} K{kk} N{n} {sch.mr}x{sch.nr}/{min(kk, sch.kc)}{epi}"
+
     def gemm_mode(self, k: int, n: int) -> str:
         return gemm_mode(self.precision, self.t, n)
 
@@ -320,14 +335,21 @@ static void {k.name}({ARGS}) {{
     def kt_buffer(self, op: Op) -> str:
         return f"{op.output}__kt"
 
+    def vp_buffer(self, op: Op) -> str:
+        return f"{op.output}__vp"
+
     def pack_kt(self, k: Kernel, plan: Plan) -> str:
         op = k.op
         heads, d = self.attention_dims(op)
         kh, ks = self.head_strides(op, op.inputs[1])
+        vh, vs = self.head_strides(op, op.inputs[2])
         kt = f"((float *)(arena + {plan.offsets[self.kt_buffer(op)]}))"
-        return f"""/* K^T of {op.inputs[1]} for the attention {op.output} (next phase), rows r0..r1 */
+        vp = f"((float *)(arena + {plan.offsets[self.vp_buffer(op)]}))"
+        return f"""/* K^T of {op.inputs[1]} and a contiguous copy of {op.inputs[2]} for the attention {op.output}
+ * (next phase), rows r0..r1 */
 static void {k.name}({ARGS}) {{
-    attention_pack_kt(S, {heads}, {d}, {self.ptr(self.views[op.inputs[1]], plan)}, {kh}, {ks}, {kt}, r0, r1);
+    attention_pack_kv(S, {heads}, {d}, {self.ptr(self.views[op.inputs[1]], plan)}, {kh}, {ks}, {kt},
+                      {self.ptr(self.views[op.inputs[2]], plan)}, {vh}, {vs}, {vp}, r0, r1);
 }}"""
 
     def attention(self, k: Kernel, plan: Plan) -> str:
@@ -343,16 +365,17 @@ static void {k.name}({ARGS}) {{
                 raise CanaoError(f"codegen: {op.source}: attention bias must be one value per key")
             bias = self.ptr(self.views[extra[0]], plan)
         hs, ss = {}, {}
-        for name in (q, v, op.output):
+        for name in (q, op.output):
             hs[name], ss[name] = self.head_strides(op, name)
         heads, d = self.attention_dims(op)
-        p = {name: self.ptr(self.views[name], plan) for name in (q, v, op.output)}
+        p = {name: self.ptr(self.views[name], plan) for name in (q, op.output)}
         kt = f"((float *)(arena + {plan.offsets[self.kt_buffer(op)]}))"
+        vp = f"((float *)(arena + {plan.offsets[self.vp_buffer(op)]}))"
         return f"""/* {op.output}: fused attention, {heads} heads of {d}, score {score}, query rows r0..r1
  * from {op.source} */
 static void {k.name}({ARGS}) {{
     attention_rows(S, {heads}, {d}, {p[q]}, {hs[q]}, {ss[q]}, {kt},
-                   {p[v]}, {hs[v]}, {ss[v]}, {p[op.output]}, {hs[op.output]}, {ss[op.output]},
+                   {vp}, (S + VL - 1) / VL * VL * {d}, {d}, {p[op.output]}, {hs[op.output]}, {ss[op.output]},
                    {bias}, scratch, r0, r1);
 }}"""
 
@@ -408,14 +431,17 @@ static void {k.name}({ARGS}) {{
             if op.kind == "attention":
                 part = len(shape) >= 2 and shape[-2] == SEQ
                 q, kk, v, *extra = op.inputs
-                (kbase,) = self.bases(kk)
-                if kbase not in writer:
-                    raise CanaoError(f"codegen: {op.source}: attention keys must come from a kernel")
-                at = writer[kbase] + 1
-                out.insert(at, Kernel(f"pack_{len(out)}", "pack_kt", op, self.kt_buffer(op), [(kbase, True)], True))
-                writer = {kn.writes: i for i, kn in enumerate(out)}
+                (kbase,), (vbase,) = self.bases(kk), self.bases(v)
+                if kbase not in writer or vbase not in writer:
+                    raise CanaoError(f"codegen: {op.source}: attention keys and values must come from kernels")
+                # K^T and packed V are written by the row blocks that produce K and V (one kernel, two buffers)
+                at = max(writer[kbase], writer[vbase]) + 1
+                out.insert(at, Kernel(f"pack_{len(out)}", "pack_kt", op, self.kt_buffer(op),
+                                      [(kbase, True), (vbase, True)], True, also_writes=[self.vp_buffer(op)]))
+                writer = {w: i for i, kn in enumerate(out) for w in [kn.writes, *kn.also_writes]}
                 reads = [(b, part and self.seq_pos(q, rank) == rank - 2) for b in self.bases(q)]
-                reads += [(self.kt_buffer(op), False)] + [(b, False) for x in [v, *extra] for b in self.bases(x)]
+                reads += [(self.kt_buffer(op), False), (self.vp_buffer(op), False)]
+                reads += [(b, False) for x in extra for b in self.bases(x)]
             else:
                 if op.kind == "ew":
                     row = shape.index(SEQ) if SEQ in shape else None
@@ -445,9 +471,9 @@ static void {k.name}({ARGS}) {{
             if clash:
                 phase, written, whole = phase + 1, set(), set()
             kn.phase = phase
-            written.add(kn.writes)
+            written.update([kn.writes, *kn.also_writes])
             if not kn.partitioned:
-                whole.add(kn.writes)
+                whole.update([kn.writes, *kn.also_writes])
         # the outputs are copied row by row at the end of the last phase
         if any(b in whole for name in self.g.outputs for b in self.bases(name)):
             phase += 1
@@ -458,7 +484,8 @@ static void {k.name}({ARGS}) {{
         thread, so buffers live in the same phase never share memory."""
         live = {}
         for kn in kernels:
-            live.setdefault(kn.writes, (kn.phase, kn.phase))
+            for w in [kn.writes, *kn.also_writes]:
+                live.setdefault(w, (kn.phase, kn.phase))
         for kn in kernels:
             for b, _ in kn.reads:
                 if b in live:
@@ -469,8 +496,8 @@ static void {k.name}({ARGS}) {{
         return live
 
     def buffer_bytes(self, name: str) -> int:
-        if name.endswith("__kt"):
-            op = next(o for o in self.kernel_ops if self.kt_buffer(o) == name)
+        if name.endswith(("__kt", "__vp")):
+            op = next(o for o in self.kernel_ops if name in (self.kt_buffer(o), self.vp_buffer(o)))
             heads, d = self.attention_dims(op)
             return heads * d * (-(-self.max_seq // self.t.vl) * self.t.vl) * 4
         return self.g.tensors[name].nbytes(self.max_seq)
@@ -493,7 +520,7 @@ static void {k.name}({ARGS}) {{
             copies.append(f"        for (long s = r0; s < r1; s++) outputs[{i}][s] = {self.ptr(self.views[name], plan)}[s * {st}];")
         cases = []
         for ph in range(phases):
-            calls = [f"        {kn.name}({CALL_ARGS});" for kn in kernels if kn.phase == ph]
+            calls = [f"        KCALL({i}, {kn.name}({CALL_ARGS}));" for i, kn in enumerate(kernels) if kn.phase == ph]
             if ph == phases - 1:
                 calls += copies
             cases.append(f"    case {ph}:\n" + "\n".join(calls) + "\n        break;")
@@ -520,6 +547,15 @@ const long canao_block_rows = {block_rows}, canao_row_quantum = {quantum};
 const int canao_num_phases = {phases};
 const char canao_target[] = "{self.t.name}";
 const long canao_vocab_size = {self.input_rows('input_ids')}, canao_type_vocab_size = {self.input_rows('token_type_ids')};
+
+/* CANAO_PROFILE=1: the runtime times every kernel call (canao_runtime.c prints the table at close) */
+const int canao_num_kernels = {len(kernels)};
+const char *const canao_kernel_names[] = {{{", ".join(chr(34) + self.label(kn) + chr(34) for kn in kernels)}}};
+extern int canao_profiling;
+long canao_profile_begin(void);
+void canao_profile_end(int kernel, long t0);
+#define KCALL(i, call) do {{ if (__builtin_expect(canao_profiling, 0)) {{ const long t0_ = canao_profile_begin(); call; \\
+    canao_profile_end(i, t0_); }} else {{ call; }} }} while (0)
 
 {tiles}
 

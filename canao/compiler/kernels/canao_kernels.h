@@ -66,22 +66,34 @@ static inline void layernorm_row(float *y, int n, const float *gamma, const floa
     }
 }
 
-/* K^T of key rows [r0, r1), for the fused attention of the next phase:
- * kt[(h*D + d)*sp + j] = k[h*kh + j*ks + d], sp = S rounded up to whole vectors.
- * Run by the row block that produced those keys, so no thread waits for it. */
-static void attention_pack_kt(long S, int H, int D, const float *k, long kh, long ks, float *kt, long r0, long r1) {
+/* K^T and V of key rows [r0, r1), for the fused attention of the next phase:
+ * kt[(h*D + d)*sp + j] = k[h*kh + j*ks + d] and vp[(h*sp + j)*D + d] = v[h*vh + j*vs + d],
+ * sp = S rounded up to whole vectors. V is copied so that the P.V loop streams one head's
+ * values contiguously (in the QKV buffer its rows lie a row stride apart: they alias the
+ * same few L1 sets and defeat the prefetcher). Run by the row block that produced K and V,
+ * so no thread waits for it. K^T is written VL keys at a time: whole lines, not scattered floats. */
+static void attention_pack_kv(long S, int H, int D, const float *k, long kh, long ks, float *kt,
+                              const float *v, long vh, long vs, float *vp, long r0, long r1) {
     const long sp = (S + VL - 1) / VL * VL;
-    for (int h = 0; h < H; h++)
-        for (long j = r0; j < r1; j++) {
-            const float *kr = k + h * kh + j * ks;
-            float *dst = kt + (long)h * D * sp + j;
-            for (int d = 0; d < D; d++) dst[(long)d * sp] = kr[d];
-        }
+    for (int h = 0; h < H; h++) {
+        const float *kh_ = k + h * kh;
+        float *kth = kt + (long)h * D * sp;
+        long j = r0;
+        for (; j + VL <= r1; j += VL)
+            for (int d = 0; d < D; d++) {
+                float *dst = kth + (long)d * sp + j;
+#pragma GCC unroll 16
+                for (int l = 0; l < VL; l++) dst[l] = kh_[(j + l) * ks + d];
+            }
+        for (; j < r1; j++)
+            for (int d = 0; d < D; d++) kth[(long)d * sp + j] = kh_[j * ks + d];
+        for (j = r0; j < r1; j++) memcpy(vp + ((long)h * sp + j) * D, v + h * vh + j * vs, (size_t)D * sizeof(float));
+    }
 }
 
 /* Fused attention of query rows [r0, r1), all heads: out = softmax(q k^T + key_bias) v.
  * Element (h, s, d) of q lives at q[h*qh + s*qs + d]; likewise v and out; kt is
- * attention_pack_kt's layout. A block of ATT_QB rows' scores lives in the thread's
+ * attention_pack_kv's layout; v is its packed copy (vh = sp*D, vs = D). A block of ATT_QB rows' scores lives in the thread's
  * scratch (L1), never in the arena. key_bias may be NULL. Padded keys (S..sp) hold
  * whatever the arena held: their scores are overwritten with -inf before the max. */
 #ifndef ATT_QB

@@ -45,6 +45,9 @@ void canao_phase(int phase, const float *W, char *arena, float *scratch, long S,
                  const int64_t *input_ids, const int64_t *token_type_ids, const int64_t *attention_mask,
                  float *const *outputs);
 
+extern const int canao_num_kernels;
+extern const char *const canao_kernel_names[];
+
 #define WEIGHTS_MAGIC "CANAOW01"
 #define HEADER_BYTES 64
 #define MAX_THREADS 64
@@ -75,6 +78,53 @@ static void wait_change(atomic_uint *word, unsigned seen, atomic_int *sleepers) 
 static void publish(atomic_uint *word, atomic_int *sleepers) {
     atomic_fetch_add(word, 1);  /* seq_cst: ordered before the sleepers load below */
     if (atomic_load(sleepers) > 0) futex_wake_all(word);
+}
+
+/* ---- CANAO_PROFILE=1: time of every kernel call, printed to stderr at close ------------ */
+
+#include <time.h>
+int canao_profiling;                   /* read by the generated KCALL */
+static atomic_long *prof_ns;           /* per kernel, summed over threads and runs */
+static atomic_long prof_barrier_ns, prof_runs;
+
+/* the thread's CPU clock: on a shared core, time the OS gave to other processes does not count */
+long canao_profile_begin(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+void canao_profile_end(int kernel, long t0) {
+    atomic_fetch_add_explicit(&prof_ns[kernel], canao_profile_begin() - t0, memory_order_relaxed);
+}
+
+/* ms per run of each kernel, and the shares; kernels of one layer shape summed under their label's tail */
+static void profile_report(void) {
+    const long runs = atomic_load(&prof_runs);
+    if (!prof_ns || runs == 0) return;
+    double total = 0;
+    for (int i = 0; i < canao_num_kernels; i++) total += atomic_load(&prof_ns[i]);
+    total += atomic_load(&prof_barrier_ns);
+    fprintf(stderr, "canao profile: %ld runs, %.3f ms of thread CPU time per run (all threads)\n", runs, total / runs / 1e6);
+    /* kernels grouped by what follows the name (the shape): same-shaped layers add up */
+    int done[4096] = {0};
+    for (int i = 0; i < canao_num_kernels && i < 4096; i++) {
+        if (done[i]) continue;
+        const char *tail = strchr(canao_kernel_names[i], '_');
+        tail = tail ? tail + 1 : canao_kernel_names[i];
+        double ns = 0;
+        int count = 0;
+        for (int j = i; j < canao_num_kernels && j < 4096; j++) {
+            const char *t2 = strchr(canao_kernel_names[j], '_');
+            if (!done[j] && strcmp(t2 ? t2 + 1 : canao_kernel_names[j], tail) == 0) {
+                done[j] = 1;
+                ns += atomic_load(&prof_ns[j]);
+                count++;
+            }
+        }
+        fprintf(stderr, "  %8.3f ms %5.1f%%  %2dx %s\n", ns / runs / 1e6, 100 * ns / total, count, tail);
+    }
+    fprintf(stderr, "  %8.3f ms %5.1f%%      barrier waits\n", atomic_load(&prof_barrier_ns) / (double)runs / 1e6,
+            100 * atomic_load(&prof_barrier_ns) / total);
 }
 
 /* ---- the pool ------------------------------------------------------------------------ */
@@ -137,7 +187,11 @@ static void run_job(pool_t *p, int tid) {
             const long r0 = b * j->rb, r1 = r0 + j->rb < j->S ? r0 + j->rb : j->S;
             canao_phase(ph, j->W, j->arena, scratch, j->S, r0, r1, j->ids, j->tt, j->mask, j->outputs);
         }
-        if (p->threads > 1) barrier(p);  /* the last one is the join */
+        if (p->threads > 1) {  /* the last one is the join */
+            const long t0 = canao_profiling ? canao_profile_begin() : 0;
+            barrier(p);
+            if (canao_profiling) atomic_fetch_add_explicit(&prof_barrier_ns, canao_profile_begin() - t0, memory_order_relaxed);
+        }
     }
 }
 
@@ -245,6 +299,10 @@ canao_model *canao_open(const char *path, int threads, char *err, int n) {
         return NULL;
     }
     spin_iters = env_long("CANAO_SPIN", spin_iters);
+    if (env_long("CANAO_PROFILE", 0) && !prof_ns) {
+        prof_ns = calloc(canao_num_kernels, sizeof *prof_ns);
+        canao_profiling = prof_ns != NULL;
+    }
     canao_model *m = calloc(1, sizeof *m);
     m->map = map;
     m->map_bytes = st.st_size;
@@ -294,11 +352,13 @@ int canao_run(canao_model *m, int batch, int seq, const int64_t *ids, const int6
         if (p->threads > 1) publish(&p->job_gen, &p->job_sleepers);
         run_job(p, 0);
     }
+    if (canao_profiling) atomic_fetch_add(&prof_runs, batch);
     return 0;
 }
 
 void canao_close(canao_model *m) {
     if (!m) return;
+    if (canao_profiling) profile_report();
     pool_destroy(m->pool);
     if (m->map) munmap(m->map, m->map_bytes);
     free(m->arena);
