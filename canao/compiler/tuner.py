@@ -40,7 +40,7 @@ from .build import KERNEL_DIR, cache_dir, compiler
 from .codegen.c import TILE_SOURCES, Schedule, gemm_loop, gemm_loop_int8, gemm_mode
 from .targets import Target, cpu_model
 
-TUNER_VERSION = 4  # bump when generated kernels change so old measurements are not reused
+TUNER_VERSION = 5  # bump when generated kernels change so old measurements are not reused
 DEFAULT_M = 96     # the row block the runtime hands a GEMM (canao_block_rows)
 
 

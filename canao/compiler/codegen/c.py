@@ -709,6 +709,24 @@ def pack_bf16_pairs(w: np.ndarray, nr: int) -> np.ndarray:
     return np.ascontiguousarray(to_bf16(padded).reshape(kp // 2, 2, panels, nr).transpose(2, 0, 3, 1))
 
 
+def prefetch_setup(mr: int, panel_bytes: str, indent: int) -> str:
+    """Before the panel loop: how many cache lines of the next panel each row tile prefetches."""
+    pad = " " * indent
+    return (f"{pad}const int tiles = (int)((r1 - r0 + {mr - 1}) / {mr});\n"
+            f"{pad}const long pf_lines = ({panel_bytes} + 63) / 64, pf_step = (pf_lines + tiles - 1) / tiles;\n")
+
+
+def prefetch_next(mr: int, next_panel: str, indent: int) -> str:
+    """In the row-tile loop: this tile's slice of the next panel into L2. The weights are read once per
+    forward pass, from memory: without it the first tile of every panel waits for them."""
+    pad = " " * indent
+    return (f"{pad}if (p + 1 < NP) {{\n"
+            f"{pad}    const char *nxt = (const char *)({next_panel});\n"
+            f"{pad}    const long l0 = (i0 - r0) / {mr} * pf_step;\n"
+            f"{pad}    for (long l = l0; l < MIN(l0 + pf_step, pf_lines); l++) __builtin_prefetch(nxt + l * 64, 0, 2);\n"
+            f"{pad}}}\n")
+
+
 def gemm_loop_int8(sch: Schedule, k: int, n: int, pre_code: str = "", expr: str = "x") -> str:
     """int8 GEMM over rows r0..r1: quantize the block's activation rows (per-row scale) into the thread's
     scratch, then s32 tiles; the epilogue removes the +128 offset's column sums and rescales."""
@@ -717,10 +735,10 @@ def gemm_loop_int8(sch: Schedule, k: int, n: int, pre_code: str = "", expr: str 
     float *SA = scratch;
     uint8_t *AQ = (uint8_t *)(scratch + (r1 - r0 + 15) / 16 * 16);
     for (long r = r0; r < r1; r++) SA[r - r0] = quantize_row_u8(A + r * lda, K, AQ + (r - r0) * KP, KP);
-    for (int p = 0; p < NP; p++)
+{prefetch_setup(sch.mr, f"(long)KP * {sch.nr}", 4)}    for (int p = 0; p < NP; p++)
         for (long i0 = r0; i0 < r1; i0 += {sch.mr}) {{
             const int m = (int)MIN({sch.mr}, r1 - i0);
-            vi acc[{sch.mr}][{sch.nr} / VL];
+{prefetch_next(sch.mr, f"P + (long)(p + 1) * KP * {sch.nr}", 12)}            vi acc[{sch.mr}][{sch.nr} / VL];
             tileq_{sch.mr}x{sch.nr}(AQ + (i0 - r0) * KP, KP, m, P + (long)p * KP * {sch.nr}, KP / 4, acc);
 #pragma GCC unroll {sch.mr}
             for (int r = 0; r < {sch.mr}; r++) {{
@@ -747,10 +765,10 @@ def gemm_loop_bf16dot(sch: Schedule, k: int, n: int, pre_code: str = "", expr: s
     return f"""    const int K = {k}, KP = {kp}, N = {n}, NP = (N + {sch.nr - 1}) / {sch.nr};
     uint16_t *AB = (uint16_t *)scratch;
     for (long r = r0; r < r1; r++) convert_row_bf16(A + r * lda, K, AB + (r - r0) * KP, KP);
-    for (int p = 0; p < NP; p++)
+{prefetch_setup(sch.mr, f"(long)KP * {sch.nr} * 2", 4)}    for (int p = 0; p < NP; p++)
         for (long i0 = r0; i0 < r1; i0 += {sch.mr}) {{
             const int m = (int)MIN({sch.mr}, r1 - i0);
-            vf acc[{sch.mr}][{sch.nr} / VL];
+{prefetch_next(sch.mr, f"P + (long)(p + 1) * KP * {sch.nr}", 12)}            vf acc[{sch.mr}][{sch.nr} / VL];
             tilebd_{sch.mr}x{sch.nr}(AB + (i0 - r0) * KP, KP, m, P + (long)p * KP * {sch.nr}, KP / 2, acc);
 #pragma GCC unroll {sch.mr}
             for (int r = 0; r < {sch.mr}; r++) {{
@@ -774,6 +792,7 @@ def gemm_loop(sch: Schedule, k: int, n: int, pre_code: str = "", expr: str = "x"
     """The body of a GEMM over rows r0..r1: C = epilogue(A[rows, K] x P), given A, lda, P, C, ldc in scope."""
     kc = min(k, sch.kc)
     nv_expr = f"{sch.nr} / VL"
+    esize = 2 if tile_suffix == "_bf16" else 4
     return f"""    const int K = {k}, N = {n}, NP = (N + {sch.nr - 1}) / {sch.nr};
     float *AP = scratch;  /* the block's A, packed per row tile: [tile][{kc}][{sch.mr}] */
     for (int k0 = 0; k0 < K; k0 += {kc}) {{
@@ -786,10 +805,10 @@ def gemm_loop(sch: Schedule, k: int, n: int, pre_code: str = "", expr: str = "x"
                 for (int k = 0; k < kc; k++) dst[k * {sch.mr} + r] = src[k];
             }}
         }}
-        for (int p = 0; p < NP; p++)
+{prefetch_setup(sch.mr, f"(long)kc * {sch.nr} * {esize}", 8)}        for (int p = 0; p < NP; p++)
             for (long i0 = r0; i0 < r1; i0 += {sch.mr}) {{
                 const int m = (int)MIN({sch.mr}, r1 - i0);
-                vf acc[{sch.mr}][{nv_expr}];
+{prefetch_next(sch.mr, f"P + ((long)(p + 1) * K + k0) * {sch.nr}", 16)}                vf acc[{sch.mr}][{nv_expr}];
                 tile_{sch.mr}x{sch.nr}{tile_suffix}(AP + (i0 - r0) / {sch.mr} * {kc * sch.mr}L, P + ((long)p * K + k0) * {sch.nr}, kc, acc);
 #pragma GCC unroll {sch.mr}
                 for (int r = 0; r < {sch.mr}; r++) {{
