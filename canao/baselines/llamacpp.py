@@ -124,6 +124,10 @@ class Worker:
     def greedy(self, prompt: list[int], n: int) -> list[int]:
         return self._ask({"cmd": "greedy", "prompt": prompt, "n": n})["ids"]
 
+    def logits(self, prompt: list[int]) -> list[float]:
+        """The last position's logits after `prompt`, from an empty cache (for parity checks)."""
+        return self._ask({"cmd": "logits", "prompt": prompt})["logits"]
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.stdin.close()
@@ -206,6 +210,12 @@ def _serve_main() -> None:
 
     from . import protocol
 
+    @lc.llama_log_callback
+    def quiet(level, text, _):  # errors only, to the worker log
+        if level == 3:  # GGML_LOG_LEVEL_ERROR (this build logs the model dump as WARN)
+            sys.stderr.write(text.decode(errors="replace"))
+
+    lc.llama_log_set(quiet, None)
     lc.llama_backend_init()
     engine = None
     for line in sys.stdin:
@@ -231,6 +241,9 @@ def _serve_main() -> None:
                 reply = {"ms": protocol.ttft_ms(engine, msg["prompt"], msg["runs"])}
             elif cmd == "greedy":
                 reply = {"ids": protocol.greedy(engine, msg["prompt"], msg["n"])}
+            elif cmd == "logits":
+                engine.reset()
+                reply = {"logits": engine.feed(msg["prompt"]).tolist()}
             else:
                 raise RuntimeError(f"unknown command {cmd}")
         except Exception as exc:  # report, keep serving

@@ -1,0 +1,350 @@
+"""Decode baselines for SmolLM2-135M: llama.cpp Q4_1 and Q8_0, ONNX Runtime fp32 (and others).
+
+For each context (prompt length) and thread count, every engine is asked in turn
+(interleaved, --rounds times) for:
+  - decode: per-token ms of 32 greedy single-token steps after a prefill of `context`
+    tokens (a warm-up round first; step i attends to context + i positions);
+  - TTFT: prefill of a `context`-token prompt up to the first logits, from an empty
+    cache (median of 5 after a warm-up).
+The headline table is decode at contexts 64 and 512 and TTFT at 128. All engines see the
+same token ids (a fixed English text tokenized by canao's tokenizer, repeated to length),
+and each reports the greedy ids it generates for GREEDY_PROMPT, compared with canao's
+PyTorch model (float32 weights dequantized from the same Q4_1 file).
+
+The memory-bandwidth floor is the time to stream the bytes one decode step must read
+(every weight matrix once, the tied embedding again as the output layer, and the KV cache
+at that context) at the read bandwidth numpy measures on this machine.
+
+Adding an engine: a callable `engine(context, threads) -> dict` with "decode_ms" and
+"ttft_ms" (lists of milliseconds, measured on prompt(context)) and optionally "version";
+an optional attribute `greedy(prompt_ids, n) -> list[int]`. An engine with the
+reset()/feed(ids) -> logits interface gets all of that from `in_process(make)`, where
+make(threads) returns the engine (see canao.baselines.protocol):
+
+    ENGINES["canao"] = lambda: in_process(lambda threads: MyDecoder(..., threads), "canao ...")
+
+    python benchmarks/decode_baselines.py [--engines llamacpp-q4_1,llamacpp-q8_0,ort-fp32]
+        [--contexts 64,128,512] [--threads 1,2] [--rounds 1] [--out benchmarks/results/decode_baselines]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from canao.baselines import protocol  # noqa: E402
+from canao.compiler.targets import cpu_model  # noqa: E402
+
+MODEL = "smollm2"
+TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+        "combined movable metal type, oil-based ink and a wooden press adapted from wine making. "
+        "Books became cheaper, literacy spread across Europe, and scientists could share their results "
+        "with colleagues in distant cities. Within fifty years, presses were running in more than two "
+        "hundred towns, and millions of copies had been printed. ")
+GREEDY_PROMPT = "Once upon a time, in a small village by the sea, there lived a"
+GREEDY_TOKENS = 32
+HEADLINE_DECODE = (64, 512)
+HEADLINE_TTFT = 128
+
+_tokenizer = None
+
+
+def tokenizer():
+    global _tokenizer
+    if _tokenizer is None:
+        from canao.models.bpe_tokenizer import BPETokenizer
+        from canao.models.gguf_loader import open_gguf
+        from canao.paths import builtin_model
+
+        _tokenizer = BPETokenizer.from_gguf(open_gguf(builtin_model(MODEL)))
+    return _tokenizer
+
+
+def prompt(context: int) -> list[int]:
+    """The shared benchmark prompt: `context` token ids of TEXT, repeated as needed."""
+    ids = tokenizer().encode(TEXT)
+    return (ids * (context // len(ids) + 1))[:context]
+
+
+def greedy_prompt() -> list[int]:
+    return tokenizer().encode(GREEDY_PROMPT)
+
+
+def in_process(make, version: str = ""):
+    """An engine callable over reset()/feed() engines built by make(threads), one per thread count."""
+    made = {}
+
+    def get(threads):
+        if threads not in made:
+            made[threads] = make(threads)
+        return made[threads]
+
+    def engine(context: int, threads: int) -> dict:
+        e = get(threads)
+        return {"decode_ms": protocol.decode_ms(e, prompt(context)),
+                "ttft_ms": protocol.ttft_ms(e, prompt(context)), "version": version}
+
+    engine.greedy = lambda ids, n: protocol.greedy(get(1), ids, n)
+    return engine
+
+
+# ------------------------------------------------------------------ engines
+
+
+def llamacpp_engine(qtype: str, n_ctx: int):
+    """llama.cpp on SmolLM2's own Q4_1 file, or on our Q8_0 re-quantization of it."""
+    from canao.baselines.llamacpp import Worker
+    from canao.models.gguf_convert import converted
+    from canao.paths import builtin_model
+
+    path = builtin_model(MODEL) if qtype == "Q4_1" else converted(MODEL, qtype, log=log)
+    worker = Worker(log=log)
+    worker.load(path, n_ctx=n_ctx, n_batch=max(512, n_ctx))
+    version = f"{worker.version} (llama.cpp, ggml threadpool, -march=native) {qtype}"
+
+    def engine(context: int, threads: int) -> dict:
+        worker.threads(threads)
+        p = prompt(context)
+        return {"decode_ms": worker.decode_ms(p, protocol.DECODE_STEPS, protocol.DECODE_WARMUP),
+                "ttft_ms": worker.ttft_ms(p, protocol.TTFT_RUNS), "version": version}
+
+    def greedy(ids, n):
+        worker.threads(1)
+        return worker.greedy(ids, n)
+
+    engine.greedy = greedy
+    engine.weight_path = path
+    engine.kv_bytes_per_elem = 2  # llama.cpp's default KV cache type is f16
+    return engine
+
+
+def ort_engine():
+    from canao.baselines.onnx_decoder import OrtDecoder, exported
+    from canao.models.decoders import load_decoder
+
+    model, _ = load_decoder(MODEL)
+    t0 = time.perf_counter()
+    path = exported(model, log=log)
+    log(f"onnx: graph ready in {time.perf_counter() - t0:.0f} s ({path.stat().st_size / 1e6:.0f} MB)")
+    del model
+    import onnxruntime
+
+    engine = in_process(lambda threads: OrtDecoder(path, threads), f"onnxruntime {onnxruntime.__version__} fp32")
+    engine.kv_bytes_per_elem = 4
+    return engine
+
+
+def pytorch_engine():
+    """canao's eager PyTorch model (float32) with its KV cache: the pre-compiler reference."""
+    import torch
+
+    from canao.models.decoders import load_decoder
+
+    model, _ = load_decoder(MODEL)
+
+    class Feeder:
+        def __init__(self, threads):
+            self.threads = threads
+            self.reset()
+
+        def reset(self):
+            self.cache, self.pos = model.new_cache(1024), 0
+
+        @torch.inference_mode()
+        def feed(self, ids):
+            torch.set_num_threads(self.threads)
+            out = model(torch.tensor([ids]), self.cache, self.pos, last_only=True)
+            self.pos += len(ids)
+            return out[0, -1].numpy()
+
+    engine = in_process(Feeder, f"torch {torch.__version__} fp32 eager")
+    engine.kv_bytes_per_elem = 4
+    return engine
+
+
+ENGINES = {
+    "llamacpp-q4_1": lambda n_ctx: llamacpp_engine("Q4_1", n_ctx),
+    "llamacpp-q8_0": lambda n_ctx: llamacpp_engine("Q8_0", n_ctx),
+    "ort-fp32": lambda n_ctx: ort_engine(),
+    "pytorch-fp32": lambda n_ctx: pytorch_engine(),
+}
+DEFAULT_ENGINES = "llamacpp-q4_1,llamacpp-q8_0,ort-fp32"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ bandwidth floor
+
+
+def read_bandwidth_gbs(threads: int, mb: int = 256, reps: int = 5) -> float:
+    """Best-of-reps read bandwidth (GB/s) of `threads` numpy threads summing their own arrays."""
+    arrays = [np.ones(mb * (1 << 20) // 4 // threads, np.float32) for _ in range(threads)]
+    best = 0.0
+    for _ in range(reps):
+        workers = [threading.Thread(target=np.add.reduce, args=(a,)) for a in arrays]  # releases the GIL
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, mb * (1 << 20) / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def bytes_per_token(engine_name: str, engine, context: int, cfg) -> float:
+    """Weights read once per token (+ the tied embedding as lm_head) and the KV cache at `context`."""
+    kv = 2 * cfg["num_layers"] * cfg["num_kv_heads"] * cfg["head_dim"] * context * engine.kv_bytes_per_elem
+    if hasattr(engine, "weight_path"):
+        if not hasattr(engine, "weight_bytes"):  # opening a GGUF parses its tokenizer: once
+            from canao.models.gguf_loader import open_gguf
+
+            engine.weight_bytes = sum(int(t.n_bytes) for t in open_gguf(engine.weight_path).tensors.values())
+        # the embedding is both a row lookup (negligible) and the output matmul (all of it)
+        return engine.weight_bytes + kv
+    params = (cfg["num_layers"] * (cfg["hidden_size"] * cfg["head_dim"] * 2 * (cfg["num_heads"] + cfg["num_kv_heads"])
+                                   + 3 * cfg["hidden_size"] * cfg["intermediate_size"] + 2 * cfg["hidden_size"])
+              + cfg["vocab_size"] * cfg["hidden_size"] + cfg["hidden_size"])
+    return params * 4 + kv
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engines", default=DEFAULT_ENGINES, help=f"comma list of {', '.join(ENGINES)}")
+    parser.add_argument("--contexts", default="64,128,512")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions, pooled")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode_baselines"))
+    args = parser.parse_args()
+    names = args.engines.split(",")
+    for n in names:
+        if n not in ENGINES:
+            parser.error(f"unknown engine {n}; choose from {', '.join(ENGINES)}")
+    contexts = [int(c) for c in args.contexts.split(",")]
+    threads = [int(t) for t in args.threads.split(",")]
+    n_ctx = max(contexts) + protocol.DECODE_STEPS + protocol.DECODE_WARMUP + 8
+
+    from canao.models.decoders import load_causal_lm
+
+    model, _, info = load_causal_lm(MODEL)
+    cfg = info["config"]
+    gp = greedy_prompt()
+    import torch
+
+    with torch.inference_mode():  # the reference greedy ids: canao's PyTorch model, fp32 from the same file
+        cache, ref = model.new_cache(256), []
+        logits = model(torch.tensor([gp]), cache, 0, last_only=True)
+        for i in range(GREEDY_TOKENS):
+            ref.append(int(logits[0, -1].argmax()))
+            logits = model(torch.tensor([[ref[-1]]]), cache, len(gp) + i, last_only=True)
+    del model, cache
+
+    engines = {}
+    for n in names:
+        log(f"setting up {n}")
+        engines[n] = ENGINES[n](n_ctx)
+    greedy = {n: e.greedy(gp, GREEDY_TOKENS) for n, e in engines.items() if hasattr(e, "greedy")}
+
+    raw = {}  # (engine, context, threads) -> {"decode_ms": [...], "ttft_ms": [...]}
+    versions = {}
+    t_start = time.perf_counter()
+    for r in range(args.rounds):
+        for context in contexts:
+            for th in threads:
+                for n, e in engines.items():  # interleaved: engines take turns at each point
+                    out = e(context, th)
+                    versions[n] = out.get("version", n)
+                    slot = raw.setdefault((n, context, th), {"decode_ms": [], "ttft_ms": []})
+                    slot["decode_ms"] += out["decode_ms"]
+                    slot["ttft_ms"] += out["ttft_ms"]
+                    log(f"round {r + 1} ctx {context} threads {th} {n}: decode {statistics.median(out['decode_ms']):.2f} "
+                        f"ms/token, ttft {statistics.median(out['ttft_ms']):.1f} ms")
+    bench_s = time.perf_counter() - t_start
+
+    bandwidth = {th: read_bandwidth_gbs(th) for th in threads}
+    results = []
+    for (n, context, th), slot in raw.items():
+        d, t = protocol.summary(slot["decode_ms"]), protocol.summary(slot["ttft_ms"])
+        nbytes = bytes_per_token(n, engines[n], context, cfg)
+        results.append({
+            "engine": n, "version": versions[n], "context": context, "threads": th,
+            "decode_median_ms": d["median_ms"], "decode_p90_ms": d["p90_ms"], "decode_steps": d["runs"],
+            "tokens_per_s": 1000.0 / d["median_ms"],
+            "ttft_median_ms": t["median_ms"], "ttft_p90_ms": t["p90_ms"], "ttft_runs": t["runs"],
+            "bytes_per_token": nbytes, "bandwidth_floor_ms": nbytes / (bandwidth[th] * 1e9) * 1e3,
+        })
+    report = {
+        "model": info["path"], "params": info["params"], "weights": info["weight_types"],
+        "cpu": cpu_model(), "cores": os.cpu_count(), "load_average": os.getloadavg(),
+        "read_bandwidth_gbs": bandwidth, "contexts": contexts, "threads": threads, "rounds": args.rounds,
+        "decode_steps": protocol.DECODE_STEPS, "decode_warmup": protocol.DECODE_WARMUP, "ttft_runs": protocol.TTFT_RUNS,
+        "greedy_prompt": GREEDY_PROMPT, "greedy_prompt_ids": gp, "greedy_reference_pytorch": ref,
+        "greedy": greedy, "greedy_match_prefix": {n: _prefix(ids, ref) for n, ids in greedy.items()},
+        "versions": versions, "bench_seconds": bench_s, "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def _prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def markdown(rep: dict) -> str:
+    rows = {(r["engine"], r["context"], r["threads"]): r for r in rep["results"]}
+    engines = list(dict.fromkeys(r["engine"] for r in rep["results"]))
+    lines = [
+        "# Decode baselines: SmolLM2-135M-Instruct",
+        "",
+        f"CPU: {rep['cpu']} ({rep['cores']} cores; load average at the end {', '.join(f'{x:.1f}' for x in rep['load_average'])}). "
+        f"Read bandwidth (numpy): " + ", ".join(f"{k} thread(s) {v:.1f} GB/s" for k, v in rep["read_bandwidth_gbs"].items()) + ".",
+        f"Decode: median of {rep['decode_steps']} greedy steps per round after a warm-up round, {rep['rounds']} interleaved "
+        f"round(s); TTFT: prefill to first logits, median of {rep['ttft_runs']} per round.",
+        "",
+        "| engine | threads | tok/s @64 | ms/tok @64 | floor ms @64 | tok/s @512 | ms/tok @512 | floor ms @512 | TTFT 128 (ms) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in engines:
+        for th in rep["threads"]:
+            cells = [n, str(th)]
+            for c in HEADLINE_DECODE:
+                r = rows.get((n, c, th))
+                cells += [f"{r['tokens_per_s']:.1f}", f"{r['decode_median_ms']:.2f}", f"{r['bandwidth_floor_ms']:.2f}"] if r else ["-"] * 3
+            r = rows.get((n, HEADLINE_TTFT, th))
+            cells.append(f"{r['ttft_median_ms']:.1f}" if r else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "All points (median ms; p90 in parentheses):", "",
+              "| engine | context | threads | decode ms/tok | tok/s | TTFT ms | bytes/token (MB) |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rep["results"], key=lambda r: (r["engine"], r["context"], r["threads"])):
+        lines.append(f"| {r['engine']} | {r['context']} | {r['threads']} | {r['decode_median_ms']:.2f} ({r['decode_p90_ms']:.2f}) | "
+                     f"{r['tokens_per_s']:.1f} | {r['ttft_median_ms']:.1f} ({r['ttft_p90_ms']:.1f}) | {r['bytes_per_token'] / 1e6:.1f} |")
+    lines += ["", f"Greedy ids for {rep['greedy_prompt']!r} (prompt ids {rep['greedy_prompt_ids']}):", "",
+              f"- pytorch-fp32 reference: {rep['greedy_reference_pytorch']}"]
+    for n, ids in rep["greedy"].items():
+        lines.append(f"- {n}: {ids} (first {rep['greedy_match_prefix'][n]} match the reference)")
+    lines += ["", "Versions: " + "; ".join(f"{k}: {v}" for k, v in rep["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
