@@ -60,6 +60,7 @@ class _Builder:
     def __init__(self, ep: torch.export.ExportedProgram):
         self.ep = ep
         self.g = Graph({}, [], [], [], {})
+        self.origin: dict[str, tuple[str, bool]] = {}  # const -> (state_dict key, transposed), for the cache
         self.values: dict[str, object] = {}  # fx node name -> IR tensor name (or list, or python scalar)
         self.src = ""
 
@@ -101,6 +102,7 @@ class _Builder:
                 if node.name in params:
                     value = self.ep.state_dict[params[node.name]].detach().float().numpy()
                     name = self.g.add_const(node.name, value)
+                    self.origin[name] = (params[node.name], False)
                 else:
                     name = node.name
                     self.g.tensors[name] = Tensor(name, self.shape(node), "int64")
@@ -189,6 +191,8 @@ class _Builder:
         if not self.g.is_const(weight):
             raise CanaoError(f"frontend: linear with a computed weight at {self.src}")
         w = self.g.add_const(weight + "_t", self.g.consts[weight].T)  # [K, N]: the layout matmul reads
+        if weight in self.origin:
+            self.origin[w] = (self.origin[weight][0], True)
         y = self.emit("matmul", Mapping.MATMUL, [x, w], shape)
         return self.ew(("add", ("in", 0), ("in", 1)), [y, bias], shape) if bias is not None else y
 
@@ -222,6 +226,106 @@ class _Builder:
         return self.emit("matmul", Mapping.MATMUL, [p, v], shape)
 
 
-def capture(model: torch.nn.Module, max_seq: int) -> Graph:
-    """The model as canao IR, sequence length dynamic up to max_seq."""
-    return _Builder(export_model(model, max_seq)).build()
+def capture(model: torch.nn.Module, max_seq: int, cache: bool = True) -> Graph:
+    """The model as canao IR, sequence length dynamic up to max_seq.
+
+    torch.export (importing its tracer, then tracing) is most of a compile's time, and the
+    IR depends only on the architecture: the model's code, its configuration, its parameter
+    names and shapes, max_seq and the torch version. So the traced IR is kept, as JSON with
+    each constant named by the parameter it came from ($CANAO_CACHE/frontend/), and a model of
+    an architecture seen before gets its IR from there, filled with its own weights."""
+    key = _cache_key(model, max_seq) if cache else None
+    path = _cache_path(key) if key else None
+    if path is not None and path.exists():
+        g = _load_cached(path, model)
+        if g is not None:
+            return g
+    builder = _Builder(export_model(model, max_seq))
+    g = builder.build()
+    state_keys = set(model.state_dict())
+    if path is not None and all(c in builder.origin and builder.origin[c][0] in state_keys for c in g.consts):
+        _store_cached(path, g, builder.origin)
+    return g
+
+
+FRONTEND_CACHE_VERSION = 1
+
+
+def _cache_key(model: torch.nn.Module, max_seq: int) -> str | None:
+    import hashlib
+    import inspect
+    from pathlib import Path
+
+    h = hashlib.sha256(f"v{FRONTEND_CACHE_VERSION}|{torch.__version__}|{max_seq}|{type(model).__qualname__}|"
+                       f"{getattr(model, 'config', None)!r}".encode())
+    try:
+        for f in sorted({inspect.getsourcefile(type(model)), __file__, str(Path(__file__).with_name("ir.py"))}):
+            h.update(Path(f).read_bytes())
+    except (TypeError, OSError):  # a model whose code cannot be read: no cache
+        return None
+    for name, t in model.state_dict().items():
+        h.update(f"|{name}:{tuple(t.shape)}:{t.dtype}".encode())
+    return h.hexdigest()[:32]
+
+
+def _cache_path(key: str):
+    from .build import cache_dir
+
+    return cache_dir() / "frontend" / f"{key}.json"
+
+
+def _enc(x):
+    """JSON with tuples kept apart from lists (IR expressions are tuples, codegen compares them)."""
+    if isinstance(x, tuple):
+        return {"t": [_enc(v) for v in x]}
+    if isinstance(x, list):
+        return [_enc(v) for v in x]
+    if isinstance(x, dict):
+        return {"d": {k: _enc(v) for k, v in x.items()}}
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    raise TypeError(f"cannot cache {type(x).__name__}")
+
+
+def _dec(x):
+    if isinstance(x, list):
+        return [_dec(v) for v in x]
+    if isinstance(x, dict):
+        return tuple(_dec(v) for v in x["t"]) if "t" in x else {k: _dec(v) for k, v in x["d"].items()}
+    return x
+
+
+def _store_cached(path, g: Graph, origin: dict) -> None:
+    import json
+
+    from .tuner import atomic_write_text
+
+    try:
+        doc = {"tensors": [[t.name, _enc(t.shape), t.dtype] for t in g.tensors.values()],
+               "ops": [[op.kind, op.mapping.value, op.inputs, op.output, _enc(op.attrs), op.source] for op in g.ops],
+               "inputs": g.inputs, "outputs": g.outputs,
+               "consts": {name: list(origin[name]) for name in g.consts}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(doc))
+    except (TypeError, OSError):  # attrs of a kind the cache does not know, a read-only cache: just trace
+        pass
+
+
+def _load_cached(path, model: torch.nn.Module) -> Graph | None:
+    import json
+
+    try:
+        doc = json.loads(path.read_text())
+        state = model.state_dict()
+        g = Graph({}, [], list(doc["inputs"]), list(doc["outputs"]), {})
+        for name, shape, dtype in doc["tensors"]:
+            g.tensors[name] = Tensor(name, _dec(shape), dtype)
+        g.ops = [Op(kind, Mapping(m), list(ins), out, _dec(attrs), src) for kind, m, ins, out, attrs, src in doc["ops"]]
+        for name, (key, transposed) in doc["consts"].items():
+            value = state[key].detach().float().numpy()
+            g.consts[name] = np.ascontiguousarray(value.T if transposed else value, dtype=np.float32)
+            if g.consts[name].shape != g.tensors[name].shape:
+                return None
+        return g
+    except (OSError, ValueError, KeyError, TypeError):  # a damaged or foreign entry: trace again
+        return None
