@@ -172,13 +172,36 @@ def pytorch_engine():
     return engine
 
 
+def canao_engine(precision: str, n_ctx: int):
+    """canao's compiled decoder (an artifact built once per precision into $CANAO_CACHE/bench-decoders)."""
+    from canao.compiler.build import cache_dir
+    from canao.compiler.decoder import CompiledDecoder, compile_decoder
+    from canao.compiler.decoder.runtime import is_decoder_artifact
+
+    folder = cache_dir() / "bench-decoders" / f"smollm2-{precision}-{n_ctx}"
+    if not is_decoder_artifact(folder):
+        log(f"canao: compiling smollm2 {precision} (context {n_ctx})")
+        compile_decoder(MODEL, folder, precision=precision, max_seq=n_ctx)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    engine = in_process(lambda threads: CompiledDecoder(folder, threads=threads),
+                        f"canao {precision} ({manifest['target']['name']}, layers {manifest['weights']['weights_format']}, "
+                        f"output {manifest['weights']['embedding_format']})")
+    engine.weight_path = folder / "weights.bin"
+    engine.weight_bytes = manifest["weights"]["bytes"]
+    engine.kv_bytes_per_elem = 4  # fp32 KV cache
+    return engine
+
+
 ENGINES = {
+    "canao-q4_1": lambda n_ctx: canao_engine("q4_1", n_ctx),
+    "canao-q8_0": lambda n_ctx: canao_engine("q8_0", n_ctx),
+    "canao-fp32": lambda n_ctx: canao_engine("fp32", n_ctx),
     "llamacpp-q4_1": lambda n_ctx: llamacpp_engine("Q4_1", n_ctx),
     "llamacpp-q8_0": lambda n_ctx: llamacpp_engine("Q8_0", n_ctx),
     "ort-fp32": lambda n_ctx: ort_engine(),
     "pytorch-fp32": lambda n_ctx: pytorch_engine(),
 }
-DEFAULT_ENGINES = "llamacpp-q4_1,llamacpp-q8_0,ort-fp32"
+DEFAULT_ENGINES = "canao-q4_1,llamacpp-q4_1,canao-q8_0,llamacpp-q8_0,ort-fp32"
 
 
 def log(msg: str) -> None:

@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-len", type=int, default=384, help="squad window length")
     p.add_argument("--stride", type=int, default=None, help="squad: doc stride (128); lm: window stride (256)")
     p.add_argument("--window", type=int, default=512, help="lm: tokens per scoring window")
+    p.add_argument("--decode-steps", action="store_true",
+                   help="lm, compiled decoder: score one token a step through the decode kernels (quantized activations)")
     p.add_argument("--batch-size", type=int, default=32)
     add_common(p)
     p.set_defaults(func=cmd_eval)
@@ -116,7 +118,7 @@ def cmd_eval(args) -> dict:
     from ..tasks.lm import perplexity
 
     result = perplexity(args.model, data_file(args.data, WIKITEXT), window=args.window, stride=args.stride or 256,
-                        max_tokens=args.limit)
+                        max_tokens=args.limit, decode_steps=args.decode_steps)
     if not args.json:
         print(f"perplexity {result['ppl']:.3f} over {result['tokens']} tokens (window {result['window']}, stride {result['stride']})")
     return result

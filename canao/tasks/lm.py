@@ -65,11 +65,12 @@ def sliding_window_nll(model, ids: list[int], window: int, stride: int, progress
 
 
 def perplexity(model_spec, text_path, window: int = 512, stride: int = 256, max_tokens: int | None = None,
-               progress: bool = False) -> dict:
+               progress: bool = False, decode_steps: bool = False) -> dict:
     """Perplexity of a causal LM on a text file.
 
     Returns {"ppl", "tokens" (scored), "window", "stride", "nll" (mean nats per scored token),
-    "text_tokens" (tokens in the evaluated text)}.
+    "text_tokens" (tokens in the evaluated text)}. decode_steps (compiled decoders): compute every
+    window's logits one token at a time, as generation does (quantized activations included).
     """
     if window < 2:
         raise CanaoError(f"window must be at least 2 tokens, got {window}")
@@ -79,6 +80,10 @@ def perplexity(model_spec, text_path, window: int = 512, stride: int = 256, max_
         raise CanaoError(f"max_tokens must be at least 2, got {max_tokens}")
     text = read_text(text_path)
     model, tokenizer, _ = load_causal_lm(model_spec)
+    if decode_steps:  # score through the compiled decode path (one token a step), not the prompt path
+        if not hasattr(model, "score_by_decode_steps"):
+            raise CanaoError("--decode-steps scores a compiled decoder artifact token by token; this model is not one")
+        model.score_by_decode_steps = True
     if window > model.max_seq_len:
         raise CanaoError(f"window {window} exceeds the model's context window of {model.max_seq_len}; pass a smaller window")
     ids = tokenizer.encode(text, add_special_tokens=True)

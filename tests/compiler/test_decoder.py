@@ -234,3 +234,17 @@ def test_decode_speed_measured_through_the_device_runner(artifacts):
     assert r["device"]["arch"] == "x86_64" and r["precision"] == "q4_1"
     with pytest.raises(CanaoError, match="context of 256"):
         measure_decode(artifacts["q4_1"]["artifact"], "local", context=250)
+
+
+def test_perplexity_through_decode_steps(artifacts, data_dir):
+    """The decode path (int8 activations in every GEMV) scores text within 3% of the prompt path."""
+    from canao.tasks.lm import perplexity
+
+    text = data_dir / "wikitext-2" / "valid.txt"
+    art = artifacts["q4_1"]["artifact"]
+    steps = perplexity(art, text, window=64, stride=32, max_tokens=160, decode_steps=True)
+    prompt = perplexity(art, text, window=64, stride=32, max_tokens=160)
+    assert steps["tokens"] == prompt["tokens"] == 159
+    assert abs(steps["ppl"] - prompt["ppl"]) < 0.03 * prompt["ppl"]
+    with pytest.raises(CanaoError, match="not one"):
+        perplexity("smollm2", text, max_tokens=16, decode_steps=True)

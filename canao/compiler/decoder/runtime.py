@@ -125,6 +125,8 @@ class CompiledCausalLM:
     def __init__(self, decoder: CompiledDecoder):
         self.decoder = decoder
         self.config = decoder.manifest["model"]
+        # all-position logits through decode steps instead of one prefill (perplexity of the decode path)
+        self.score_by_decode_steps = False
 
     @property
     def max_seq_len(self) -> int:
@@ -160,6 +162,9 @@ class CompiledCausalLM:
         ids = input_ids.reshape(-1).tolist() if hasattr(input_ids, "reshape") else list(input_ids)
         if last_only or len(ids) == 1:
             return torch.from_numpy(self.decoder.forward(ids, start_pos)).view(1, 1, -1)
+        if self.score_by_decode_steps:
+            rows = [self.decoder.forward([t], start_pos + i).copy() for i, t in enumerate(ids)]
+            return torch.from_numpy(np.stack(rows))[None]
         return torch.from_numpy(self.decoder.forward_all(ids, start_pos))[None]
 
     def sample_next(self, temperature: float, top_k: int, top_p: float, state: list) -> int:
