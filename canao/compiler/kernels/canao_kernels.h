@@ -29,6 +29,22 @@ static inline vf vexp(vf x) {
     return vkeep_gt(vmul(p, vpow2i(n)), x, vset1(-87.3f));
 }
 
+/* exp(x - m) for the softmax, given nm = -m*log2(e) (x <= m): 2^y, y = x*log2(e) - m*log2(e) split
+ * into n + f (|f| <= 1/2), 2^f by a degree-5 fit (relative error 2.2e-7), 2^n into the exponent.
+ * A quarter fewer operations than vexp(x - m); differences below -87.3 give exactly 0 as there. */
+static inline vf vexp_shifted(vf x, vf nm) {
+    const vf y = vfma(x, vset1(1.44269504088896341f), nm);
+    const vf n = vround(vmax(y, vset1(-126.0f)));
+    const vf f = vsub(vmax(y, vset1(-126.0f)), n);
+    vf p = vset1(0.0013266970636323094f);
+    p = vfma(p, f, vset1(0.009675459936261177f));
+    p = vfma(p, f, vset1(0.05550742521882057f));
+    p = vfma(p, f, vset1(0.24022121727466583f));
+    p = vfma(p, f, vset1(0.6931469440460205f));
+    p = vfma(p, f, vset1(1.0000001192092896f));
+    return vkeep_gt(vmul(p, vpow2i(n)), y, vset1(-87.3f * 1.44269504088896341f));
+}
+
 /* erf(x), Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7) */
 static inline vf verf(vf x) {
     vf ax = vabs(x);
@@ -109,7 +125,10 @@ static void attention_rows(long S, int H, int D, const float *q, long qh, long q
             const int m = (int)MIN(ATT_QB, r1 - i0);
             const float *qr[ATT_QB];
             for (int r = 0; r < ATT_QB; r++) qr[r] = q + h * qh + MIN(i0 + r, r1 - 1) * qs;
-            /* scores = q k^T + bias, ATT_QB rows x sp keys, two key vectors at a time */
+            /* scores = q k^T + bias, ATT_QB rows x sp keys, two key vectors at a time; each row's
+             * running max over the vectors wholly below S (the padded keys' lanes hold garbage) */
+            vf rmax[ATT_QB];
+            for (int r = 0; r < ATT_QB; r++) rmax[r] = vset1(-INFINITY);
             long j = 0;
             for (; j + 2 * VL <= sp; j += 2 * VL) {
                 vf a0[ATT_QB], a1[ATT_QB];
@@ -125,9 +144,13 @@ static void attention_rows(long S, int H, int D, const float *q, long qh, long q
                 }
                 const vf b0 = key_bias ? vload_n(key_bias + j, (int)(S - j)) : vzero();
                 const vf b1 = key_bias ? vload_n(key_bias + j + VL, (int)(S - j - VL)) : vzero();
+                const int full0 = j + VL <= S, full1 = j + 2 * VL <= S;
                 for (int r = 0; r < ATT_QB; r++) {
-                    vstore(sc + r * sp + j, vadd(a0[r], b0));
-                    vstore(sc + r * sp + j + VL, vadd(a1[r], b1));
+                    const vf s0 = vadd(a0[r], b0), s1 = vadd(a1[r], b1);
+                    vstore(sc + r * sp + j, s0);
+                    vstore(sc + r * sp + j + VL, s1);
+                    if (full0) rmax[r] = vmax(rmax[r], s0);
+                    if (full1) rmax[r] = vmax(rmax[r], s1);
                 }
             }
             for (; j < sp; j += VL) {
@@ -139,7 +162,12 @@ static void attention_rows(long S, int H, int D, const float *q, long qh, long q
                     for (int r = 0; r < ATT_QB; r++) acc[r] = vfma(vset1(qr[r][d]), kv, acc[r]);
                 }
                 const vf b = key_bias ? vload_n(key_bias + j, (int)(S - j)) : vzero();
-                for (int r = 0; r < ATT_QB; r++) vstore(sc + r * sp + j, vadd(acc[r], b));
+                const int full = j + VL <= S;
+                for (int r = 0; r < ATT_QB; r++) {
+                    const vf s0 = vadd(acc[r], b);
+                    vstore(sc + r * sp + j, s0);
+                    if (full) rmax[r] = vmax(rmax[r], s0);
+                }
             }
             /* row softmax; padded keys are excluded from the max and get weight 0 */
             float inv[ATT_QB];
@@ -147,11 +175,12 @@ static void attention_rows(long S, int H, int D, const float *q, long qh, long q
                 float *row = sc + r * sp;
                 for (long jj = S; jj < sp; jj++) row[jj] = -INFINITY;
                 if (r >= m) { inv[r] = 0.0f; continue; }
-                vf mx = vset1(-INFINITY);
-                for (long jj = 0; jj < sp; jj += VL) mx = vmax(mx, vload(row + jj));
-                vf vmx = vset1(vhmax(mx)), sum = vzero();
+                vf mx = rmax[r];
+                if (S % VL) mx = vmax(mx, vload(row + S / VL * VL));  /* the partial vector, padding now -inf */
+                const vf nm = vset1(-vhmax(mx) * 1.44269504088896341f);
+                vf sum = vzero();
                 for (long jj = 0; jj < sp; jj += VL) {
-                    vf e = vexp(vsub(vload(row + jj), vmx));
+                    vf e = vexp_shifted(vload(row + jj), nm);
                     vstore(row + jj, e);
                     sum = vadd(sum, e);
                 }
