@@ -61,10 +61,10 @@ typedef struct {
     atomic_uint gen;
     atomic_int sleepers;
     atomic_int stop;
-    atomic_long next;
-    atomic_int done;
-    long items;
-    task_fn fn;
+    atomic_ulong claim;         /* generation << 32 | next item: a stale worker can never claim */
+    atomic_long completed;      /* items finished in this generation */
+    _Atomic long items;
+    _Atomic(task_fn) fn;
     struct canao_lm *m;
 } pool_t;
 
@@ -94,11 +94,22 @@ static long spin_iters = 4000;
 static void futex_wait(atomic_uint *a, unsigned v) { syscall(SYS_futex, (unsigned *)a, FUTEX_WAIT_PRIVATE, v, NULL, NULL, 0); }
 static void futex_wake(atomic_uint *a) { syscall(SYS_futex, (unsigned *)a, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0); }
 
-static void drain(pool_t *p, int tid) {
+/* Claim and run items of generation `gen` until none are left. Each claim is a CAS on
+ * (generation, index), so a worker that was descheduled across a generation change fails its
+ * claim instead of running an item of the next task with the old task's arguments; and the
+ * caller waits for finished items, not for every worker to show up (on a shared core a
+ * worker may not run for milliseconds). */
+static void drain(pool_t *p, int tid, unsigned gen) {
+    const task_fn fn = atomic_load_explicit(&p->fn, memory_order_relaxed);
+    const long items = atomic_load_explicit(&p->items, memory_order_relaxed);
+    unsigned long w = atomic_load_explicit(&p->claim, memory_order_acquire);
     for (;;) {
-        const long i = atomic_fetch_add_explicit(&p->next, 1, memory_order_relaxed);
-        if (i >= p->items) break;
-        p->fn(p->m, tid, i);
+        if ((unsigned)(w >> 32) != gen || (long)(w & 0xffffffffUL) >= items) return;
+        if (!atomic_compare_exchange_weak_explicit(&p->claim, &w, w + 1, memory_order_acq_rel, memory_order_acquire))
+            continue;
+        fn(p->m, tid, (long)(w & 0xffffffffUL));
+        atomic_fetch_add_explicit(&p->completed, 1, memory_order_release);
+        w = atomic_load_explicit(&p->claim, memory_order_acquire);
     }
 }
 
@@ -117,8 +128,7 @@ static void *worker_main(void *arg) {
         }
         seen = atomic_load(&p->gen);
         if (atomic_load(&p->stop)) return NULL;
-        drain(p, tid);
-        atomic_fetch_add_explicit(&p->done, 1, memory_order_release);
+        drain(p, tid, seen);
     }
 }
 
@@ -128,16 +138,17 @@ static void parallel(struct canao_lm *m, task_fn fn, long items) {
         for (long i = 0; i < items; i++) fn(m, 0, i);
         return;
     }
-    p->fn = fn;
+    const unsigned gen = atomic_load(&p->gen) + 1;
     p->m = m;
-    p->items = items;
-    atomic_store(&p->next, 0);
-    atomic_store(&p->done, 0);
-    atomic_fetch_add(&p->gen, 1);
+    atomic_store_explicit(&p->fn, fn, memory_order_relaxed);
+    atomic_store_explicit(&p->items, items, memory_order_relaxed);
+    atomic_store(&p->completed, 0);
+    atomic_store(&p->claim, (unsigned long)gen << 32);
+    atomic_store(&p->gen, gen);
     if (atomic_load(&p->sleepers) > 0) futex_wake(&p->gen);
-    drain(p, 0);
-    /* join: spin briefly, then yield so a descheduled worker on a shared core can finish */
-    for (long i = 0; atomic_load_explicit(&p->done, memory_order_acquire) != p->threads - 1; i++) {
+    drain(p, 0, gen);
+    /* join on finished items: spin briefly, then yield to a worker finishing its last item */
+    for (long i = 0; atomic_load_explicit(&p->completed, memory_order_acquire) != items; i++) {
         if (i < spin_iters) cpu_relax();
         else sched_yield();
     }
