@@ -180,7 +180,14 @@ def canao_engine(precision: str, n_ctx: int):
     from canao.compiler.decoder import CompiledDecoder, compile_decoder
     from canao.compiler.decoder.runtime import is_decoder_artifact
 
-    folder = cache_dir() / "bench-decoders" / f"smollm2-{precision}-{n_ctx}"
+    import hashlib
+
+    from canao.compiler.build import KERNEL_DIR
+
+    # keyed by the decoder's C sources: a changed kernel is recompiled, not timed stale
+    digest = hashlib.sha256(b"".join((KERNEL_DIR / n).read_bytes() for n in
+                                     ("canao_decoder.c", "canao_decoder_kernels.h", "canao_lm.h"))).hexdigest()[:12]
+    folder = cache_dir() / "bench-decoders" / f"smollm2-{precision}-{n_ctx}-{digest}"
     if not is_decoder_artifact(folder):
         log(f"canao: compiling smollm2 {precision} (context {n_ctx})")
         compile_decoder(MODEL, folder, precision=precision, max_seq=n_ctx)
