@@ -12,7 +12,9 @@ Measuring: every candidate schedule of every unseen signature is generated with 
 same code generator as the model (codegen.c.gemm_loop / tile_source) into one small
 standalone harness, compiled once, that packs the same random weights for each
 candidate, checks every candidate's result against the first, and times them
-interleaved (round-robin), each call on the thread's own CPU clock
+interleaved (round-robin), with the weights evicted from the caches before each call
+as in a forward pass (warm weights favoured schedules that lose in the model), each
+call on the thread's own CPU clock
 (CLOCK_THREAD_CPUTIME_ID): on a shared core, time the OS gave to other processes
 does not count against a candidate. The median of the repeats decides.
 
@@ -40,7 +42,7 @@ from .build import KERNEL_DIR, cache_dir, compiler
 from .codegen.c import TILE_SOURCES, Schedule, gemm_loop, gemm_loop_int8, gemm_mode
 from .targets import Target, cpu_model
 
-TUNER_VERSION = 5  # bump when generated kernels change so old measurements are not reused
+TUNER_VERSION = 6  # bump when generated kernels change so old measurements are not reused
 DEFAULT_M = 96     # the row block the runtime hands a GEMM (canao_block_rows)
 
 
@@ -229,6 +231,18 @@ static double now(void) {{
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
     return t.tv_sec + t.tv_nsec * 1e-9;
 }}
+/* As in a forward pass: the weights come from memory (a model's do not fit the caches and each is read
+ * once), the activations are warm (the previous kernel wrote them). Evict everything, re-read A. */
+static char *flush_buf;
+static volatile float sink;
+static void cold(const float *A, long n) {{
+    const long bytes = 64L << 20;
+    if (!flush_buf) flush_buf = calloc(bytes, 1);
+    for (long i = 0; i < bytes; i += 64) flush_buf[i]++;
+    float s = 0;
+    for (long i = 0; i < n; i += 16) s += A[i];
+    sink = s;
+}}
 static int cmp(const void *a, const void *b) {{ double x = *(const double *)a, y = *(const double *)b; return (x > y) - (x < y); }}
 
 int main(void) {{
@@ -253,6 +267,7 @@ int main(void) {{
         double t[{max_c}][{reps}];
         for (int r = 0; r < reps; r++)
             for (int c = 0; c < g->nc; c++) {{
+                cold(A, M * K);
                 const double t0 = now();
                 g->fn[c](A, K, P[c], CS[c], SW[c], C[c], N, 0, M, scratch);
                 t[c][r] = now() - t0;
