@@ -76,13 +76,16 @@ def convert(model, seq: int, precision: str, log=None) -> Path:
     digest.update(json.dumps(vars(model.config), sort_keys=True, default=str).encode())
     folder = cache_dir() / "litert"
     folder.mkdir(parents=True, exist_ok=True)
-    out = folder / f"{digest.hexdigest()[:20]}-{seq}-{precision}.tflite"
+    # v2: converted with three distinct example tensors (v1 passed ids twice: wrong logits)
+    out = folder / f"{digest.hexdigest()[:20]}-{seq}-{precision}-v2.tflite"
     if out.exists():
         return out
     py = ensure_venv(log)
-    saved = folder / f"{digest.hexdigest()[:20]}.pt"
+    saved = folder / f"{digest.hexdigest()[:20]}.safetensors"  # safetensors + JSON: nothing is unpickled
     if not saved.exists():
-        torch.save({"config": vars(model.config), "state": state}, saved)
+        from safetensors.torch import save_file
+
+        save_file(state, str(saved), metadata={"config": json.dumps(vars(model.config), default=str)})
     if log:
         log(f"litert: converting to {out.name} (litert-torch; a minute or two)")
     t0 = time.perf_counter()
@@ -138,12 +141,17 @@ def _convert_main(state_path: str, seq: str, precision: str, out: str) -> None:
 
     from ..models.bert import BertConfig, BertForQuestionAnswering
 
-    saved = torch.load(state_path)
-    model = BertForQuestionAnswering(BertConfig(**saved["config"])).eval()
-    model.load_state_dict(saved["state"])
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(state_path, "pt") as f:
+        config = json.loads(f.metadata()["config"])
+    model = BertForQuestionAnswering(BertConfig(**config)).eval()
+    model.load_state_dict(load_file(state_path))
+    # three distinct tensors: an input passed twice becomes one graph input (ids used as the mask)
     ids = torch.ones((1, int(seq)), dtype=torch.long)
     fp32 = out if precision == "fp32" else out + ".fp32.tflite"
-    litert_torch.convert(model, (ids, ids * 0, ids)).export(fp32)
+    litert_torch.convert(model, (ids, torch.zeros_like(ids), torch.ones_like(ids))).export(fp32)
     if precision == "int8":
         from ai_edge_quantizer import quantizer, recipe
 
