@@ -249,7 +249,11 @@ def measure(artifact_dir, device: str = "local", seq: int = 128, threads: int = 
     t, remote = stage(folder, device)
     out = run_runner(t, remote, [WEIGHTS, "--bench", "--seq", str(seq), "--threads", str(threads),
                                  "--warmup", str(warmup), "--runs", str(runs)], timeout=timeout)
-    result = parse_bench(out, t.spec)
+    return _describe(parse_bench(out, t.spec), t, folder, manifest)
+
+
+def _describe(result: dict, t: Transport, folder: Path, manifest: dict) -> dict:
+    """A runner's result with the device it ran on and the artifact it timed."""
     info = t.probe()
     result["device"] = {k: info.get(k) for k in ("spec", "transport", "arch", "cpu_model", "cores", "product")}
     result["artifact"] = str(folder)
@@ -277,31 +281,19 @@ def measure_decode(artifact_dir, device: str = "local", context: int = 64, threa
     out = run_runner(t, remote, [WEIGHTS, "--bench-decode", "--context", str(context), "--threads", str(threads),
                                  "--steps", str(steps), "--warmup", str(warmup), "--ttft-prompt", str(ttft_prompt)],
                      timeout=timeout)
-    line = _last_line(out)
-    try:
-        result = json.loads(line)
-    except json.JSONDecodeError:
-        raise CanaoError(f"{RUNNER} on {t.spec} printed no JSON result (last line: {line[:120]!r}); recompile the "
-                         f"artifact") from None
-    missing = [k for k in DECODE_KEYS if k not in result]
-    if missing:
-        raise CanaoError(f"{RUNNER} on {t.spec} left out {', '.join(missing)} from its result; recompile the artifact")
-    info = t.probe()
-    result["device"] = {k: info.get(k) for k in ("spec", "transport", "arch", "cpu_model", "cores", "product")}
-    result["artifact"] = str(folder)
-    result["precision"] = manifest.get("precision")
-    return result
+    return _describe(parse_bench(out, t.spec, DECODE_KEYS), t, folder, manifest)
 
 
-def parse_bench(stdout: str, spec: str) -> dict:
-    """canao-run --bench's one JSON line (the last line of its stdout), checked for the fields it promises."""
+def parse_bench(stdout: str, spec: str, keys: tuple[str, ...] = BENCH_KEYS) -> dict:
+    """canao-run --bench's (or --bench-decode's) one JSON line, the last line of its stdout, checked for
+    the fields it promises."""
     line = _last_line(stdout)
     try:
         result = json.loads(line)
     except json.JSONDecodeError:
         raise CanaoError(f"{RUNNER} on {spec} printed no JSON result (last line: {line[:120]!r}); "
                          f"the artifact's runner is not the one this canao expects, recompile it") from None
-    missing = [k for k in BENCH_KEYS if k not in result] if isinstance(result, dict) else list(BENCH_KEYS)
+    missing = [k for k in keys if k not in result] if isinstance(result, dict) else list(keys)
     if missing:
         raise CanaoError(f"{RUNNER} on {spec} left out {', '.join(missing)} from its result; recompile the artifact")
     return result
