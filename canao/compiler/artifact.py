@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 from .. import __version__
@@ -29,6 +30,26 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def begin_folder(out) -> tuple[Path, Path]:
+    """(final, partial): the artifact is built in `partial` and renamed by finish_folder, so a failed
+    build never leaves a half artifact at `final`. An existing folder that is not an artifact is refused."""
+    final = Path(out)
+    if final.exists() and not (final / MANIFEST).exists():
+        raise CanaoError(f"{final} exists and is not a canao artifact; choose another --out")
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return final, partial
+
+
+def finish_folder(partial: Path, final: Path, info: dict) -> dict:
+    """Write the manifest (checksums of everything in `partial`) and move the artifact into place."""
+    manifest = write_manifest(partial, info)
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    return manifest
 
 
 def write_weights(path: Path, blob: bytes) -> None:

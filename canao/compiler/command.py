@@ -69,7 +69,7 @@ def cmd_compile_decoder(args) -> dict:
 
     if args.verify or args.tune:
         raise CanaoError("--verify and --tune apply to encoders; a decoder is checked by `pytest tests/compiler/"
-                         "test_decoder.py` (greedy tokens equal PyTorch's) and measured by benchmarks/decode_speed.py")
+                         "test_decoder.py` (greedy tokens equal PyTorch's) and measured by `canao device measure` and benchmarks/decode_baselines.py")
     precision = args.precision or "q4_1"
     summary = compile_decoder(args.model, args.out, precision=precision,
                               max_seq=args.max_seq if args.max_seq_given else 2048, target=args.target,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -51,12 +50,7 @@ def compile_model(model, out: str | Path, precision: str = "fp32", max_seq: int 
     t0 = time.perf_counter()
     program = generate(graph, tgt, max_seq, schedules, precision=precision)
     times["codegen_ms"] = (time.perf_counter() - t0) * 1e3
-    final = Path(out)
-    if final.exists() and not (final / artifact.MANIFEST).exists():
-        raise CanaoError(f"{final} exists and is not a canao artifact; choose another --out")
-    out = final.with_name(final.name + ".partial")  # a failed build never leaves a half artifact
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    final, out = artifact.begin_folder(out)
     (out / "model.c").write_text(program.source)
     copy_support_files(out)
     artifact.write_weights(out / artifact.WEIGHTS, program.weights)
@@ -81,8 +75,6 @@ def compile_model(model, out: str | Path, precision: str = "fp32", max_seq: int 
         "kernels": program.kernels,
         "phases": program.phases,
     }
-    manifest = artifact.write_manifest(out, info)
-    shutil.rmtree(final, ignore_errors=True)
-    out.rename(final)
+    manifest = artifact.finish_folder(out, final, info)
     return {"artifact": str(final), **{k: manifest[k] for k in ("target", "precision", "max_seq", "memory")},
             "fusion": report, "tuning": tuning, "times": times}

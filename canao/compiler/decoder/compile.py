@@ -67,23 +67,18 @@ def compile_decoder(spec, out, precision: str = "q4_1", max_seq: int = 2048, tar
                     threads: int | None = None, log=None) -> dict:
     if precision not in DECODER_PRECISIONS:
         raise CanaoError(f"decoder precision '{precision}' is not available; choose one of {', '.join(DECODER_PRECISIONS)}")
+    if max_seq < 2:
+        raise CanaoError(f"--max-seq {max_seq} must be at least 2")
     tgt = get_target(target)
     times = {}
     t0 = time.perf_counter()
     src = Source(spec)
     arch = arch_shapes(src)
-    if not 2 <= max_seq:
-        raise CanaoError(f"--max-seq {max_seq} must be at least 2")
     max_ctx = min(max_seq, arch["max_positions"])
     packed, formats = (pack_llama if src.arch == "llama" else pack_gpt2)(src, precision, max_ctx)
     times["pack_ms"] = (time.perf_counter() - t0) * 1e3
     source = generate(arch, packed, tgt, max_ctx, str(src.path))
-    final = Path(out)
-    if final.exists() and not (final / artifact.MANIFEST).exists():
-        raise CanaoError(f"{final} exists and is not a canao artifact; choose another --out")
-    tmp = final.with_name(final.name + ".partial")  # a failed build never leaves a half artifact
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    final, tmp = artifact.begin_folder(out)
     (tmp / "model.c").write_text(source)
     for name in (*DECODER_FILES, RUNNER_SOURCE, tgt.vec_header):
         shutil.copyfile(KERNEL_DIR / name, tmp / name)
@@ -103,8 +98,6 @@ def compile_decoder(spec, out, precision: str = "q4_1", max_seq: int = 2048, tar
         "weights": {**formats, "bytes": len(packed.blob), "copied_from_source": packed.copied_raw,
                     "requantized": packed.requantized},
     }
-    manifest = artifact.write_manifest(tmp, info)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    manifest = artifact.finish_folder(tmp, final, info)
     return {"artifact": str(final), "kind": "decoder", "precision": precision, "max_seq": max_ctx,
             "target": manifest["target"]["name"], "weights": info["weights"], "times": times}
