@@ -14,7 +14,6 @@ interpreter (XNNPACK, N threads) on request and reports each invoke's millisecon
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import site
@@ -63,33 +62,22 @@ def _env() -> dict:
 def convert(model, seq: int, precision: str, log=None) -> Path:
     """A .tflite of `model` at a static [1, seq], fp32 or int8 (dynamic-range: ai-edge-quantizer
     dynamic_wi8_afp32), cached by the weights' digest."""
-    import torch
-
     from ..errors import CanaoError
     from .build import cache_dir
 
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    digest = hashlib.sha256()
-    for k in sorted(state):
-        digest.update(k.encode())
-        digest.update(state[k].numpy().tobytes())
-    digest.update(json.dumps(vars(model.config), sort_keys=True, default=str).encode())
+    from .executorch_engine import save_weights
+
     folder = cache_dir() / "litert"
-    folder.mkdir(parents=True, exist_ok=True)
+    weights = save_weights(model, folder)  # safetensors + JSON in a content-named folder: nothing is unpickled
     # v2: converted with three distinct example tensors (v1 passed ids twice: wrong logits)
-    out = folder / f"{digest.hexdigest()[:20]}-{seq}-{precision}-v2.tflite"
+    out = folder / f"{weights.name}-{seq}-{precision}-v2.tflite"
     if out.exists():
         return out
     py = ensure_venv(log)
-    saved = folder / f"{digest.hexdigest()[:20]}.safetensors"  # safetensors + JSON: nothing is unpickled
-    if not saved.exists():
-        from safetensors.torch import save_file
-
-        save_file(state, str(saved), metadata={"config": json.dumps(vars(model.config), default=str)})
     if log:
         log(f"litert: converting to {out.name} (litert-torch; a minute or two)")
     t0 = time.perf_counter()
-    proc = subprocess.run([str(py), "-m", "canao.compiler.litert", "convert", str(saved), str(seq), precision, str(out)],
+    proc = subprocess.run([str(py), "-m", "canao.compiler.litert", "convert", str(weights), str(seq), precision, str(out)],
                           capture_output=True, text=True, env=_env())
     if proc.returncode != 0 or not out.exists():
         raise CanaoError(f"litert: conversion failed: {proc.stderr.strip()[-800:]}")
@@ -141,13 +129,11 @@ def _convert_main(state_path: str, seq: str, precision: str, out: str) -> None:
 
     from ..models.bert import BertConfig, BertForQuestionAnswering
 
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(state_path, "pt") as f:
-        config = json.loads(f.metadata()["config"])
+    config = json.loads((Path(state_path) / "config.json").read_text())
     model = BertForQuestionAnswering(BertConfig(**config)).eval()
-    model.load_state_dict(load_file(state_path))
+    model.load_state_dict(load_file(str(Path(state_path) / "model.safetensors")))
     # three distinct tensors: an input passed twice becomes one graph input (ids used as the mask)
     ids = torch.ones((1, int(seq)), dtype=torch.long)
     fp32 = out if precision == "fp32" else out + ".fp32.tflite"
