@@ -14,7 +14,10 @@ def register(sub) -> None:
     p.add_argument("--teacher", required=True, help="teacher checkpoint folder (BERT-family QA model)")
     p.add_argument("--task", default="squad", choices=["squad"])
     p.add_argument("--data", required=True, help="data folder laid out like ../shared/data")
-    p.add_argument("--budget-ms", type=float, required=True, help="p95 latency budget, batch 1, padded to --seq")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-ms", type=float, help="p95 latency budget, batch 1, padded to --seq")
+    budget.add_argument("--speedup", type=float,
+                        help="budget = the teacher's measured p95 (compiled fp32, same seq and threads) / SPEEDUP")
     p.add_argument("--seq", type=int, default=384, help="maximum sequence length (the compiled model's)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", choices=["quick", "full"], default="quick")
@@ -27,6 +30,9 @@ def register(sub) -> None:
                    help="time canao-compiled code (default) or PyTorch eager")
     p.add_argument("--precisions", default="fp32,int8",
                    help="precisions the search may choose (comma-separated; those the compiler has: fp32, bf16, int8)")
+    p.add_argument("--device", default=None,
+                   help="time candidates on this device instead of this machine: local, ssh://user@host[:port], "
+                        "adb[://SERIAL] (see `canao device measure`); the final artifact is built for its target")
     p.add_argument("--seed", type=int, default=0)
     add_common(p)
     p.set_defaults(func=cmd_search, threads=None)
@@ -42,7 +48,8 @@ def cmd_search(args) -> dict:
               controllers=tuple(c.strip() for c in args.controllers.split(",") if c.strip()),
               max_mb=args.max_mb, max_mem_mb=args.max_mem_mb,
               latency_db=Path(args.latency_db) if args.latency_db else None, backend=args.latency_backend,
-              precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()), seed=args.seed)
+              precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()), seed=args.seed,
+              speedup=args.speedup, device=args.device)
     result = run(job, resume=args.resume, progress=True)
     if not args.json:
         print(f"chosen {result['arch']}: F1 {result['f1']:.2f}, p50 {result['median_ms']:.2f} ms, "

@@ -175,11 +175,11 @@ def _run(model, params_model, cfg: DistillConfig, feats, state_dir: Path, resume
     first = None
     start_step = step
     while step < total:
-        if cfg.time_budget_s and start_step == 0 and step == 3:
+        if cfg.time_budget_s and start_step == 0 and step == 2:
             t_warm = time.perf_counter()  # the first steps pay for warm-up (allocator, kernels): time after them
-        if cfg.time_budget_s and start_step == 0 and step == 13:
-            rate = (time.perf_counter() - t_warm) / 10
-            fit = 13 + int((cfg.time_budget_s - (time.perf_counter() - t0)) / rate)
+        if cfg.time_budget_s and start_step == 0 and step == 6:
+            rate = (time.perf_counter() - t_warm) / 4
+            fit = 6 + int((cfg.time_budget_s - (time.perf_counter() - t0)) / rate)
             if fit < total:  # shorten the schedule itself, so the learning rate still decays to zero
                 total = max(6, fit)
                 warmup = min(warmup, int(total * cfg.warmup))

@@ -69,14 +69,18 @@ class Preset:
     baselines: bool = True
     supernet_seconds: float | None = None  # time budgets (a GPU lease): the step count is fitted to them
     phase2_seconds: float | None = None  # per stage, the same for the chosen model and each baseline
+    external: tuple[str, ...] = ("onnxruntime", "tflite")  # engines of the int8-teacher points on the plot
 
 
 PRESETS = {
     # minutes on 2 CPU cores: tiny training slices, the whole pipeline exercised
-    "quick": Preset(train_limit=240, train_len=256, train_stride=96, importance_batches=2, supernet_epochs=0,
-                    supernet_steps=10, batch_size=8, n_random=1, search_dev=32, eval_dev=120, calibration=8,
-                    proposals=12, phase2_inter=8, phase2_pred=12, phase2_steps=True, lr_supernet=5e-5,
-                    lr_phase2=5e-5),
+    # Minutes on 2 CPU cores. The supernet is not trained (0 steps): candidates are ranked by the F1 of
+    # importance-ordered teacher slices, which keep most of the teacher's F1 at moderate pruning. Phase 2
+    # gets a fixed time per stage (the chosen model and each baseline alike).
+    "quick": Preset(train_limit=480, train_len=256, train_stride=96, importance_batches=4, supernet_epochs=0,
+                    supernet_steps=0, batch_size=16, n_random=1, search_dev=32, eval_dev=120, calibration=6,
+                    proposals=12, phase2_inter=400, phase2_pred=400, phase2_steps=True, lr_supernet=5e-5,
+                    lr_phase2=1e-4, rounds=4, phase2_seconds=60, external=("onnxruntime",)),
     # the real run (hours on a CPU; CUDA is used when present)
     "full": Preset(train_limit=None, train_len=384, train_stride=128, importance_batches=16, supernet_epochs=3,
                    supernet_steps=None, batch_size=32, n_random=2, search_dev=500, eval_dev=2000, calibration=30,
@@ -90,7 +94,7 @@ class Job:
     teacher: Path
     data: Path
     out: Path
-    budget_ms: float
+    budget_ms: float | None
     threads: int = 1
     seq: int = 384
     preset: str = "quick"
@@ -104,6 +108,8 @@ class Job:
     predictor_file: Path | None = None
     seed: int = 0
     overrides: dict = field(default_factory=dict)
+    speedup: float | None = None  # instead of budget_ms: the teacher's measured fp32 p95 / speedup
+    device: str | None = None  # time on this device (canao.device spec) instead of this machine
 
 
 def _log(msg: str) -> None:
@@ -152,16 +158,28 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
     if job.preset not in PRESETS:
         raise CanaoError(f"unknown preset '{job.preset}'; choose quick or full")
     pre = replace(PRESETS[job.preset], **job.overrides)
-    if job.budget_ms <= 0:
+    if (job.budget_ms is None) == (job.speedup is None):
+        raise CanaoError("give the latency budget either as --budget-ms MS or as --speedup K (the teacher's "
+                         "measured fp32 p95 divided by K), not both")
+    if job.budget_ms is not None and job.budget_ms <= 0:
         raise CanaoError("--budget-ms must be positive")
+    if job.speedup is not None and job.speedup < 1:
+        raise CanaoError(f"--speedup {job.speedup}: must be at least 1 (the budget is the teacher's latency / K)")
+    if job.speedup is not None and not job.measure:
+        raise CanaoError("--speedup needs the target to measure the teacher on; give --budget-ms instead")
     out.mkdir(parents=True, exist_ok=True)
     st = State(out)
     prev = st.data.get("job")
-    if prev and (prev["budget_ms"], prev["seq"], prev["threads"]) != (job.budget_ms, job.seq, job.threads):
-        raise CanaoError(f"{out} was started with budget {prev['budget_ms']} ms, seq {prev['seq']}, {prev['threads']} "
-                         "thread(s); --resume needs the same settings")
-    st.set("job", {"budget_ms": job.budget_ms, "seq": job.seq, "threads": job.threads, "preset": job.preset,
-                   "precisions": list(job.precisions),
+    if prev:
+        was = (prev.get("speedup"), None if prev.get("speedup") else prev["budget_ms"], prev["seq"], prev["threads"],
+               prev.get("device"))
+        if was != (job.speedup, job.budget_ms, job.seq, job.threads, job.device):
+            raise CanaoError(f"{out} was started with {_budget_words(prev)}, seq {prev['seq']}, {prev['threads']} "
+                             f"thread(s), device {prev.get('device') or 'this machine'}; --resume needs the same settings")
+        if job.speedup:
+            job = replace(job, budget_ms=prev.get("budget_ms"))
+    st.set("job", {"budget_ms": job.budget_ms, "speedup": job.speedup, "seq": job.seq, "threads": job.threads,
+                   "device": job.device, "preset": job.preset, "precisions": list(job.precisions),
                    "teacher": str(job.teacher), "data": str(job.data), "overrides": job.overrides})
     torch.set_num_threads(job.threads)
     train_file, dev_file = data_files(job.data)
@@ -196,16 +214,25 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
     oracle = None
     if job.measure:
         db = job.latency_db or Path(os.environ.get("CANAO_CACHE", Path.home() / ".cache" / "canao")) / "latency-db.json"
-        oracle = LatencyOracle(tcfg, job.threads, job.backend, db, runs=pre.runs, rounds=pre.rounds,
+        oracle = LatencyOracle(tcfg, job.threads, job.backend, db, runs=pre.runs, rounds=pre.rounds, device=job.device,
                                progress=lambda a, m: _log(f"measured {a.key()}: p50 {m['median_ms']:.2f} ms, "
                                                           f"p95 {m['p95_ms']:.2f} ms"))
+        # the teacher, compiled in fp32, is the reference point (and defines the budget with --speedup)
+        if "teacher_latency" not in st:
+            _log("measuring the teacher (canao fp32)")
+            m = oracle.measure(Arch(space.largest().heads, space.largest().ffn, job.seq, "fp32"))
+            st.set("teacher_latency", {"median_ms": m["median_ms"], "p95_ms": m["p95_ms"], "backend": job.backend})
+        if job.budget_ms is None:
+            job = replace(job, budget_ms=round(st["teacher_latency"]["p95_ms"] / job.speedup, 2))
+            st.set("job", {**st["job"], "budget_ms": job.budget_ms})
+            _log(f"budget: teacher p95 {st['teacher_latency']['p95_ms']:.2f} ms / {job.speedup} = {job.budget_ms} ms")
         # 1 reachable ---------------------------------------------------------
         if "reachable" not in st:
             _log(f"checking the budget against the smallest architecture ({job.backend} backend)")
             try:
                 st.set("reachable", check_reachable(space, oracle, job.budget_ms, job.threads))
             except CanaoError:
-                if set(st.data) <= {"job", "teacher"}:  # nothing worth resuming: leave no half-started folder
+                if set(st.data) <= {"job", "teacher", "teacher_latency"}:  # nothing worth resuming: leave no half-started folder
                     st.path.unlink(missing_ok=True)
                 raise
     # 2 teacher -------------------------------------------------------------
@@ -260,6 +287,11 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
         _apply_perms(net_model, st["importance"]["perms"])
     teacher = copy_teacher(net_model)  # the reordered teacher: same function, head j <-> student head j
     net = SuperNet(net_model, space)
+    if "supernet" not in st and pre.supernet_steps == 0:
+        _log("phase 1 skipped (preset without supernet training): candidates are ranked by the F1 of "
+             "importance-ordered teacher slices")
+        st.set("supernet", {"steps": 0, "train_s": 0.0, "device": "none",
+                            "note": "not trained: sub-networks are slices of the importance-ordered teacher"})
     if "supernet" not in st:
         feats = get_train_feats()
         steps = pre.supernet_steps or steps_for(pre.supernet_epochs, len(feats), pre.batch_size)
@@ -273,6 +305,8 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
         st.set("supernet", {**res, "config": asdict(dcfg), "train_windows": len(feats)})
     elif sup_file.exists():
         net_model.load_state_dict(load_file(str(sup_file)))
+    elif st["supernet"].get("steps") == 0:
+        pass  # the importance-ordered teacher is the supernet
     else:
         _log("supernet weights not here (trained elsewhere): a new phase 2 starts from teacher slices")
     net_model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
@@ -331,10 +365,6 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
     if pre.baselines and "baselines" not in st:
         _baselines(job, pre, st, space, tcfg, teacher, get_train_feats, out, resume, progress, f1_of, torch_runner, oracle,
                    predictor)
-    if "teacher_latency" not in st:
-        m = oracle.measure(space.largest(job.seq))
-        st.set("teacher_latency", {"median_ms": m["median_ms"], "p95_ms": m["p95_ms"], "backend": job.backend})
-
     # 10 report -------------------------------------------------------------
     st.set("wall_s_last_run", time.perf_counter() - t_start)
     files = report.write_all(out, st.data, search.entries, job)
@@ -351,6 +381,12 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
         "paths": {"model": str(out / "model"), "artifact": str(out / "artifact"), **files},
         "wall_s": time.perf_counter() - t_start, "preset": job.preset,
     }
+
+
+def _budget_words(job: dict) -> str:
+    if job.get("speedup"):
+        return f"--speedup {job['speedup']} (budget {job.get('budget_ms')} ms)"
+    return f"budget {job['budget_ms']} ms"
 
 
 def _apply_perms(model, perms) -> None:
@@ -422,20 +458,25 @@ def _final(job, pre, st, student, arch, out, oracle, eval_feats, eval_ex, f1_of)
     art = out / f"artifact-{arch.key()}"
     _log(f"compiling {arch.key()} and measuring it")
     summary = compile_final(student, art, arch, job.threads)
+    timed = art  # what the target runs: this artifact, or one built for the device's target
+    if oracle.device:
+        timed = out / f"artifact-{arch.key()}-{oracle.target}"
+        compile_final(student, timed, arch, job.threads, target=oracle.target)
     ver = verify_artifact(art, student, eval_feats, job.threads)
     if arch.precision != "fp32":  # bf16/int8 differ from PyTorch by design: checked by F1 below
         ver["ok"] = True
         ver["checked_by"] = "F1 of the compiled model against PyTorch's, at most 3 points lower"
     if not ver["ok"]:
         raise CanaoError(f"compiled model disagrees with PyTorch (max |diff| {ver['max_abs_diff']:.2e}); see {art}")
-    m = oracle.time_artifact(art, arch.seq)
+    m = oracle.time_artifact(timed, arch.seq)
     for _ in range(2):  # noise on a shared machine: measure afresh before rejecting, keep the best session
         if m["p95_ms"] <= job.budget_ms:
             break
-        m = min(m, oracle.time_artifact(art, arch.seq), key=lambda r: r["p95_ms"])
+        m = min(m, oracle.time_artifact(timed, arch.seq), key=lambda r: r["p95_ms"])
     if m["p95_ms"] > job.budget_ms:
         _log(f"{arch.key()} measured p95 {m['p95_ms']:.2f} ms > budget {job.budget_ms} ms: taking the next candidate")
         shutil.rmtree(art, ignore_errors=True)
+        shutil.rmtree(timed, ignore_errors=True)
         return None
     from .latency import artifact_runner
 
@@ -447,8 +488,13 @@ def _final(job, pre, st, student, arch, out, oracle, eval_feats, eval_ex, f1_of)
     if f1 < st["phase2"]["f1_torch"] - 3.0:
         raise CanaoError(f"compiled {arch.precision} model loses {st['phase2']['f1_torch'] - f1:.1f} F1 against PyTorch; "
                          f"see {art}")
-    pq = per_question_latency(art, eval_feats, job.threads)
+    # per-question timing needs the Python binding, so it is taken on this machine even with a device
+    pq = {**per_question_latency(art, eval_feats, job.threads), "on": "this machine"}
     shutil.rmtree(out / "artifact", ignore_errors=True)
+    shutil.rmtree(out / "artifact-host", ignore_errors=True)
+    if timed != art:
+        art.rename(out / "artifact-host")
+        art = timed
     art.rename(out / "artifact")
     final = {"arch": arch.to_dict(), "key": arch.key(), "f1": f1, "median_ms": m["median_ms"], "p95_ms": m["p95_ms"],
              "runs": m["runs"], "verify": ver, "per_question": pq, "compile": {k: summary[k] for k in ("memory", "times")},

@@ -149,7 +149,7 @@ class Search:
             history = done.get(name, [])
             best, best_at = None, None
             for i in range(self.cfg.proposals):
-                arch = ctrl.propose()
+                arch = self._propose(ctrl)
                 if i < len(history):  # replay: same proposals, same rewards, nothing re-evaluated
                     entry = history[i]
                     logged = Arch.from_dict(entry["arch"])
@@ -171,6 +171,21 @@ class Search:
         bar.close()
         return {"controllers": summary, "search_s": time.perf_counter() - t0, "eval_s": self.eval.seconds,
                 "unique_candidates": len({e["key"] for e in self.entries})}
+
+    def _propose(self, ctrl, tries: int = 200) -> Arch:
+        """Random search and evolution sample within the predicted budget (the predictor is cheap, an
+        F1 evaluation is not), as constrained NAS does; the RL policy sees every proposal and learns
+        the budget from its reward."""
+        arch = ctrl.propose()
+        if ctrl.name == "rl":
+            return arch
+        limit = self.cfg.budget_ms * self.cfg.eval_slack
+        for _ in range(tries):
+            if self.predictor.predict(arch) <= limit:
+                break
+            getattr(ctrl, "pending", {}).pop(arch, None)
+            arch = ctrl.propose()
+        return arch
 
     def ranked(self) -> list[dict]:
         """Unique feasible candidates, best F1 first (then faster)."""

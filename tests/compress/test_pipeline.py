@@ -12,14 +12,16 @@ TINY = dict(train_limit=24, train_len=128, train_stride=32, importance_batches=1
             phase2_steps=True, runs=3, rounds=2)
 
 
-def job(tmp_path, teacher_dir, data_dir, budget, **kw):
+def job(tmp_path, teacher_dir, data_dir, budget=None, **kw):
     return Job(teacher=teacher_dir, data=data_dir, out=tmp_path / "out", budget_ms=budget, threads=1, seq=128,
                backend="torch", latency_db=tmp_path / "db.json", overrides=dict(TINY, **kw.pop("over", {})), **kw)
 
 
 def test_search_end_to_end_and_resume(tmp_path, teacher_dir, data_dir):
-    res = run(job(tmp_path, teacher_dir, data_dir, 1000.0), progress=False)
+    res = run(job(tmp_path, teacher_dir, data_dir, speedup=1.5), progress=False)
     out = tmp_path / "out"
+    # --speedup: the budget is the teacher's measured p95 / 1.5, and the chosen model meets it
+    assert res["budget_ms"] == pytest.approx(res["teacher"]["p95_ms"] / 1.5, abs=0.01)
     assert res["p95_ms"] <= res["budget_ms"] and res["within_budget"]
     assert (out / "model" / "config.json").exists() and (out / "artifact").exists()
     assert (out / "pareto.png").exists() and (out / "report.md").exists()
@@ -33,8 +35,10 @@ def test_search_end_to_end_and_resume(tmp_path, teacher_dir, data_dir):
     assert res["predictor"]["n"] >= 1
     # a finished run resumes without redoing anything
     with pytest.raises(CanaoError, match="--resume"):
-        run(job(tmp_path, teacher_dir, data_dir, 1000.0), progress=False)
-    again = run(job(tmp_path, teacher_dir, data_dir, 1000.0), resume=True, progress=False)
+        run(job(tmp_path, teacher_dir, data_dir, speedup=1.5), progress=False)
+    with pytest.raises(CanaoError, match="same settings"):
+        run(job(tmp_path, teacher_dir, data_dir, 500.0), resume=True, progress=False)
+    again = run(job(tmp_path, teacher_dir, data_dir, speedup=1.5), resume=True, progress=False)
     assert again["arch"] == res["arch"] and again["f1"] == res["f1"]
     assert len((out / "search-log.jsonl").read_text().splitlines()) == len(log)
 
@@ -50,9 +54,22 @@ def test_impossible_budget_leaves_nothing_to_resume(tmp_path, teacher_dir, data_
     assert not (tmp_path / "out" / "state.json").exists()
 
 
+def test_budget_must_be_given_once(tmp_path, teacher_dir, data_dir):
+    with pytest.raises(CanaoError, match="either as --budget-ms"):
+        run(job(tmp_path, teacher_dir, data_dir), progress=False)
+    with pytest.raises(CanaoError, match="at least 1"):
+        run(job(tmp_path, teacher_dir, data_dir, speedup=0.5), progress=False)
+
+
 def test_cli_registers_search():
     from canao.cli import build_parser
 
     args = build_parser().parse_args(["search", "--teacher", "t", "--data", "d", "--budget-ms", "10", "--out", "o",
                                       "--preset", "full", "--resume", "--json", "--threads", "1"])
     assert args.budget_ms == 10 and args.preset == "full" and args.resume and args.json and args.threads == 1
+    args = build_parser().parse_args(["search", "--teacher", "t", "--data", "d", "--speedup", "3", "--out", "o",
+                                      "--device", "ssh://me@box"])
+    assert args.speedup == 3 and args.budget_ms is None and args.device == "ssh://me@box"
+    with pytest.raises(SystemExit):  # one budget, not both
+        build_parser().parse_args(["search", "--teacher", "t", "--data", "d", "--speedup", "3", "--budget-ms", "9",
+                                   "--out", "o"])
