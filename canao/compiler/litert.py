@@ -6,7 +6,8 @@ scipy, pydantic and older typing_extensions; they live in their own venv
 main environment's packages (torch 2.13) behind its own. The benchmark talks to a
 worker process in that venv: it converts the model (same weights, saved by the
 parent) once per sequence length and precision (cached by content), then runs the
-interpreter (XNNPACK, N threads) on request and reports each invoke's milliseconds.
+interpreter (XNNPACK, N threads) on request and reports each invoke's milliseconds
+(and, when asked with "logits": true, the start/end logits as JSON lists).
 
     python -m canao.compiler.litert convert STATE.pt SEQ PRECISION OUT.tflite
     python -m canao.compiler.litert serve          (JSON lines on stdin/stdout)
@@ -87,7 +88,8 @@ def convert(model, seq: int, precision: str, log=None) -> Path:
 
 
 class Worker:
-    """A serving worker in the venv: load(path, threads), run(ids, tt, mask) -> invoke ms."""
+    """A serving worker in the venv: load(path, threads), run(ids, tt, mask) -> invoke ms,
+    logits(ids, tt, mask) -> (start, end)."""
 
     def __init__(self):
         py = ensure_venv()
@@ -113,6 +115,15 @@ class Worker:
 
     def run(self, key: str, ids, tt, mask) -> float:
         return self._ask({"cmd": "run", "key": key, "ids": ids.tolist(), "tt": tt.tolist(), "mask": mask.tolist()})["ms"]
+
+    def logits(self, key: str, ids, tt, mask):
+        """(start, end) logits as float32 arrays of shape (1, n), n the input's length (the model runs padded
+        to its static length; the positions past the input are cut off)."""
+        import numpy as np
+
+        r = self._ask({"cmd": "run", "key": key, "ids": ids.tolist(), "tt": tt.tolist(), "mask": mask.tolist(),
+                       "logits": True})
+        return np.asarray(r["start"], np.float32), np.asarray(r["end"], np.float32)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -175,9 +186,12 @@ def _serve_main() -> None:
                     x[:, : v.shape[1]] = v  # padded to the model's static length (mask 0 past the input)
                     it.set_tensor(d["index"], x)
                 it.invoke()
-                for d in it.get_output_details():
-                    it.get_tensor(d["index"])
+                outs = [it.get_tensor(d["index"]) for d in it.get_output_details()]
                 reply = {"ms": (time.perf_counter() - t0) * 1e3}
+                if msg.get("logits"):  # outputs by signature name: output_0 = start, output_1 = end
+                    order = sorted(range(len(outs)), key=lambda i: it.get_output_details()[i]["name"])
+                    n = len(msg["ids"][0])
+                    reply["start"], reply["end"] = (outs[i][:, :n].tolist() for i in order[:2])
         except Exception as exc:  # report, keep serving
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         sys.stdout.write(json.dumps(reply) + "\n")
