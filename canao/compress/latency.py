@@ -13,11 +13,13 @@ precisions the compiler does not have yet or when no C compiler is available.
 target and times on the device with the artifact's canao-run; its measurements are keyed
 by the device, not this host.
 
-`LatencyPredictor` is a linear model of per-layer costs (projections, attention,
-FFN, per-layer fixed work) plus overhead, fitted on measurements by relative
-least squares; `holdout_error` reports its error on held-out candidates and
-`recalibrate` refits it for a new device from a few dozen measurements (or
-rescales it from fewer).
+`LatencyPredictor` models the median per precision: per-layer costs (projections,
+attention, FFN, per-layer fixed work) plus overhead fitted by relative least squares,
+plus a correction per head count and per FFN size (what FLOPs miss: narrow GEMMs run
+slower per FLOP), ridge-regularised by leave-one-out error; the p95 is the median times
+the measured p95/median ratio. `holdout_error` reports its error on held-out candidates
+and `recalibrate` refits it for a new device from a few dozen measurements (or rescales
+it from fewer).
 """
 
 from __future__ import annotations

@@ -76,11 +76,11 @@ PRESETS = {
     # minutes on 2 CPU cores: tiny training slices, the whole pipeline exercised
     # Minutes on 2 CPU cores. The supernet is not trained (0 steps): candidates are ranked by the F1 of
     # importance-ordered teacher slices, which keep most of the teacher's F1 at moderate pruning. Phase 2
-    # gets a fixed time per stage (the chosen model and each baseline alike).
+    # gets a fixed time per stage (the chosen model and each baseline alike). About 12 minutes in all.
     "quick": Preset(train_limit=480, train_len=256, train_stride=96, importance_batches=4, supernet_epochs=0,
                     supernet_steps=0, batch_size=16, n_random=1, search_dev=32, eval_dev=120, calibration=6,
                     proposals=12, phase2_inter=400, phase2_pred=400, phase2_steps=True, lr_supernet=5e-5,
-                    lr_phase2=1e-4, rounds=4, phase2_seconds=60, external=("onnxruntime",)),
+                    lr_phase2=1e-4, rounds=4, phase2_seconds=75, external=("onnxruntime",)),
     # the real run (hours on a CPU; CUDA is used when present)
     "full": Preset(train_limit=None, train_len=384, train_stride=128, importance_batches=16, supernet_epochs=3,
                    supernet_steps=None, batch_size=32, n_random=2, search_dev=500, eval_dev=2000, calibration=30,
@@ -181,7 +181,9 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
     st.set("job", {"budget_ms": job.budget_ms, "speedup": job.speedup, "seq": job.seq, "threads": job.threads,
                    "device": job.device, "preset": job.preset, "precisions": list(job.precisions),
                    "teacher": str(job.teacher), "data": str(job.data), "overrides": job.overrides})
-    torch.set_num_threads(job.threads)
+    # training and F1 evaluation use every core; --threads is the target's thread count, which the
+    # oracle sets for each timing
+    torch.set_num_threads(max(job.threads, os.cpu_count() or 1))
     train_file, dev_file = data_files(job.data)
     teacher_model, tok = load_encoder(job.teacher)
     tcfg = teacher_model.config
@@ -252,8 +254,9 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
         predictor = LatencyPredictor.from_dict(cal["predictor"], tcfg)
         st.set("calibration", {**cal, "from": str(job.predictor_file)})
     else:
-        _log(f"calibrating the latency predictor on {pre.calibration} compiled candidates")
         archs = calibration_set(space, pre.calibration, job.seed)
+        _log(f"calibrating the latency predictor on {len(archs)} compiled candidates ({pre.calibration} shapes x "
+             f"{len(space.precisions)} precision(s))")
         samples = [(a, oracle.measure(a)) for a in archs]
         # every other measurement of this host/threads in the database helps too
         extra = [(a, m) for a, m in oracle.all_cached(job.threads) if a.seq == job.seq and a not in archs
@@ -342,7 +345,7 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
                 progress, tok, f1_of, torch_runner, save_half=True)
         if pre.baselines:
             _baselines(job, pre, st, space, tcfg, teacher, get_train_feats, out, resume, progress, f1_of, torch_runner, None,
-                       predictor)
+                       predictor, chosen["arch"]["precision"])
         st.set("stopped", "measure=False: device stages left for a run on the target with --resume")
         return {"out": str(out), "chosen": chosen["key"], "state": st.data}
     tried = st.data.get("rejected", [])
@@ -364,7 +367,19 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
     # 9 baselines -----------------------------------------------------------
     if pre.baselines and "baselines" not in st:
         _baselines(job, pre, st, space, tcfg, teacher, get_train_feats, out, resume, progress, f1_of, torch_runner, oracle,
-                   predictor)
+                   predictor, st["final"]["arch"]["precision"])
+    # the teacher quantized to int8 on other engines: what a user would pick instead of searching
+    if pre.external and "external_baselines" not in st:
+        if job.device:
+            st.set("external_baselines", {n: {"skipped": "the search timed a device; these engines run only here"}
+                                          for n in pre.external})
+        else:
+            from .external import int8_teacher_points
+
+            _log(f"the teacher in int8 on {', '.join(pre.external)}: F1 and latency")
+            st.set("external_baselines", int8_teacher_points(teacher_model, eval_ex, eval_feats, job.seq, job.threads,
+                                                             engines=pre.external, runs=pre.runs, log=_log))
+
     # 10 report -------------------------------------------------------------
     st.set("wall_s_last_run", time.perf_counter() - t_start)
     files = report.write_all(out, st.data, search.entries, job)
@@ -375,6 +390,7 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
         "per_question": fin.get("per_question"),
         "teacher": {"f1": st["teacher"]["f1"], **st["teacher_latency"]},
         "baselines": st.data.get("baselines", {}),
+        "external_baselines": st.data.get("external_baselines", {}),
         "predictor": st["calibration"].get("holdout"),
         "controllers": st["search"]["controllers"],
         "eval_questions": len(eval_ex), "search_questions": len(search_ex),
@@ -515,10 +531,11 @@ def baseline_shapes(space: SearchSpace, predictor, budget_ms: float, seq: int, p
 
 
 def _baselines(job, pre, st, space, tcfg, teacher, get_train_feats, out, resume, progress, f1_of, torch_runner, oracle,
-               predictor):
-    """Uniformly shrunk students from teacher slices with the same phase-2 distillation: F1 anywhere,
-    latency only where the oracle (the target) is."""
-    shapes = baseline_shapes(space, predictor, job.budget_ms, job.seq, space.precisions[0])
+               predictor, precision):
+    """Uniformly shrunk students from teacher slices with the same phase-2 distillation, in the chosen
+    model's precision (quantization is free for everyone): F1 anywhere, latency only where the
+    oracle (the target) is."""
+    shapes = baseline_shapes(space, predictor, job.budget_ms, job.seq, precision)
     results = st.data.get("baseline_partial", {})
     for name, arch in shapes.items():
         r = results.get(name)

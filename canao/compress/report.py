@@ -52,7 +52,8 @@ def plot(out: Path, state: dict, entries: list[dict], budget_ms: float) -> Path 
         if "p95_ms" in b:
             ax2.scatter([b["p95_ms"]], [b["f1"]], marker="o", s=60, label=f"{name} {b['key']}")
     for name, b in state.get("external_baselines", {}).items():
-        ax2.scatter([b["p95_ms"]], [b["f1"]], marker="^", s=60, label=name)
+        if "p95_ms" in b:
+            ax2.scatter([b["p95_ms"]], [b["f1"]], marker="^", s=60, label=name)
     ax2.axvline(budget_ms, color="k", ls="--", lw=1)
     ax2.set_xlabel("measured p95 latency, ms (batch 1, padded to seq)")
     ax2.set_ylabel("F1, held-out dev questions")
@@ -78,29 +79,43 @@ def markdown(state: dict, job) -> str:
         if pq:
             lines += [f"Per question at real lengths (mean {pq['mean_len']:.0f} tokens): p50 {pq['median_ms']:.2f} ms, "
                       f"p95 {pq['p95_ms']:.2f} ms.", ""]
-    lines += ["| model | arch | F1 | p50 ms | p95 ms |", "| --- | --- | --- | --- | --- |"]
+    def pq_cell(p):
+        return f"{p['median_ms']:.2f}" if p else "-"
+
+    lines += ["| model | arch | F1 | p50 ms | p95 ms | per question p50 ms |", "| --- | --- | --- | --- | --- | --- |"]
     if fin:
-        lines.append(f"| CANAO | `{fin['key']}` | {fin['f1']:.2f} | {fin['median_ms']:.2f} | {fin['p95_ms']:.2f} |")
+        lines.append(f"| CANAO | `{fin['key']}` | {fin['f1']:.2f} | {fin['median_ms']:.2f} | {fin['p95_ms']:.2f} | "
+                     f"{pq_cell(fin.get('per_question'))} |")
     if t and tl:
-        lines.append(f"| teacher | largest | {t['f1']:.2f} | {tl['median_ms']:.2f} | {tl['p95_ms']:.2f} |")
+        lines.append(f"| teacher | largest, canao fp32 | {t['f1']:.2f} | {tl['median_ms']:.2f} | {tl['p95_ms']:.2f} | - |")
     for name, b in state.get("baselines", {}).items():
         lines.append(f"| {name} | `{b['key']}` | {b['f1']:.2f} | {b.get('median_ms', float('nan')):.2f} | "
-                     f"{b.get('p95_ms', float('nan')):.2f} |")
+                     f"{b.get('p95_ms', float('nan')):.2f} | - |")
+    for name, b in state.get("external_baselines", {}).items():
+        if "p95_ms" in b:
+            lines.append(f"| {name} | teacher, {b.get('version', b.get('engine'))} | {b['f1']:.2f} | {b['median_ms']:.2f} | "
+                         f"{b['p95_ms']:.2f} | {pq_cell(b.get('per_question'))} |")
+        else:
+            lines.append(f"| {name} | skipped: {b.get('skipped')} | | | | |")
     lines += ["", "## Latency predictor", ""]
     h = cal.get("holdout")
     if h:
-        lines.append(f"Per-layer linear model fitted on {cal.get('measured')} compiled candidates ({cal.get('backend')}); "
-                     f"held-out error {h['mape_pct']:.2f} % ({h['mae_ms']:.2f} ms MAE, worst {h['max_pct']:.1f} %) on "
-                     f"{h['n']} candidates.")
+        med = h.get("median")
+        lines.append(f"Per-precision model of per-layer costs plus per-choice corrections, fitted on {cal.get('measured')} "
+                     f"compiled candidates ({cal.get('backend')}); held-out error of the p95 {h['mape_pct']:.2f} % "
+                     f"({h['mae_ms']:.2f} ms MAE, worst {h['max_pct']:.1f} %) on {h['n']} candidates"
+                     + (f"; of the median {med['mape_pct']:.2f} % (worst {med['max_pct']:.1f} %)." if med else "."))
     s = state.get("search", {})
     lines += ["", "## Controllers", "", "| controller | best F1 (search slice) | candidates to best | evaluated |",
               "| --- | --- | --- | --- |"]
     for name, c in s.get("controllers", {}).items():
         bf = "-" if c["best_f1"] is None else f"{c['best_f1']:.2f}"
         lines.append(f"| {name} | {bf} | {c['candidates_to_best']} | {c['evaluated']} |")
-    lines += ["", f"Search time {s.get('search_s', 0):.0f} s (F1 evaluation {s.get('eval_s', 0):.0f} s); "
-              f"supernet training {state.get('supernet', {}).get('train_s', 0):.0f} s on "
-              f"{state.get('supernet', {}).get('device', '?')}; phase 2 {state.get('phase2', {}).get('train_s', 0):.0f} s.",
+    sup = state.get("supernet", {})
+    phase1 = (f"supernet training {sup.get('train_s', 0):.0f} s on {sup.get('device', '?')}" if sup.get("steps") != 0
+              else "no supernet training (this preset ranks slices of the importance-ordered teacher)")
+    lines += ["", f"Search time {s.get('search_s', 0):.0f} s (F1 evaluation {s.get('eval_s', 0):.0f} s); {phase1}; "
+              f"phase 2 {state.get('phase2', {}).get('train_s', 0):.0f} s.",
               "", "Confirmation (measured in order of F1; the first within budget is taken):", ""]
     for c in state.get("confirm", []):
         lines.append(f"- `{c['key']}`: F1 {c['f1']:.2f}, predicted {c['predicted_ms']:.2f} ms, measured p95 "

@@ -32,6 +32,9 @@ def test_search_end_to_end_and_resume(tmp_path, teacher_dir, data_dir):
     assert all("predicted_ms" in e and "reward" in e for e in cands)
     assert any(e["type"] == "confirm" and e["within_budget"] for e in log)
     assert set(res["baselines"]) == {"layer-dropped", "width-shrunk"} and res["teacher"]["f1"] > 0
+    ort = res["external_baselines"]["teacher-int8-onnxruntime"]  # the quick preset's int8 reference point
+    assert abs(ort["f1"] - res["teacher"]["f1"]) < 10 and 0 < ort["median_ms"] <= ort["p95_ms"]
+    assert "teacher-int8-onnxruntime" in (out / "report.md").read_text()
     assert res["predictor"]["n"] >= 1
     # a finished run resumes without redoing anything
     with pytest.raises(CanaoError, match="--resume"):
