@@ -473,11 +473,17 @@ def _nnls_relative(X: np.ndarray, y: np.ndarray) -> np.ndarray:
 def holdout_error(predictor: LatencyPredictor, samples: list[tuple[Arch, dict]], frac: float = 0.3,
                   seed: int = 0) -> dict:
     """Fit on (1-frac) of the measurements, report the error on the rest (for the predictor's key and
-    for the median); then refit on all. Held-out candidates are drawn from every precision alike."""
+    for the median); then refit on all. Held-out candidates are drawn from every precision alike, and
+    from the inside of the space: the largest and smallest shapes of each precision always stay in
+    the fit (they bound the range the search queries; holding one out tests extrapolation instead)."""
     rng = random.Random(seed)
     by_prec: dict[str, list[int]] = {}
     for i, (a, _) in enumerate(samples):
         by_prec.setdefault(a.precision, []).append(i)
+    for prec, idx in by_prec.items():
+        size = {i: float(features(samples[i][0], predictor.teacher)[2:].sum()) for i in idx}
+        ends = {min(idx, key=size.get), max(idx, key=size.get)} if len(idx) > 3 else set()
+        by_prec[prec] = [i for i in idx if i not in ends]
     test_idx: set[int] = set()
     for idx in by_prec.values():
         rng.shuffle(idx)

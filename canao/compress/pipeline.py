@@ -419,23 +419,32 @@ def _apply_perms(model, perms) -> None:
     reorder(model, fake)
 
 
-def _distill(pre: Preset, job: Job, student, teacher, arch: Arch, feats, state_root: Path, resume, progress):
+def _distill(pre: Preset, job: Job, student, teacher, arch: Arch, feats, state_root: Path, resume, progress,
+             steps_of: dict[str, int] | None = None) -> tuple:
+    """Phase 2 of one student: (student, {stage: steps taken}). `steps_of` fixes the step counts
+    (the baselines get exactly the chosen model's); otherwise the preset's amounts, fitted to its
+    time budget."""
     layer_map = keep_layers(arch.depth, teacher.config.num_layers)
-    stages = []
+    taken = {}
     for stage, amount in (("intermediate", pre.phase2_inter), ("prediction", pre.phase2_pred)):
         steps = int(amount) if pre.phase2_steps else steps_for(amount, len(feats), pre.batch_size)
+        budget = pre.phase2_seconds
+        if steps_of and stage in steps_of:
+            steps, budget = steps_of[stage], None
         cfg = DistillConfig(steps=steps, batch_size=pre.batch_size, lr=pre.lr_phase2, seed=job.seed,
                             save_every=max(10, steps // 10), w_ce=0.5 if stage == "prediction" else 0.0,
-                            time_budget_s=pre.phase2_seconds)
+                            time_budget_s=budget)
         done = state_root / f"{stage}.safetensors"
         if done.exists():  # finished stage
             student.load_state_dict(load_file(str(done)))
+            taken[stage] = json.loads((state_root / f"{stage}.json").read_text())["steps"]
             continue
         r = distill_student(student, teacher, layer_map, feats, cfg, state_root / stage, stage, resume, progress)
         state_root.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(done))
-        stages.append({"stage": stage, **r})
-    return student
+        (state_root / f"{stage}.json").write_text(json.dumps(r))
+        taken[stage] = r["steps"]
+    return student, taken
 
 
 def _phase2(job, pre, st, net, teacher, tcfg, arch, get_train_feats, out, resume, progress, tok, f1_of, torch_runner,
@@ -449,7 +458,7 @@ def _phase2(job, pre, st, net, teacher, tcfg, arch, get_train_feats, out, resume
     t0 = time.perf_counter()
     student = net.extract(arch)  # starts from the supernet's weights
     state_root = out / f"phase2-{arch.shape_key()}"
-    student = _distill(pre, job, student, teacher, arch, get_train_feats(), state_root, resume, progress)
+    student, taken = _distill(pre, job, student, teacher, arch, get_train_feats(), state_root, resume, progress)
     student.eval()
     shutil.rmtree(model_dir, ignore_errors=True)
     if save_half:  # small enough to bring back from a GPU machine
@@ -461,7 +470,7 @@ def _phase2(job, pre, st, net, teacher, tcfg, arch, get_train_feats, out, resume
                         dtype=torch.float16, max_shard_bytes=15 * 2**20)
     else:
         save_encoder(student, model_dir, job.teacher)
-    st.set("phase2", {"key": arch.key(), "arch": arch.to_dict(), "train_s": time.perf_counter() - t0,
+    st.set("phase2", {"key": arch.key(), "arch": arch.to_dict(), "train_s": time.perf_counter() - t0, "steps": taken,
                       "f1_torch": f1_of(torch_runner(student)), "device": "cuda" if torch.cuda.is_available() else "cpu"})
     shutil.rmtree(state_root, ignore_errors=True)
     return student
@@ -512,6 +521,12 @@ def _final(job, pre, st, student, arch, out, oracle, eval_feats, eval_ex, f1_of)
         art.rename(out / "artifact-host")
         art = timed
     art.rename(out / "artifact")
+    from ..models.wordpiece import TOKENIZER_FILES
+
+    for folder in (out / "artifact", out / "artifact-host"):  # the apps tokenize before they run an artifact
+        for name in TOKENIZER_FILES:
+            if folder.exists() and (Path(job.teacher) / name).exists():
+                shutil.copyfile(Path(job.teacher) / name, folder / name)
     final = {"arch": arch.to_dict(), "key": arch.key(), "f1": f1, "median_ms": m["median_ms"], "p95_ms": m["p95_ms"],
              "runs": m["runs"], "verify": ver, "per_question": pq, "compile": {k: summary[k] for k in ("memory", "times")},
              "f1_torch": st["phase2"]["f1_torch"]}
@@ -543,7 +558,9 @@ def _baselines(job, pre, st, space, tcfg, teacher, get_train_feats, out, resume,
             _log(f"baseline {name} {arch.key()}: same phase-2 distillation")
             sliced = SuperNet(copy.deepcopy(teacher).cpu(), space).extract(arch)  # teacher slices, not the supernet
             root = out / f"baseline-{name}-state"
-            sliced = _distill(pre, job, sliced, teacher, arch, get_train_feats(), root, resume, progress)
+            # the same distillation as the chosen model: its step counts, not a time budget of their own
+            sliced, _ = _distill(pre, job, sliced, teacher, arch, get_train_feats(), root, resume, progress,
+                                 st.data.get("phase2", {}).get("steps"))
             r = {"arch": arch.to_dict(), "key": arch.key(), "f1": f1_of(torch_runner(sliced))}
             sliced.cpu()
             results[name] = r

@@ -26,7 +26,7 @@ def test_predictor_recovers_linear_costs_and_reports_holdout_error():
     samples = synthetic(space, 40, coef)
     pred = LatencyPredictor(TEACHER)
     err = holdout_error(pred, samples)
-    assert err["n"] == 12 and err["mape_pct"] < 3.0
+    assert err["n"] == 11 and err["mape_pct"] < 3.0  # 30 % of the 38 inside the extremes
     fresh = synthetic(space, 20, coef, seed=1)
     assert pred.errors(fresh)["mape_pct"] < 3.0
     again = LatencyPredictor.from_dict(pred.to_dict(), TEACHER)

@@ -24,6 +24,10 @@ def test_search_end_to_end_and_resume(tmp_path, teacher_dir, data_dir):
     assert res["budget_ms"] == pytest.approx(res["teacher"]["p95_ms"] / 1.5, abs=0.01)
     assert res["p95_ms"] <= res["budget_ms"] and res["within_budget"]
     assert (out / "model" / "config.json").exists() and (out / "artifact").exists()
+    from canao.apps.qa import QAPipeline  # the artifact carries the tokenizer: `canao qa --model OUT/artifact`
+
+    qa = QAPipeline.load(str(out / "artifact"))
+    assert qa.info["max_seq"] == 128 and qa.answer("Ada wrote it in 1843.", "When did Ada write it?")["windows"] == 1
     assert (out / "pareto.png").exists() and (out / "report.md").exists()
     log = [json.loads(line) for line in (out / "search-log.jsonl").read_text().splitlines()]
     cands = [e for e in log if e["type"] == "candidate"]
@@ -36,6 +40,8 @@ def test_search_end_to_end_and_resume(tmp_path, teacher_dir, data_dir):
     assert abs(ort["f1"] - res["teacher"]["f1"]) < 10 and 0 < ort["median_ms"] <= ort["p95_ms"]
     assert "teacher-int8-onnxruntime" in (out / "report.md").read_text()
     assert res["predictor"]["n"] >= 1
+    state = json.loads((out / "state.json").read_text())
+    assert state["phase2"]["steps"] == {"intermediate": 1, "prediction": 1}  # what the baselines were given too
     # a finished run resumes without redoing anything
     with pytest.raises(CanaoError, match="--resume"):
         run(job(tmp_path, teacher_dir, data_dir, speedup=1.5), progress=False)
