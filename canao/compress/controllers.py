@@ -165,9 +165,14 @@ class RLController:
 CONTROLLERS = {"rl": RLController, "evolution": EvolutionController, "random": RandomController}
 
 
-def make_controller(name: str, space: SearchSpace, seed: int = 0):
+def make_controller(name: str, space: SearchSpace, seed: int = 0, proposals: int | None = None):
+    """`proposals`: how many the controller will make; evolution sizes its population to it, so a
+    short search still gets to mutate (a population of 16 would be random search for 12 proposals)."""
     from ..errors import CanaoError
 
     if name not in CONTROLLERS:
         raise CanaoError(f"unknown controller '{name}'; choose one of {', '.join(CONTROLLERS)}")
+    if name == "evolution" and proposals:
+        pop = max(4, min(16, proposals // 3))
+        return EvolutionController(space, seed=seed, population=pop, tournament=min(4, max(2, pop // 2)))
     return CONTROLLERS[name](space, seed=seed)

@@ -145,7 +145,11 @@ class Search:
                 self._write(entry)
                 self.entries.append(entry)
         for name in self.cfg.controllers:
-            ctrl = make_controller(name, self.space, self.cfg.seed)
+            ctrl = make_controller(name, self.space, self.cfg.seed, self.cfg.proposals)
+            if name == "evolution":  # the evaluated anchors seed the population: mutations start from them
+                for e in self.entries:
+                    if e["controller"] == "anchor":
+                        ctrl.observe(Arch.from_dict(e["arch"]), e["reward"])
             history = done.get(name, [])
             best, best_at = None, None
             for i in range(self.cfg.proposals):
