@@ -27,13 +27,16 @@ def decisions(space: SearchSpace) -> list[tuple[str, list]]:
         out.append(("seq", space.seq_choices))
     if len(space.precisions) > 1:
         out.append(("precision", space.precisions))
+    if len(space.hiddens()) > 1:
+        out.append(("hidden", space.hiddens()))
     return out
 
 
 def to_arch(space: SearchSpace, choice: dict) -> Arch:
     d = choice["depth"]
     return Arch(tuple(choice[f"heads{i}"] for i in range(d)), tuple(choice[f"ffn{i}"] for i in range(d)),
-                choice.get("seq", space.seq_choices[0]), choice.get("precision", space.precisions[0]))
+                choice.get("seq", space.seq_choices[0]), choice.get("precision", space.precisions[0]),
+                choice.get("hidden", 0))
 
 
 def to_choice(space: SearchSpace, arch: Arch, fill: dict | None = None) -> dict:
@@ -42,7 +45,7 @@ def to_choice(space: SearchSpace, arch: Arch, fill: dict | None = None) -> dict:
     for i in range(max(space.depths)):
         c[f"heads{i}"] = arch.heads[i] if i < arch.depth else c.get(f"heads{i}", space.head_choices[-1])
         c[f"ffn{i}"] = arch.ffn[i] if i < arch.depth else c.get(f"ffn{i}", space.ffn_choices[-1])
-    c["seq"], c["precision"] = arch.seq, arch.precision
+    c["seq"], c["precision"], c["hidden"] = arch.seq, arch.precision, arch.hidden
     return c
 
 

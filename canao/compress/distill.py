@@ -55,10 +55,12 @@ def logits_kl(s_start, s_end, t_start, t_end, mask, temperature: float = 2.0) ->
 
 
 def hidden_mse(s_hidden, t_hidden, mask, proj: nn.Module | None = None) -> torch.Tensor:
-    s = s_hidden.float()
+    s, t = s_hidden.float(), t_hidden.float()
     if proj is not None:
         s = proj(s)
-    err = ((s - t_hidden.float()) ** 2).mean(-1)
+    elif s.shape[-1] < t.shape[-1]:  # a narrower sub-network holds the teacher's first channels
+        t = t[..., :s.shape[-1]]
+    err = ((s - t) ** 2).mean(-1)
     m = mask.float()
     return (err * m).sum() / m.sum()
 
@@ -78,12 +80,21 @@ def qa_ce(start, end, starts, ends) -> torch.Tensor:
 
 
 class Projections(nn.Module):
-    """Learned student->teacher projections, one per mapped hidden state, only where widths differ."""
+    """Learned student->teacher projections, one per mapped hidden state, only where widths differ.
+    They start as the identity into the teacher's first channels: a student sliced from the
+    importance-ordered teacher holds exactly those, so training starts from matching them."""
 
     def __init__(self, student_hidden: int, teacher_hidden: int, n: int):
         super().__init__()
-        self.maps = nn.ModuleList(nn.Linear(student_hidden, teacher_hidden) for _ in range(n)) \
-            if student_hidden != teacher_hidden else None
+        self.maps = None
+        if student_hidden != teacher_hidden:
+            self.maps = nn.ModuleList(nn.Linear(student_hidden, teacher_hidden) for _ in range(n))
+            k = min(student_hidden, teacher_hidden)
+            with torch.no_grad():
+                for lin in self.maps:
+                    lin.weight.zero_()
+                    lin.weight[:k, :k] = torch.eye(k)
+                    lin.bias.zero_()
 
     def get(self, i: int):
         return None if self.maps is None else self.maps[i]

@@ -1,10 +1,14 @@
-"""Head and FFN-neuron importance, and reordering the teacher so the important ones come first.
+"""Head, FFN-neuron and hidden-dimension importance, and reordering the teacher so the
+important ones come first.
 
 Importance is the first-order Taylor estimate of the loss change when a unit is
 masked (Michel et al. 2019 for heads, Molchanov et al. for neurons):
 |sum over tokens of activation * dLoss/dactivation|, accumulated over a few
-batches. Reordering permutes rows/columns only, so the reordered teacher computes
-exactly the same function; afterwards "the first k heads" is the best k heads.
+batches. A hidden dimension is one channel of the residual stream, so its importance
+sums that estimate over the embeddings' output and every layer's output. Reordering
+permutes rows/columns only (LayerNorm is equivariant to a permutation of its channels),
+so the reordered teacher computes exactly the same function; afterwards "the first k
+heads" is the best k heads and "the first d dimensions" the best d.
 """
 
 from __future__ import annotations
@@ -19,10 +23,20 @@ def _qa_loss(start, end, starts, ends):
 
 
 def compute_importance(model, feats, batches: int = 8, batch_size: int = 16, seed: int = 0) -> dict[str, list[np.ndarray]]:
-    """{"heads": [per layer (heads,)], "ffn": [per layer (ffn,)]} from training windows with labels."""
+    """{"heads": [per layer (heads,)], "ffn": [per layer (ffn,)], "hidden": (hidden,)} from training
+    windows with labels."""
     cfg = model.config
     captured: dict[tuple[str, int], torch.Tensor] = {}
     hooks = []
+
+    def grab_out(idx):
+        def hook(_mod, _args, out):
+            x = out[0] if isinstance(out, tuple) else out
+            x.retain_grad()
+            captured[("hidden", idx)] = x
+        return hook
+
+    hooks.append(model.bert.embeddings.register_forward_hook(grab_out(-1)))
     for i, layer in enumerate(model.bert.encoder.layer):
         def grab(kind, idx):
             def hook(_mod, args):
@@ -32,6 +46,8 @@ def compute_importance(model, feats, batches: int = 8, batch_size: int = 16, see
             return hook
         hooks.append(layer.attention.output.dense.register_forward_pre_hook(grab("heads", i)))
         hooks.append(layer.output.dense.register_forward_pre_hook(grab("ffn", i)))
+        hooks.append(layer.register_forward_hook(grab_out(i)))
+    hidden_imp = np.zeros(cfg.hidden_size)
     head_imp = [np.zeros(h) for h in cfg.layer_heads]
     ffn_imp = [np.zeros(f) for f in cfg.layer_ffn]
     was_training = model.training
@@ -56,20 +72,26 @@ def compute_importance(model, feats, batches: int = 8, batch_size: int = 16, see
                 head_imp[i] += contrib.abs().sum(0).detach().float().cpu().numpy()
                 act = captured[("ffn", i)]
                 ffn_imp[i] += (act * act.grad).sum(1).abs().sum(0).detach().float().cpu().numpy()
+            for i in range(-1, cfg.num_layers):
+                x = captured[("hidden", i)]
+                hidden_imp += (x * x.grad).sum(1).abs().sum(0).detach().float().cpu().numpy()
     finally:
         for h in hooks:
             h.remove()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return {"heads": head_imp, "ffn": ffn_imp}
+    return {"heads": head_imp, "ffn": ffn_imp, "hidden": hidden_imp}
 
 
 @torch.no_grad()
 def reorder(model, importance: dict[str, list[np.ndarray]]) -> dict[str, list[list[int]]]:
-    """Permute heads and FFN neurons of every layer in place, most important first.
-    Returns the permutations used (new position -> old index)."""
+    """Permute heads and FFN neurons of every layer, and (when importance has "hidden") the channels
+    of the residual stream, in place, most important first. Returns the permutations used
+    (new position -> old index)."""
     d = model.config.head_dim
     perms = {"heads": [], "ffn": []}
+    if importance.get("hidden") is not None:
+        perms["hidden"] = _reorder_hidden(model, np.argsort(-np.asarray(importance["hidden"]), kind="stable"))
     for i, layer in enumerate(model.bert.encoder.layer):
         hp = np.argsort(-importance["heads"][i], kind="stable")
         dev = layer.attention.self.query.weight.device
@@ -88,3 +110,30 @@ def reorder(model, importance: dict[str, list[np.ndarray]]) -> dict[str, list[li
         perms["heads"].append(hp.tolist())
         perms["ffn"].append(fp.cpu().tolist())
     return perms
+
+
+@torch.no_grad()
+def _reorder_hidden(model, perm: np.ndarray) -> list[int]:
+    """Permute the residual stream's channels everywhere they appear: the embedding tables and
+    their LayerNorm, every linear reading the stream (columns) or writing it (rows, bias), every
+    LayerNorm over it, and the QA head."""
+    p = torch.as_tensor(perm.copy(), device=model.qa_outputs.weight.device)
+    emb = model.bert.embeddings
+    for table in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
+        table.weight.copy_(table.weight[:, p])
+
+    def norm(ln):
+        ln.weight.copy_(ln.weight[p])
+        ln.bias.copy_(ln.bias[p])
+
+    norm(emb.LayerNorm)
+    for layer in model.bert.encoder.layer:
+        sa = layer.attention.self
+        for lin in (sa.query, sa.key, sa.value, layer.intermediate.dense):  # read the stream
+            lin.weight.copy_(lin.weight[:, p])
+        for block in (layer.attention.output, layer.output):  # write it, then normalise it
+            block.dense.weight.copy_(block.dense.weight[p])
+            block.dense.bias.copy_(block.dense.bias[p])
+            norm(block.LayerNorm)
+    model.qa_outputs.weight.copy_(model.qa_outputs.weight[:, p])
+    return perm.tolist()

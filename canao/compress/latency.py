@@ -116,7 +116,7 @@ class LatencyOracle:
         """Median/p95 ms of one batch-1 inference at `seq` tokens. `model` (optional): time these
         weights instead of random ones (same architecture; used to verify the final model)."""
         if seq is not None and seq != arch.seq:
-            arch = Arch(arch.heads, arch.ffn, seq, arch.precision)
+            arch = Arch(arch.heads, arch.ffn, seq, arch.precision, arch.hidden)
         threads = threads or self.threads
         key = self._key(arch, threads)
         if not fresh and model is None and key in self.db:
@@ -239,7 +239,7 @@ class LatencyOracle:
 
 def features(arch: Arch, teacher) -> np.ndarray:
     """Per-layer work summed over layers, in GFLOP-like units, plus a constant."""
-    s, H, d = arch.seq, teacher.hidden_size, teacher.head_dim
+    s, H, d = arch.seq, arch.width(teacher), teacher.head_dim
     heads, ffn = np.asarray(arch.heads, float), np.asarray(arch.ffn, float)
     return np.array([
         1.0,
@@ -262,16 +262,17 @@ def compiler_precisions() -> tuple[str, ...]:
 MIN_OWN = 6  # measurements a precision needs for a model of its own (fewer: the base model times one factor)
 
 
-def _table_key(kind: str, value: int, seq: int) -> str:
-    return f"{kind}{value}@{seq}"
+def _table_key(kind: str, value: int, arch: Arch) -> str:
+    width = f"d{arch.hidden}" if arch.hidden else ""
+    return f"{kind}{value}{width}@{arch.seq}"
 
 
 def _table_row(arch: Arch, cols: list[str]) -> np.ndarray:
-    """How many of the candidate's layers have each (heads, seq) and (FFN size, seq) choice."""
+    """How many of the candidate's layers have each (heads, width, seq) and (FFN size, width, seq) choice."""
     row = np.zeros(len(cols))
     index = {c: i for i, c in enumerate(cols)}
     for h, f in zip(arch.heads, arch.ffn):
-        for k in (_table_key("h", h, arch.seq), _table_key("f", f, arch.seq)):
+        for k in (_table_key("h", h, arch), _table_key("f", f, arch)):
             if k in index:
                 row[index[k]] += 1
     return row
@@ -301,7 +302,7 @@ class _Model:
     def fit(cls, archs: list[Arch], y: np.ndarray, teacher) -> "_Model":
         X = np.stack([features(a, teacher) for a in archs])
         coef = _nnls_relative(X, y)
-        cols = sorted({_table_key(kind, v, a.seq) for a in archs for kind, vals in (("h", a.heads), ("f", a.ffn))
+        cols = sorted({_table_key(kind, v, a) for a in archs for kind, vals in (("h", a.heads), ("f", a.ffn))
                        for v in vals})
         T = np.stack([_table_row(a, cols) for a in archs])
         A, b = T / y[:, None], (y - X @ coef) / y  # relative error, like the FLOP fit
@@ -514,11 +515,11 @@ def calibration_set(space, n: int, seed: int = 0) -> list[Arch]:
         shapes.append(mid)
     while len(shapes) < n:
         a = space.sample(rng)
-        a = Arch(a.heads, a.ffn, a.seq, base)
+        a = Arch(a.heads, a.ffn, a.seq, base, a.hidden)
         if a not in shapes:
             shapes.append(a)
     shapes = shapes[:max(1, n)]
-    return [Arch(a.heads, a.ffn, a.seq, p) for p in space.precisions for a in shapes]
+    return [Arch(a.heads, a.ffn, a.seq, p, a.hidden) for p in space.precisions for a in shapes]
 
 
 def arch_hash(arch: Arch) -> str:

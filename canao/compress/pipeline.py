@@ -408,14 +408,15 @@ def _budget_words(job: dict) -> str:
 def _apply_perms(model, perms) -> None:
     import numpy as np
 
-    n_layers = len(perms["heads"])
-    fake = {"heads": [], "ffn": []}
-    for i in range(n_layers):  # importance that sorts into exactly the recorded permutation
-        for kind in ("heads", "ffn"):
-            p = np.asarray(perms[kind][i])
-            score = np.empty(len(p))
-            score[p] = -np.arange(len(p), dtype=float)
-            fake[kind].append(score)
+    def scores(p):  # importance that sorts into exactly the recorded permutation
+        p = np.asarray(p)
+        score = np.empty(len(p))
+        score[p] = -np.arange(len(p), dtype=float)
+        return score
+
+    fake = {kind: [scores(p) for p in perms[kind]] for kind in ("heads", "ffn")}
+    if "hidden" in perms:  # searches started before hidden size was a dimension have none
+        fake["hidden"] = scores(perms["hidden"])
     reorder(model, fake)
 
 

@@ -26,7 +26,8 @@ def run(ctrl, n):
 def test_choice_round_trip():
     a = SPACE.sample(__import__("random").Random(1))
     assert to_arch(SPACE, to_choice(SPACE, a)) == a
-    assert decisions(SPACE)[0][0] == "depth" and len(decisions(SPACE)) == 1 + 2 * 6
+    assert decisions(SPACE)[0][0] == "depth" and len(decisions(SPACE)) == 1 + 2 * 6 + 1  # + the hidden width
+    assert decisions(SPACE)[-1] == ("hidden", [192, 288, 0])
 
 
 def test_rl_controller_learns_with_moving_baseline():

@@ -100,7 +100,7 @@ def test_each_precision_gets_its_own_cost_model():
 
 def test_per_choice_corrections_catch_what_flops_miss():
     """A narrow FFN GEMM (N = 192) runs at a lower GFLOP/s: a cost the FLOP features cannot express."""
-    space = SearchSpace.from_teacher(TEACHER)
+    space = SearchSpace.from_teacher(TEACHER, hidden_fracs=(1.0,))  # the corrections are per width: one width
     coef = np.array([0.3, 0.02, 12.0, 9.0, 11.0])
 
     def truth(a):

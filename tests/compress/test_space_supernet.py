@@ -57,13 +57,28 @@ def test_reorder_keeps_function_and_sorts_importance():
     with torch.no_grad():
         before = model(ids, tt, mask)
     rng = np.random.default_rng(0)
-    imp = {"heads": [rng.random(4) for _ in range(4)], "ffn": [rng.random(64) for _ in range(4)]}
+    imp = {"heads": [rng.random(4) for _ in range(4)], "ffn": [rng.random(64) for _ in range(4)],
+           "hidden": rng.random(32)}
     perms = reorder(model, imp)
     with torch.no_grad():
         after = model(ids, tt, mask)
     for x, y in zip(before, after):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
     assert perms["heads"][0] == list(np.argsort(-imp["heads"][0], kind="stable"))
+    assert perms["hidden"] == list(np.argsort(-imp["hidden"], kind="stable"))  # the residual stream permuted too
+    assert not torch.equal(model.qa_outputs.weight, tiny_model().qa_outputs.weight)
+
+
+def test_hidden_width_is_a_search_dimension():
+    cfg = BertConfig()  # hidden 384
+    space = SearchSpace.from_teacher(cfg)
+    assert space.hidden_choices == [192, 288, 384] and space.hiddens() == [192, 288, 0]
+    assert space.largest().hidden == 0 and space.smallest().hidden == 192
+    narrow = Arch((12,), (1536,), 384, "fp32", 192)
+    assert narrow.key() == "L1-d192-h12-f1536-s384-fp32" and Arch.from_dict(narrow.to_dict()) == narrow
+    assert Arch((12,), (1536,)).key() == "L1-h12-f1536-s384-fp32"  # teacher width: the key as before
+    assert model_bytes(narrow, cfg) < model_bytes(Arch((12,), (1536,)), cfg)
+    assert {a.hidden for a in (space.sample(random.Random(i)) for i in range(30))} == {0, 192, 288}
 
 
 def test_importance_on_teacher(teacher, data_dir):
@@ -77,7 +92,8 @@ def test_importance_on_teacher(teacher, data_dir):
 
 
 @pytest.mark.parametrize("arch", [Arch((4, 4, 4, 4), (64, 64, 64, 64), 12), Arch((1, 3), (8, 40), 12),
-                                  Arch((2,), (64,), 12), Arch((4, 1, 2), (16, 64, 8), 12)])
+                                  Arch((2,), (64,), 12), Arch((4, 1, 2), (16, 64, 8), 12),
+                                  Arch((4, 2), (64, 16), 12, hidden=16), Arch((1,), (8,), 12, hidden=24)])
 def test_extract_equals_slicing(arch):
     model = tiny_model()
     space = SearchSpace.from_teacher(model.config)
@@ -85,6 +101,7 @@ def test_extract_equals_slicing(arch):
     ids, tt, mask = inputs()
     sub = net.extract(arch)
     assert sub.config.layer_heads == list(arch.heads) and sub.config.layer_ffn == list(arch.ffn)
+    assert sub.config.hidden_size == (arch.hidden or 32)
     with torch.no_grad():
         s1, e1, hid, att = net(ids, tt, mask, arch=arch, output_attentions=True)
         s2, e2, out = sub.forward_with_features(ids, tt, mask, output_attentions=True)
@@ -115,3 +132,25 @@ def test_gradients_reach_shared_weights():
     q = model.bert.encoder.layer[3].attention.self.query.weight.grad
     assert q[:16].abs().sum() > 0 and q[16:].abs().sum() == 0
     assert model.bert.encoder.layer[0].attention.self.query.weight.grad is None
+
+
+def test_narrow_student_compiles_and_matches_pytorch(teacher, tmp_path):
+    """A sub-network with a narrower residual stream (and heads x head_dim != hidden) goes through
+    the compiler like any other candidate."""
+    from canao.compress.latency import artifact_runner, compile_final
+
+    model, _ = teacher
+    net = SuperNet(model, SearchSpace.from_teacher(model.config))
+    arch = Arch((12, 6, 4), (1536, 768, 384), 64, "fp32", 192)
+    sub = net.extract(arch)
+    compile_final(sub, tmp_path / "art", arch, 1)
+    run, close = artifact_runner(tmp_path / "art", 1)
+    ids = np.random.default_rng(0).integers(1000, 2000, (1, 50))
+    tt, mask = np.zeros_like(ids), np.ones_like(ids)
+    try:
+        s, e = run(ids, tt, mask)
+    finally:
+        close()
+    with torch.no_grad():
+        rs, re_ = sub(*[torch.as_tensor(x) for x in (ids, tt, mask)])
+    assert np.abs(s - rs.numpy()).max() < 1e-4 and np.abs(e - re_.numpy()).max() < 1e-4
