@@ -9,7 +9,7 @@ from canao.errors import CanaoError
 
 TINY = dict(train_limit=24, train_len=128, train_stride=32, importance_batches=1, supernet_steps=2, batch_size=4,
             n_random=1, search_dev=6, eval_dev=6, calibration=4, proposals=3, phase2_inter=1, phase2_pred=1,
-            phase2_steps=True, runs=3, rounds=2)
+            phase2_steps=True, runs=3, rounds=2, hidden_fracs=(0.5, 1.0))  # the hidden width searched too
 
 
 def job(tmp_path, teacher_dir, data_dir, budget=None, **kw):
@@ -34,6 +34,7 @@ def test_search_end_to_end_and_resume(tmp_path, teacher_dir, data_dir):
     assert len([e for e in cands if e["controller"] != "anchor"]) == 9
     assert {e["controller"] for e in cands} == {"rl", "evolution", "random", "anchor"}
     assert all("predicted_ms" in e and "reward" in e for e in cands)
+    assert any(e["arch"].get("hidden") == 192 for e in cands)  # narrow residual streams were proposed
     assert any(e["type"] == "confirm" and e["within_budget"] for e in log)
     assert set(res["baselines"]) == {"layer-dropped", "width-shrunk"} and res["teacher"]["f1"] > 0
     ort = res["external_baselines"]["teacher-int8-onnxruntime"]  # the quick preset's int8 reference point
