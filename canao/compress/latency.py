@@ -7,6 +7,8 @@ padded to `arch.seq` tokens, on a fixed number of threads: warm-up, then the
 median and p95 of `runs` timings. Results go in a JSON database keyed by the
 host's CPU, the backend, the architecture and the threads, so nothing is
 measured twice (the compiler's own build cache makes a re-compile cheap too).
+Entries older than `max_age_h` (default 24 h) are measured again: the same VM ran
+1.7x slower on one day than the day before, and old timings would mislead the predictor.
 `backend="torch"` times PyTorch eager instead, behind the same interface, for
 precisions the compiler does not have yet or when no C compiler is available.
 `device="ssh://user@host"` (or "adb", "local"; canao.device) compiles for that device's
@@ -65,7 +67,8 @@ class LatencyOracle:
     """measure(arch, seq=None, threads=None) -> {"median_ms", "p95_ms", ...}."""
 
     def __init__(self, teacher_config, threads: int = 1, backend: str = "canao", db_path: str | Path | None = None,
-                 runs: int = 30, warmup: int = 5, progress=None, rounds: int = 3, device: str | None = None):
+                 runs: int = 30, warmup: int = 5, progress=None, rounds: int = 3, device: str | None = None,
+                 max_age_h: float | None = 24.0):
         if backend not in ("canao", "torch"):
             raise CanaoError(f"latency backend '{backend}' unknown; use canao or torch")
         if device and backend != "canao":
@@ -73,6 +76,7 @@ class LatencyOracle:
         self.teacher = teacher_config
         self.threads, self.backend, self.runs, self.warmup = threads, backend, runs, warmup
         self.rounds = max(1, rounds)
+        self.max_age_s = None if max_age_h is None else max_age_h * 3600
         self.db_path = Path(db_path) if db_path else None
         self.db: dict[str, dict] = {}
         if self.db_path and self.db_path.exists():
@@ -95,13 +99,18 @@ class LatencyOracle:
         t = self.teacher
         return f"{self.backend}|{self.host}|H{t.hidden_size}d{t.head_dim}v{t.vocab_size}|{arch.key()}|t{threads}"
 
+    def _fresh(self, entry: dict | None) -> bool:
+        return entry is not None and (self.max_age_s is None or time.time() - entry.get("when", 0) <= self.max_age_s)
+
     def cached(self, arch: Arch, threads: int | None = None) -> dict | None:
-        return self.db.get(self._key(arch, threads or self.threads))
+        entry = self.db.get(self._key(arch, threads or self.threads))
+        return entry if self._fresh(entry) else None
 
     def all_cached(self, threads: int | None = None) -> list[tuple[Arch, dict]]:
         prefix = f"{self.backend}|{self.host}|"
         t = threads or self.threads
-        return [(Arch.from_dict(v["arch"]), v) for k, v in self.db.items() if k.startswith(prefix) and v.get("threads") == t]
+        return [(Arch.from_dict(v["arch"]), v) for k, v in self.db.items()
+                if k.startswith(prefix) and v.get("threads") == t and self._fresh(v)]
 
     def _save(self) -> None:
         if not self.db_path:
@@ -119,7 +128,7 @@ class LatencyOracle:
             arch = Arch(arch.heads, arch.ffn, seq, arch.precision, arch.hidden)
         threads = threads or self.threads
         key = self._key(arch, threads)
-        if not fresh and model is None and key in self.db:
+        if not fresh and model is None and self._fresh(self.db.get(key)):
             return self.db[key]
         import torch
 

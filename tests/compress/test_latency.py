@@ -1,3 +1,4 @@
+import json
 import random
 
 import numpy as np
@@ -52,6 +53,15 @@ def test_torch_oracle_and_database(tmp_path):
     again = LatencyOracle(small, threads=1, backend="torch", db_path=tmp_path / "db.json")
     assert again.cached(a) == m and again.measure(a) == m and again.measured_now == 0
     assert len(again.all_cached()) == 1
+    # a measurement from another day is taken again, not trusted
+    db = json.loads((tmp_path / "db.json").read_text())
+    for v in db.values():
+        v["when"] -= 2 * 24 * 3600
+    (tmp_path / "db.json").write_text(json.dumps(db))
+    stale = LatencyOracle(small, threads=1, backend="torch", db_path=tmp_path / "db.json", runs=5, warmup=1)
+    assert stale.cached(a) is None and stale.all_cached() == []
+    stale.measure(a)
+    assert stale.measured_now == 1 and stale.cached(a) is not None
 
 
 def test_compiler_oracle_measures_compiled_code(tmp_path):
