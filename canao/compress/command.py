@@ -19,6 +19,9 @@ def register(sub) -> None:
     budget.add_argument("--speedup", type=float,
                         help="budget = the teacher's measured p95 (compiled fp32, same seq and threads) / SPEEDUP")
     p.add_argument("--seq", type=int, default=384, help="maximum sequence length (the compiled model's)")
+    p.add_argument("--seq-choices", default=None,
+                   help="comma-separated maximum lengths the search may choose (each <= --seq, e.g. 256,384): a "
+                        "shorter model splits long contexts into more windows; each candidate is timed at its own")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", choices=["quick", "full"], default="quick")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
@@ -49,10 +52,20 @@ def cmd_search(args) -> dict:
               max_mb=args.max_mb, max_mem_mb=args.max_mem_mb,
               latency_db=Path(args.latency_db) if args.latency_db else None, backend=args.latency_backend,
               precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()), seed=args.seed,
-              speedup=args.speedup, device=args.device)
+              speedup=args.speedup, device=args.device,
+              seq_choices=_ints(args.seq_choices, "--seq-choices") if args.seq_choices else None)
     result = run(job, resume=args.resume, progress=True)
     if not args.json:
         print(f"chosen {result['arch']}: F1 {result['f1']:.2f}, p50 {result['median_ms']:.2f} ms, "
               f"p95 {result['p95_ms']:.2f} ms (budget {result['budget_ms']} ms); report: {result['paths']['report']}",
               file=sys.stdout)
     return result
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    from ..errors import CanaoError
+
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise CanaoError(f"{flag} {text!r}: give whole numbers separated by commas, e.g. 256,384") from None

@@ -516,10 +516,9 @@ def calibration_set(space, n: int, seed: int = 0) -> list[Arch]:
     of them, each in every precision of the space (the same shapes: each precision gets its own model)."""
     rng = random.Random(seed)
     base = space.precisions[0]
-    seq = space.seq_choices[0]
-    shapes = [space.largest(seq, base), space.smallest(seq, base)]
+    shapes = [space.largest(None, base), space.smallest(None, base)]  # at the longest and the shortest length
     L, H, F = space.teacher_layers, space.head_choices, space.ffn_choices
-    mid = space.uniform(max(1, (L + 1) // 2), H[len(H) // 2], F[len(F) // 2], seq, base)
+    mid = space.uniform(max(1, (L + 1) // 2), H[len(H) // 2], F[len(F) // 2], max(space.seq_choices), base)
     if n > 2 and mid not in shapes:
         shapes.append(mid)
     while len(shapes) < n:

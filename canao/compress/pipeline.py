@@ -112,6 +112,7 @@ class Job:
     predictor_file: Path | None = None
     seed: int = 0
     overrides: dict = field(default_factory=dict)
+    seq_choices: tuple[int, ...] | None = None  # maximum lengths the search may choose (each <= seq); None: seq only
     speedup: float | None = None  # instead of budget_ms: the teacher's measured fp32 p95 / speedup
     device: str | None = None  # time on this device (canao.device spec) instead of this machine
 
@@ -169,6 +170,10 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
         raise CanaoError("--budget-ms must be positive")
     if job.speedup is not None and job.speedup < 1:
         raise CanaoError(f"--speedup {job.speedup}: must be at least 1 (the budget is the teacher's latency / K)")
+    seqs = sorted(set(job.seq_choices or ()) | {job.seq})
+    if seqs[0] < 80 or seqs[-1] != job.seq:
+        raise CanaoError(f"--seq-choices {','.join(map(str, job.seq_choices or ()))}: each must be between 80 and "
+                         f"--seq {job.seq} (a window holds the question and part of the context)")
     if job.speedup is not None and not job.measure:
         raise CanaoError("--speedup needs the target to measure the teacher on; give --budget-ms instead")
     out.mkdir(parents=True, exist_ok=True)
@@ -176,13 +181,14 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
     prev = st.data.get("job")
     if prev:
         was = (prev.get("speedup"), None if prev.get("speedup") else prev["budget_ms"], prev["seq"], prev["threads"],
-               prev.get("device"))
-        if was != (job.speedup, job.budget_ms, job.seq, job.threads, job.device):
+               prev.get("device"), prev.get("seq_choices", [prev["seq"]]))
+        if was != (job.speedup, job.budget_ms, job.seq, job.threads, job.device, seqs):
             raise CanaoError(f"{out} was started with {_budget_words(prev)}, seq {prev['seq']}, {prev['threads']} "
                              f"thread(s), device {prev.get('device') or 'this machine'}; --resume needs the same settings")
         if job.speedup:
             job = replace(job, budget_ms=prev.get("budget_ms"))
-    st.set("job", {"budget_ms": job.budget_ms, "speedup": job.speedup, "seq": job.seq, "threads": job.threads,
+    st.set("job", {"budget_ms": job.budget_ms, "speedup": job.speedup, "seq": job.seq, "seq_choices": seqs,
+                   "threads": job.threads,
                    "device": job.device, "preset": job.preset, "precisions": list(job.precisions),
                    "teacher": str(job.teacher), "data": str(job.data), "overrides": job.overrides})
     # training and F1 evaluation use every core; --threads is the target's thread count, which the
@@ -195,18 +201,27 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
     if bad or not job.precisions:
         raise CanaoError(f"precision {', '.join(bad) or '(none)'} not available in the compiler; choose from "
                          f"{', '.join(compiler_precisions())}")
-    space = SearchSpace.from_teacher(tcfg, seq=job.seq, precisions=list(job.precisions),
+    space = SearchSpace.from_teacher(tcfg, seq=seqs, precisions=list(job.precisions),
                                      hidden_fracs=tuple(pre.hidden_fracs))
     dev = squad.read_squad(dev_file, pre.search_dev + pre.eval_dev)
     search_ex, eval_ex = dev[:pre.search_dev], dev[pre.search_dev:]
     if len(eval_ex) < 1:
         raise CanaoError(f"{dev_file}: only {len(dev)} dev questions; the search and eval slices need more")
-    stride = min(128, (job.seq - 67) // 2)
-    eval_feats = squad.make_features(tok, eval_ex, job.seq, stride)
+    feats_by_seq: dict[int, squad.Features] = {}
 
-    def f1_of(run_fn) -> float:
-        s, e = squad.predict(run_fn, eval_feats, 32)
-        return squad.squad_metrics(eval_ex, squad.decode_spans(eval_ex, eval_feats, s, e))["f1"]
+    def eval_feats_at(seq: int) -> squad.Features:
+        """The eval slice windowed for a model of this maximum length (shorter: more windows)."""
+        if seq not in feats_by_seq:
+            feats_by_seq[seq] = squad.make_features(tok, eval_ex, seq, min(128, (seq - 67) // 2))
+        return feats_by_seq[seq]
+
+    eval_feats = eval_feats_at(job.seq)
+    stride = min(128, (job.seq - 67) // 2)
+
+    def f1_of(run_fn, seq: int | None = None) -> float:
+        feats = eval_feats_at(seq or job.seq)
+        s, e = squad.predict(run_fn, feats, 32)
+        return squad.squad_metrics(eval_ex, squad.decode_spans(eval_ex, feats, s, e))["f1"]
 
     def torch_runner(model):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -363,7 +378,7 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
         st.set("confirm", trail)
         student = _phase2(job, pre, st, net, teacher, tcfg, arch, get_train_feats, out, resume, progress, tok, f1_of,
                           torch_runner)
-        final = _final(job, pre, st, student, arch, out, oracle, eval_feats, eval_ex, f1_of)
+        final = _final(job, pre, st, student, arch, out, oracle, eval_feats_at(arch.seq), eval_ex, f1_of)
         if final is None:
             tried.append(arch.key())
             st.set("rejected", tried)
@@ -477,7 +492,8 @@ def _phase2(job, pre, st, net, teacher, tcfg, arch, get_train_feats, out, resume
     else:
         save_encoder(student, model_dir, job.teacher)
     st.set("phase2", {"key": arch.key(), "arch": arch.to_dict(), "train_s": time.perf_counter() - t0, "steps": taken,
-                      "f1_torch": f1_of(torch_runner(student)), "device": "cuda" if torch.cuda.is_available() else "cpu"})
+                      "f1_torch": f1_of(torch_runner(student), arch.seq),
+                      "device": "cuda" if torch.cuda.is_available() else "cpu"})
     shutil.rmtree(state_root, ignore_errors=True)
     return student
 
@@ -513,7 +529,7 @@ def _final(job, pre, st, student, arch, out, oracle, eval_feats, eval_ex, f1_of)
 
     run_fn, close = artifact_runner(art, job.threads)
     try:
-        f1 = f1_of(run_fn)
+        f1 = f1_of(run_fn, arch.seq)
     finally:
         close()
     if f1 < st["phase2"]["f1_torch"] - 3.0:

@@ -18,7 +18,7 @@ def job(tmp_path, teacher_dir, data_dir, budget=None, **kw):
 
 
 def test_search_end_to_end_and_resume(tmp_path, teacher_dir, data_dir):
-    res = run(job(tmp_path, teacher_dir, data_dir, speedup=1.5), progress=False)
+    res = run(job(tmp_path, teacher_dir, data_dir, speedup=1.5, seq_choices=(96, 128)), progress=False)
     out = tmp_path / "out"
     # --speedup: the budget is the teacher's measured p95 / 1.5, and the chosen model meets it
     assert res["budget_ms"] == pytest.approx(res["teacher"]["p95_ms"] / 1.5, abs=0.01)
@@ -27,7 +27,8 @@ def test_search_end_to_end_and_resume(tmp_path, teacher_dir, data_dir):
     from canao.apps.qa import QAPipeline  # the artifact carries the tokenizer: `canao qa --model OUT/artifact`
 
     qa = QAPipeline.load(str(out / "artifact"))
-    assert qa.info["max_seq"] == 128 and qa.answer("Ada wrote it in 1843.", "When did Ada write it?")["windows"] == 1
+    assert qa.info["max_seq"] == res["arch"]["seq"] in (96, 128)
+    assert qa.answer("Ada wrote it in 1843.", "When did Ada write it?")["windows"] == 1
     assert (out / "pareto.png").exists() and (out / "report.md").exists()
     log = [json.loads(line) for line in (out / "search-log.jsonl").read_text().splitlines()]
     cands = [e for e in log if e["type"] == "candidate"]
@@ -35,6 +36,7 @@ def test_search_end_to_end_and_resume(tmp_path, teacher_dir, data_dir):
     assert {e["controller"] for e in cands} == {"rl", "evolution", "random", "anchor"}
     assert all("predicted_ms" in e and "reward" in e for e in cands)
     assert any(e["arch"].get("hidden") == 192 for e in cands)  # narrow residual streams were proposed
+    assert {e["arch"]["seq"] for e in cands} == {96, 128}  # and shorter maximum lengths
     assert any(e["type"] == "confirm" and e["within_budget"] for e in log)
     assert set(res["baselines"]) == {"layer-dropped", "width-shrunk"} and res["teacher"]["f1"] > 0
     ort = res["external_baselines"]["teacher-int8-onnxruntime"]  # the quick preset's int8 reference point
@@ -45,10 +47,10 @@ def test_search_end_to_end_and_resume(tmp_path, teacher_dir, data_dir):
     assert state["phase2"]["steps"] == {"intermediate": 1, "prediction": 1}  # what the baselines were given too
     # a finished run resumes without redoing anything
     with pytest.raises(CanaoError, match="--resume"):
-        run(job(tmp_path, teacher_dir, data_dir, speedup=1.5), progress=False)
+        run(job(tmp_path, teacher_dir, data_dir, speedup=1.5, seq_choices=(96, 128)), progress=False)
     with pytest.raises(CanaoError, match="same settings"):
         run(job(tmp_path, teacher_dir, data_dir, 500.0), resume=True, progress=False)
-    again = run(job(tmp_path, teacher_dir, data_dir, speedup=1.5), resume=True, progress=False)
+    again = run(job(tmp_path, teacher_dir, data_dir, speedup=1.5, seq_choices=(96, 128)), resume=True, progress=False)
     assert again["arch"] == res["arch"] and again["f1"] == res["f1"]
     assert len((out / "search-log.jsonl").read_text().splitlines()) == len(log)
 
@@ -69,6 +71,8 @@ def test_budget_must_be_given_once(tmp_path, teacher_dir, data_dir):
         run(job(tmp_path, teacher_dir, data_dir), progress=False)
     with pytest.raises(CanaoError, match="at least 1"):
         run(job(tmp_path, teacher_dir, data_dir, speedup=0.5), progress=False)
+    with pytest.raises(CanaoError, match="between 80 and --seq 128"):
+        run(job(tmp_path, teacher_dir, data_dir, speedup=2, seq_choices=(64, 128)), progress=False)
 
 
 def test_cli_registers_search():
