@@ -98,7 +98,7 @@ def cmd_compile(args) -> dict:
 
     import shutil
 
-    from ..models.wordpiece import TOKENIZER_FILES
+    from ..models.wordpiece import tokenizer_files
 
     source = resolve_model_path(args.model)
     model, tokenizer = load_encoder(source, task="qa")
@@ -107,9 +107,8 @@ def cmd_compile(args) -> dict:
                             target=args.target, threads=args.threads, tune=tune,
                             log=lambda line: print(line, file=sys.stderr))
     # The apps tokenize before they run the artifact: it carries the model's tokenizer.
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            shutil.copyfile(source / name, Path(summary["artifact"]) / name)
+    for name, path in tokenizer_files(source).items():
+        shutil.copyfile(path, Path(summary["artifact"]) / name)
     if args.verify:
         from .runner import RunnerModel
         from .targets import get_target, is_cross

@@ -67,9 +67,8 @@ def _padded(eval_feats, seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _f1(run_fn, eval_ex, eval_feats) -> float:
-    """As the search's f1_of: squad.predict (batches of 32) + decode_spans + squad_metrics."""
-    s, e = squad.predict(run_fn, eval_feats, 32)
-    return float(squad.squad_metrics(eval_ex, squad.decode_spans(eval_ex, eval_feats, s, e))["f1"])
+    """As the search's f1_of."""
+    return float(squad.score(run_fn, eval_ex, eval_feats)[0]["f1"])
 
 
 def _timed_padded(call, padded, runs: int, warmup: int) -> dict:

@@ -40,7 +40,7 @@ from .distill import DistillConfig, distill_student, steps_for, train_supernet
 from .importance import compute_importance, reorder
 from .latency import (LatencyOracle, LatencyPredictor, calibration_set, compile_final, compiler_precisions,
                       holdout_error, per_question_latency, verify_artifact)
-from .search import Evaluator, Search, SearchConfig, check_reachable
+from .search import Evaluator, Search, SearchConfig, check_reachable, eval_stride
 from .space import Arch, SearchSpace, keep_layers
 from .supernet import SuperNet, copy_teacher
 
@@ -212,16 +212,13 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
     def eval_feats_at(seq: int) -> squad.Features:
         """The eval slice windowed for a model of this maximum length (shorter: more windows)."""
         if seq not in feats_by_seq:
-            feats_by_seq[seq] = squad.make_features(tok, eval_ex, seq, min(128, (seq - 67) // 2))
+            feats_by_seq[seq] = squad.make_features(tok, eval_ex, seq, eval_stride(seq))
         return feats_by_seq[seq]
 
     eval_feats = eval_feats_at(job.seq)
-    stride = min(128, (job.seq - 67) // 2)
 
     def f1_of(run_fn, seq: int | None = None) -> float:
-        feats = eval_feats_at(seq or job.seq)
-        s, e = squad.predict(run_fn, feats, 32)
-        return squad.squad_metrics(eval_ex, squad.decode_spans(eval_ex, feats, s, e))["f1"]
+        return squad.score(run_fn, eval_ex, eval_feats_at(seq or job.seq))[0]["f1"]
 
     def torch_runner(model):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -242,7 +239,7 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
         # the teacher, compiled in fp32, is the reference point (and defines the budget with --speedup)
         if "teacher_latency" not in st:
             _log("measuring the teacher (canao fp32)")
-            m = oracle.measure(Arch(space.largest().heads, space.largest().ffn, job.seq, "fp32"))
+            m = oracle.measure(space.largest(job.seq, "fp32"))
             st.set("teacher_latency", {"median_ms": m["median_ms"], "p95_ms": m["p95_ms"], "backend": job.backend})
         if job.budget_ms is None:
             job = replace(job, budget_ms=round(st["teacher_latency"]["p95_ms"] / job.speedup, 2))
@@ -335,7 +332,7 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
     net_model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
     # 5 search --------------------------------------------------------------
-    evaluator = Evaluator(net, tok, search_ex, stride)
+    evaluator = Evaluator(net, tok, search_ex)
     scfg = SearchConfig(budget_ms=job.budget_ms, threads=job.threads, controllers=tuple(job.controllers),
                         proposals=pre.proposals, max_mb=job.max_mb, max_mem_mb=job.max_mem_mb, seed=job.seed)
 
@@ -484,9 +481,9 @@ def _phase2(job, pre, st, net, teacher, tcfg, arch, get_train_feats, out, resume
     shutil.rmtree(model_dir, ignore_errors=True)
     if save_half:  # small enough to bring back from a GPU machine
         from ..models.checkpoint import save_checkpoint
-        from ..models.wordpiece import TOKENIZER_FILES
+        from ..models.wordpiece import tokenizer_files
 
-        extra = {n: Path(job.teacher) / n for n in TOKENIZER_FILES if (Path(job.teacher) / n).exists()}
+        extra = tokenizer_files(job.teacher)
         save_checkpoint(model_dir, student.config.to_hf(student.architecture), student.state_dict(), extra,
                         dtype=torch.float16, max_shard_bytes=15 * 2**20)
     else:
@@ -543,12 +540,12 @@ def _final(job, pre, st, student, arch, out, oracle, eval_feats, eval_ex, f1_of)
         art.rename(out / "artifact-host")
         art = timed
     art.rename(out / "artifact")
-    from ..models.wordpiece import TOKENIZER_FILES
+    from ..models.wordpiece import tokenizer_files
 
     for folder in (out / "artifact", out / "artifact-host"):  # the apps tokenize before they run an artifact
-        for name in TOKENIZER_FILES:
-            if folder.exists() and (Path(job.teacher) / name).exists():
-                shutil.copyfile(Path(job.teacher) / name, folder / name)
+        if folder.exists():
+            for name, path in tokenizer_files(job.teacher).items():
+                shutil.copyfile(path, folder / name)
     final = {"arch": arch.to_dict(), "key": arch.key(), "f1": f1, "median_ms": m["median_ms"], "p95_ms": m["p95_ms"],
              "runs": m["runs"], "verify": ver, "per_question": pq, "compile": {k: summary[k] for k in ("memory", "times")},
              "f1_torch": st["phase2"]["f1_torch"]}

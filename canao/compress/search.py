@@ -37,6 +37,12 @@ class SearchConfig:
     eval_slack: float = 1.15  # evaluate F1 of candidates predicted up to this factor over budget
 
 
+def eval_stride(seq: int, stride: int = 128) -> int:
+    """The window stride for dev questions at maximum length `seq`: 128, less for short windows (a window
+    holds the question, up to 64 tokens, and must still overlap the next)."""
+    return min(stride, (seq - 67) // 2)
+
+
 class Evaluator:
     """F1 of a sub-network of the supernet on a fixed dev slice; cached per architecture."""
 
@@ -49,7 +55,7 @@ class Evaluator:
 
     def features(self, seq: int) -> squad.Features:
         if seq not in self._feats:
-            self._feats[seq] = squad.make_features(self.tok, self.examples, seq, min(self.stride, (seq - 67) // 2))
+            self._feats[seq] = squad.make_features(self.tok, self.examples, seq, eval_stride(seq, self.stride))
         return self._feats[seq]
 
     def f1(self, arch: Arch) -> float:
@@ -60,8 +66,7 @@ class Evaluator:
             t0 = time.perf_counter()
             feats = self.features(arch.seq)
             self.net.eval()
-            s, e = squad.predict(self.net.runner(arch), feats, self.batch_size)
-            self.cache[key] = squad.squad_metrics(self.examples, squad.decode_spans(self.examples, feats, s, e))["f1"]
+            self.cache[key] = squad.score(self.net.runner(arch), self.examples, feats, self.batch_size)[0]["f1"]
             self.seconds += time.perf_counter() - t0
         return self.cache[key]
 

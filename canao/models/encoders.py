@@ -9,7 +9,7 @@ import torch
 from ..errors import CanaoError
 from .bert import BertConfig, BertForQuestionAnswering, BertForSequenceClassification
 from .checkpoint import load_state_dict, read_config, save_checkpoint
-from .wordpiece import TOKENIZER_FILES, load_wordpiece
+from .wordpiece import load_wordpiece, tokenizer_files
 
 HEADS = {"qa": BertForQuestionAnswering, "classification": BertForSequenceClassification}
 
@@ -77,6 +77,5 @@ def load_encoder(path: str | Path, task: str = "qa", new_head_ok: bool = False):
 def save_encoder(model, out: str | Path, tokenizer_dir: str | Path) -> Path:
     """Save in the Hugging Face layout (config.json, model.safetensors, tokenizer files)."""
     out = Path(out)
-    extra = {name: Path(tokenizer_dir) / name for name in TOKENIZER_FILES if (Path(tokenizer_dir) / name).exists()}
-    save_checkpoint(out, model.config.to_hf(model.architecture), model.state_dict(), extra)
+    save_checkpoint(out, model.config.to_hf(model.architecture), model.state_dict(), tokenizer_files(tokenizer_dir))
     return out

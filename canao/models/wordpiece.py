@@ -13,6 +13,11 @@ from ..errors import CanaoError
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
+def tokenizer_files(folder: str | Path) -> dict[str, Path]:
+    """{name: path} of the tokenizer files present in `folder` (what a saved model or an artifact carries)."""
+    return {name: Path(folder) / name for name in TOKENIZER_FILES if (Path(folder) / name).exists()}
+
+
 def load_wordpiece(folder: str | Path) -> Tokenizer:
     """tokenizer.json when present (exact HF behaviour), else vocab.txt (+ do_lower_case).
 

@@ -225,10 +225,16 @@ def predict(run, features: Features, batch_size: int = 32, progress: bool = Fals
     return start, end
 
 
+def score(run, examples: list[Example], features: Features, batch_size: int = 32,
+          progress: bool = False) -> tuple[dict[str, float], dict]:
+    """(EM/F1 metrics, predictions) of `run` on windows already made by make_features."""
+    s, e = predict(run, features, batch_size, progress)
+    preds = decode_spans(examples, features, s, e)
+    return squad_metrics(examples, preds), preds
+
+
 def evaluate(run, tok: Tokenizer, examples: list[Example], max_len: int = 384, stride: int = 128,
              batch_size: int = 32, progress: bool = False) -> dict:
     feats = make_features(tok, examples, max_len, stride)
-    s, e = predict(run, feats, batch_size, progress)
-    preds = decode_spans(examples, feats, s, e)
-    return {**squad_metrics(examples, preds), "windows": len(feats), "max_len": max_len, "stride": stride,
-            "predictions": preds}
+    metrics, preds = score(run, examples, feats, batch_size, progress)
+    return {**metrics, "windows": len(feats), "max_len": max_len, "stride": stride, "predictions": preds}
