@@ -276,8 +276,7 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
              f"{len(space.precisions)} precision(s))")
         samples = [(a, oracle.measure(a)) for a in archs]
         # every other measurement of this host/threads in the database helps too
-        extra = [(a, m) for a, m in oracle.all_cached(job.threads) if a.seq == job.seq and a not in archs
-                 and space.contains(a)]
+        extra = [(a, m) for a, m in oracle.all_cached(job.threads) if a not in archs and space.contains(a)]
         samples += extra
         err = holdout_error(predictor, samples, seed=job.seed)
         st.set("calibration", {"predictor": predictor.to_dict(), "holdout": err, "measured": len(samples),
