@@ -1,9 +1,9 @@
 """Auto-tuning of the generated GEMMs, with a persistent tuning database.
 
-A GEMM's best schedule (register tile mr x nr, K block) depends on its shape and the
-machine, not on the model it sits in. So the tuner keys each result by the target
+A GEMM's best schedule (register tile mr x nr, K block) depends on its shape, its epilogue
+and the machine, not on the model it sits in. So the tuner keys each result by the target
 (ISA + CPU model + tuner version) and the kernel signature (precision, row-block bucket,
-N, K), and keeps it in one JSON database shared by every compile:
+N, K, and a costly epilogue function such as GELU, timed with the GEMM), and keeps it in one JSON database shared by every compile:
 ~/.cache/canao/tuning.json ($CANAO_CACHE/tuning.json; $CANAO_TUNING_DB names the file).
 Compiling a new architecture of the search space whose shapes were seen before
 measures nothing.
@@ -61,15 +61,28 @@ def m_bucket(m: int) -> int:
     return min(512, max(16, 1 << math.ceil(math.log2(max(1, m)))))
 
 
+EPILOGUE_COSTS = ("gelu",)  # epilogue functions costly enough to move a GEMM's best schedule
+
+
 @dataclass(frozen=True)
 class GemmSig:
     precision: str
     m: int  # bucket
     n: int
     k: int
+    epilogue: str = ""  # "gelu" when the GEMM ends in one (timed with it); plain GEMMs keep their old keys
 
     def key(self) -> str:
-        return f"gemm|{self.precision}|M{self.m}|N{self.n}|K{self.k}"
+        return f"gemm|{self.precision}|M{self.m}|N{self.n}|K{self.k}" + (f"|{self.epilogue}" if self.epilogue else "")
+
+
+def epilogue_kind(expr) -> str:
+    """The costly function in an epilogue expression tree (("gelu", ("add", ("in", 0), ("in", 1))) -> "gelu")."""
+    if isinstance(expr, tuple) and expr:
+        if expr[0] in EPILOGUE_COSTS:
+            return expr[0]
+        return next((e for e in map(epilogue_kind, expr[1:]) if e), "")
+    return ""
 
 
 # -- the database ----------------------------------------------------------------
@@ -166,8 +179,9 @@ def harness_source(target: Target, sigs: list[GemmSig], cands: dict[GemmSig, lis
             name = f"g{si}_{ci}"
             names.append(name)
             ptype = {"f32": "float", "bf16": "uint16_t", "int8": "int8_t"}[mode]
-            body = gemm_loop_int8(sch, sig.k, sig.n) if mode == "int8" else \
-                gemm_loop(sch, sig.k, sig.n, tile_suffix="_bf16" if mode == "bf16" else "")
+            expr = f"v{sig.epilogue}(x)" if sig.epilogue else "x"
+            body = gemm_loop_int8(sch, sig.k, sig.n, expr=expr) if mode == "int8" else \
+                gemm_loop(sch, sig.k, sig.n, expr=expr, tile_suffix="_bf16" if mode == "bf16" else "")
             fns.append(f"static void {name}(const float *A, long lda, const void *Pv, const int32_t *CS, const float *SW, "
                        f"float *C, long ldc, long r0, long r1, float *scratch) {{\n"
                        f"    const {ptype} *P = Pv; (void)CS; (void)SW; (void)scratch;\n" + body + "}")
@@ -346,7 +360,7 @@ def gemm_signatures(g, precision: str, target: Target, m: int = DEFAULT_M) -> di
             mode = gemm_mode(precision, target, int(n))
             if mode in TUNABLE_MODES:
                 prec = {"f32": "fp32", "bf16": "bf16", "int8": "int8"}[mode]
-                sigs[op.output] = GemmSig(prec, m_bucket(m), int(n), int(k))
+                sigs[op.output] = GemmSig(prec, m_bucket(m), int(n), int(k), epilogue_kind(op.attrs.get("epilogue")))
     return sigs
 
 

@@ -40,6 +40,8 @@ def test_second_architecture_sharing_shapes_measures_nothing(tmp_path, monkeypat
     db = json.loads((tmp_path / "db.json").read_text())
     (entries,) = db["targets"].values()
     assert len(entries) == 7 and all(e["gflops"] > 0 for e in entries.values())
+    # the FFN up-projections (32->48, 32->40) end in GELU: tuned as GEMM + GELU, under their own keys
+    assert sorted(k for k in entries if k.endswith("|gelu")) == ["gemm|fp32|M128|N40|K32|gelu", "gemm|fp32|M128|N48|K32|gelu"]
     _check(a, tmp_path / "a")
 
     # another depth and layer mix, the same shapes: every schedule comes from the database

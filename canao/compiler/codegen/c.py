@@ -36,6 +36,7 @@ PRECISIONS = ("fp32", "bf16", "int8")
 
 VEC_FN = {"add": "vadd", "sub": "vsub", "mul": "vmul", "div": "vdiv", "gelu": "vgelu"}
 SCALAR_OP = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+ATT_ROWS = 18  # query rows per sweep of the fused attention over the keys: ATT_QB * ATT_QG in canao_kernels.h
 
 
 @dataclass
@@ -338,6 +339,17 @@ static void {k.name}({ARGS}) {{
     def vp_buffer(self, op: Op) -> str:
         return f"{op.output}__vp"
 
+    def key_panel_floats(self) -> int:
+        """Keys rounded up to whole panels of ATT_KP = 2 vectors (canao_kernels.h): the length of a
+        row of scores and of K^T; V^T's rows (whole vectors) are no longer."""
+        kp = 2 * self.t.vl
+        return -(-self.max_seq // kp) * kp
+
+    def attention_scratch_floats(self) -> int:
+        """ATT_ROWS query rows of scores and the same rows packed for the score tiles (canao_kernels.h)."""
+        dims = [self.attention_dims(op)[1] for op in self.kernel_ops if op.kind == "attention"]
+        return ATT_ROWS * (self.key_panel_floats() + max(dims, default=0)) + 16
+
     def pack_kt(self, k: Kernel, plan: Plan) -> str:
         op = k.op
         heads, d = self.attention_dims(op)
@@ -374,9 +386,8 @@ static void {k.name}({ARGS}) {{
         return f"""/* {op.output}: fused attention, {heads} heads of {d}, score {score}, query rows r0..r1
  * from {op.source} */
 static void {k.name}({ARGS}) {{
-    attention_rows(S, {heads}, {d}, {p[q]}, {hs[q]}, {ss[q]}, {kt},
-                   {vp}, (S + VL - 1) / VL * VL * {d}, {d}, {p[op.output]}, {hs[op.output]}, {ss[op.output]},
-                   {bias}, scratch, r0, r1);
+    attention_rows(S, {heads}, {d}, {p[q]}, {hs[q]}, {ss[q]}, {kt}, {vp},
+                   {p[op.output]}, {hs[op.output]}, {ss[op.output]}, {bias}, scratch, r0, r1);
 }}"""
 
     def elementwise(self, k: Kernel, plan: Plan) -> str:
@@ -499,7 +510,7 @@ static void {k.name}({ARGS}) {{
         if name.endswith(("__kt", "__vp")):
             op = next(o for o in self.kernel_ops if name in (self.kt_buffer(o), self.vp_buffer(o)))
             heads, d = self.attention_dims(op)
-            return heads * d * (-(-self.max_seq // self.t.vl) * self.t.vl) * 4
+            return heads * d * self.key_panel_floats() * 4
         return self.g.tensors[name].nbytes(self.max_seq)
 
     def program(self) -> Program:
@@ -524,8 +535,7 @@ static void {k.name}({ARGS}) {{
             if ph == phases - 1:
                 calls += copies
             cases.append(f"    case {ph}:\n" + "\n".join(calls) + "\n        break;")
-        sp = -(-self.max_seq // self.t.vl) * self.t.vl
-        scratch = max(8 * sp + 16, self.q_scratch_floats)  # ATT_QB (<= 8) rows of scores, or quantized rows
+        scratch = max(self.attention_scratch_floats(), self.q_scratch_floats)
         tiles = "\n\n".join(self.tile_fn(*t) for t in sorted(self.tiles))
         mrs = sorted({mr for _, mr, _ in self.tiles} | {self.t.gemm_mr})
         quantum = int(np.lcm.reduce(mrs))
@@ -539,6 +549,7 @@ static void {k.name}({ARGS}) {{
 #include "{self.t.vec_header}"
 #include "canao_kernels.h"
 _Static_assert(CANAO_ACT_OFFSET == {self.t.int8_act_offset}, "int8 column sums assume another activation offset");
+_Static_assert(ATT_ROWS == {ATT_ROWS} && ATT_KP == 2 * VL, "the attention scratch and K^T panels were sized for other tiles");
 
 #define SCRATCH_FLOATS {scratch}L
 const long canao_max_seq = {self.max_seq}, canao_arena_bytes = {plan.peak_bytes}, canao_scratch_floats = SCRATCH_FLOATS;

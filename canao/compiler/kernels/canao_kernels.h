@@ -12,26 +12,9 @@
 #define CANAO_ACT_OFFSET 128
 #endif
 
-/* exp(x): Cephes-style range reduction + degree-6 polynomial, ~1 ulp on [-87, 88];
- * lanes below -87.3 give exactly 0 (so masked attention scores vanish as in PyTorch). */
-static inline vf vexp(vf x) {
-    vf xc = vmax(x, vset1(-87.3f));
-    vf n = vround(vmul(xc, vset1(1.44269504088896341f)));
-    vf r = vfma(n, vset1(-0.693359375f), xc);
-    r = vfma(n, vset1(2.12194440e-4f), r);
-    vf p = vset1(1.9875691500e-4f);
-    p = vfma(p, r, vset1(1.3981999507e-3f));
-    p = vfma(p, r, vset1(8.3334519073e-3f));
-    p = vfma(p, r, vset1(4.1665795894e-2f));
-    p = vfma(p, r, vset1(1.6666665459e-1f));
-    p = vfma(p, r, vset1(5.0000001201e-1f));
-    p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
-    return vkeep_gt(vmul(p, vpow2i(n)), x, vset1(-87.3f));
-}
-
 /* exp(x - m) for the softmax, given nm = -m*log2(e) (x <= m): 2^y, y = x*log2(e) - m*log2(e) split
  * into n + f (|f| <= 1/2), 2^f by a degree-5 fit (relative error 2.2e-7), 2^n into the exponent.
- * A quarter fewer operations than vexp(x - m); differences below -87.3 give exactly 0 as there. */
+ * Differences below -87.3 give exactly 0, so masked attention scores vanish as in PyTorch. */
 static inline vf vexp_shifted(vf x, vf nm) {
     const vf y = vfma(x, vset1(1.44269504088896341f), nm);
     const vf n = vround(vmax(y, vset1(-126.0f)));
@@ -45,22 +28,30 @@ static inline vf vexp_shifted(vf x, vf nm) {
     return vkeep_gt(vmul(p, vpow2i(n)), y, vset1(-87.3f * 1.44269504088896341f));
 }
 
-/* erf(x), Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7) */
+/* erf(z) = z P(z^2) / Q(z^2) on [-4, 4], +-1 beyond (where float erf rounds to +-1): Eigen's float
+ * rational approximation, no exp; GELU's absolute error stays below 1.1e-6 on [-10, 10], half the
+ * cost of the erf = 1 - t P(t) exp(-z^2) form (A&S 7.1.26) this replaced */
 static inline vf verf(vf x) {
-    vf ax = vabs(x);
-    vf t = vdiv(vset1(1.0f), vfma(vset1(0.3275911f), ax, vset1(1.0f)));
-    vf p = vset1(1.061405429f);
-    p = vfma(p, t, vset1(-1.453152027f));
-    p = vfma(p, t, vset1(1.421413741f));
-    p = vfma(p, t, vset1(-0.284496736f));
-    p = vfma(p, t, vset1(0.254829592f));
-    vf y = vsub(vset1(1.0f), vmul(vmul(p, t), vexp(vsub(vzero(), vmul(ax, ax)))));
-    return vcopysign(y, x);
+    const vf z = vmax(vmin(x, vset1(4.0f)), vset1(-4.0f)), z2 = vmul(z, z);
+    vf p = vset1(-2.72614225801306e-10f);
+    p = vfma(p, z2, vset1(2.77068142495902e-08f));
+    p = vfma(p, z2, vset1(-2.10102402082508e-06f));
+    p = vfma(p, z2, vset1(-5.69250639462346e-05f));
+    p = vfma(p, z2, vset1(-7.34990630326855e-04f));
+    p = vfma(p, z2, vset1(-2.95459980854025e-03f));
+    p = vfma(p, z2, vset1(-1.60960333262415e-02f));
+    vf q = vset1(-1.45660718464996e-05f);
+    q = vfma(q, z2, vset1(-2.13374055278905e-04f));
+    q = vfma(q, z2, vset1(-1.68282697438203e-03f));
+    q = vfma(q, z2, vset1(-7.37332916720468e-03f));
+    q = vfma(q, z2, vset1(-1.42647390514189e-02f));
+    return vdiv(vmul(z, p), q);
 }
 
 /* exact (erf) GELU, as torch.nn.functional.gelu */
 static inline vf vgelu(vf x) {
-    return vmul(vmul(vset1(0.5f), x), vadd(vset1(1.0f), verf(vmul(x, vset1(0.70710678118654752f)))));
+    const vf hx = vmul(x, vset1(0.5f));
+    return vfma(hx, verf(vmul(x, vset1(0.70710678118654752f))), hx);
 }
 
 static inline float sgelu(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
@@ -82,146 +73,156 @@ static inline void layernorm_row(float *y, int n, const float *gamma, const floa
     }
 }
 
-/* K^T and V of key rows [r0, r1), for the fused attention of the next phase:
- * kt[(h*D + d)*sp + j] = k[h*kh + j*ks + d] and vp[(h*sp + j)*D + d] = v[h*vh + j*vs + d],
- * sp = S rounded up to whole vectors. V is copied so that the P.V loop streams one head's
- * values contiguously (in the QKV buffer its rows lie a row stride apart: they alias the
- * same few L1 sets and defeat the prefetcher). Run by the row block that produced K and V,
- * so no thread waits for it. K^T is written VL keys at a time: whole lines, not scattered floats. */
+/* The attention's K and V, packed once per layer by the row blocks that produce them (so no
+ * thread waits for it), in the layouts its two products stream:
+ *  - K^T in panels of ATT_KP keys: kt[((h*np + p)*D + d)*ATT_KP + l] = k[h*kh + (p*ATT_KP + l)*ks + d],
+ *    np = ceil(S / ATT_KP): the score tile reads one contiguous panel per ATT_KP keys. Lanes past S
+ *    in the last panel are never written; their scores are set to -inf before the softmax.
+ *  - V^T, one row per head column: vt[(h*D + d)*sv + j] = v[h*vh + j*vs + d], sv = S rounded up to
+ *    whole vectors, lanes past S zero (the P.V dot products run over whole vectors). */
+#define ATT_KP (2 * VL)
+static inline long att_panels(long S) { return (S + ATT_KP - 1) / ATT_KP; }
+
 static void attention_pack_kv(long S, int H, int D, const float *k, long kh, long ks, float *kt,
-                              const float *v, long vh, long vs, float *vp, long r0, long r1) {
-    const long sp = (S + VL - 1) / VL * VL;
+                              const float *v, long vh, long vs, float *vt, long r0, long r1) {
+    const long np = att_panels(S), sv = (S + VL - 1) / VL * VL;
     for (int h = 0; h < H; h++) {
-        const float *kh_ = k + h * kh;
-        float *kth = kt + (long)h * D * sp;
-        long j = r0;
-        for (; j + VL <= r1; j += VL)
-            for (int d = 0; d < D; d++) {
-                float *dst = kth + (long)d * sp + j;
+        const float *kh_ = k + h * kh, *vh_ = v + h * vh;
+        float *vth = vt + (long)h * D * sv;
+        for (long j = r0; j < r1;) {
+            const long l0 = j % ATT_KP;
+            float *panel = kt + ((long)h * np + j / ATT_KP) * D * ATT_KP;
+            if (l0 % VL == 0 && j + VL <= r1) {  /* VL keys at once: whole vector stores */
+                for (int d = 0; d < D; d++) {
+                    float *kd = panel + (long)d * ATT_KP + l0, *vd = vth + (long)d * sv + j;
 #pragma GCC unroll 16
-                for (int l = 0; l < VL; l++) dst[l] = kh_[(j + l) * ks + d];
+                    for (int l = 0; l < VL; l++) kd[l] = kh_[(j + l) * ks + d];
+#pragma GCC unroll 16
+                    for (int l = 0; l < VL; l++) vd[l] = vh_[(j + l) * vs + d];
+                }
+                j += VL;
+            } else {
+                for (int d = 0; d < D; d++) {
+                    panel[(long)d * ATT_KP + l0] = kh_[j * ks + d];
+                    vth[(long)d * sv + j] = vh_[j * vs + d];
+                }
+                j++;
             }
-        for (; j < r1; j++)
-            for (int d = 0; d < D; d++) kth[(long)d * sp + j] = kh_[j * ks + d];
-        for (j = r0; j < r1; j++) memcpy(vp + ((long)h * sp + j) * D, v + h * vh + j * vs, (size_t)D * sizeof(float));
+        }
+        if (r1 == S)
+            for (int d = 0; d < D; d++)
+                for (long j = S; j < sv; j++) vth[(long)d * sv + j] = 0.0f;
     }
 }
 
 /* Fused attention of query rows [r0, r1), all heads: out = softmax(q k^T + key_bias) v.
- * Element (h, s, d) of q lives at q[h*qh + s*qs + d]; likewise v and out; kt is
- * attention_pack_kv's layout; v is its packed copy (vh = sp*D, vs = D). A block of ATT_QB rows' scores lives in the thread's
- * scratch (L1), never in the arena. key_bias may be NULL. Padded keys (S..sp) hold
- * whatever the arena held: their scores are overwritten with -inf before the max. */
-#ifndef ATT_QB
+ * Element (h, s, d) of q lives at q[h*qh + s*qs + d]; likewise out; kt and vt are
+ * attention_pack_kv's layouts; key_bias may be NULL. ATT_QG groups of ATT_QB query rows share
+ * each sweep over the keys. The scores (ATT_QG*ATT_QB rows x np*ATT_KP) and the packed query rows
+ * live in the thread's scratch (in L1), never in the arena: the score matrix is never stored.
+ *  - scores: a register tile of ATT_QB rows x ATT_KP keys, the query rows packed [D][ATT_QB] so
+ *    one pointer feeds the broadcasts (as the GEMMs' packed A);
+ *  - softmax per row, unnormalised, keys past S weighted 0;
+ *  - P.V as dot products over the keys of ATT_PR score rows x 4 rows of V^T, reduced 4 at a time. */
 #define ATT_QB 6
-#endif
+#define ATT_QG 3
+#define ATT_ROWS (ATT_QB * ATT_QG)
+#define ATT_PR 2
+
+static inline __attribute__((always_inline)) void att_score_tile(const float *qp, const float *panel, int D,
+                                                                 const float *key_bias, long S, long j,
+                                                                 float *sc, long sp, vf *rmax) {
+    vf c00 = vzero(), c01 = vzero(), c10 = vzero(), c11 = vzero(), c20 = vzero(), c21 = vzero();
+    vf c30 = vzero(), c31 = vzero(), c40 = vzero(), c41 = vzero(), c50 = vzero(), c51 = vzero();
+#pragma GCC unroll 4
+    for (int d = 0; d < D; d++, qp += ATT_QB, panel += ATT_KP) {
+        const vf k0 = vload(panel), k1 = vload(panel + VL);
+        vf x = vset1(qp[0]); c00 = vfma(x, k0, c00); c01 = vfma(x, k1, c01);
+        x = vset1(qp[1]); c10 = vfma(x, k0, c10); c11 = vfma(x, k1, c11);
+        x = vset1(qp[2]); c20 = vfma(x, k0, c20); c21 = vfma(x, k1, c21);
+        x = vset1(qp[3]); c30 = vfma(x, k0, c30); c31 = vfma(x, k1, c31);
+        x = vset1(qp[4]); c40 = vfma(x, k0, c40); c41 = vfma(x, k1, c41);
+        x = vset1(qp[5]); c50 = vfma(x, k0, c50); c51 = vfma(x, k1, c51);
+    }
+    const vf cs[ATT_QB][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    const vf b0 = key_bias ? vload_n(key_bias + j, (int)(S - j)) : vzero();
+    const vf b1 = key_bias ? vload_n(key_bias + j + VL, (int)(S - j - VL)) : vzero();
+    const int full0 = j + VL <= S, full1 = j + 2 * VL <= S;
+#pragma GCC unroll 8
+    for (int r = 0; r < ATT_QB; r++) {
+        const vf s0 = vadd(cs[r][0], b0), s1 = vadd(cs[r][1], b1);
+        vstore(sc + r * sp + j, s0);
+        vstore(sc + r * sp + j + VL, s1);
+        if (full0) rmax[r] = vmax(rmax[r], s0);
+        if (full1) rmax[r] = vmax(rmax[r], s1);
+    }
+}
+
+/* out[r][c] = p_r . vt_c over n floats (whole vectors), for ATT_PR score rows and 4 rows of V^T */
+static inline __attribute__((always_inline)) void att_pv_tile(const float *p0, const float *p1, const float *v0,
+                                                              const float *v1, const float *v2, const float *v3,
+                                                              long n, float out[ATT_PR][4]) {
+    vf a00 = vzero(), a01 = vzero(), a02 = vzero(), a03 = vzero();
+    vf a10 = vzero(), a11 = vzero(), a12 = vzero(), a13 = vzero();
+#pragma GCC unroll 2
+    for (long j = 0; j < n; j += VL) {
+        const vf x0 = vload(p0 + j), x1 = vload(p1 + j);
+        vf w = vload(v0 + j); a00 = vfma(x0, w, a00); a10 = vfma(x1, w, a10);
+        w = vload(v1 + j); a01 = vfma(x0, w, a01); a11 = vfma(x1, w, a11);
+        w = vload(v2 + j); a02 = vfma(x0, w, a02); a12 = vfma(x1, w, a12);
+        w = vload(v3 + j); a03 = vfma(x0, w, a03); a13 = vfma(x1, w, a13);
+    }
+    vhsum4(a00, a01, a02, a03, out[0]);
+    vhsum4(a10, a11, a12, a13, out[1]);
+}
+
 static void attention_rows(long S, int H, int D, const float *q, long qh, long qs, const float *kt,
-                           const float *v, long vh, long vs, float *out, long oh, long os,
-                           const float *key_bias, float *sc, long r0, long r1) {
-    const long sp = (S + VL - 1) / VL * VL;
+                           const float *vt, float *out, long oh, long os, const float *key_bias, float *scratch,
+                           long r0, long r1) {
+    const long np = att_panels(S), sp = np * ATT_KP, sv = (S + VL - 1) / VL * VL;
+    float *sc = scratch, *qp = scratch + (long)ATT_ROWS * sp;
     for (int h = 0; h < H; h++) {
-        const float *kth = kt + (long)h * D * sp, *vh_ = v + h * vh;
-        for (long i0 = r0; i0 < r1; i0 += ATT_QB) {
-            const int m = (int)MIN(ATT_QB, r1 - i0);
-            const float *qr[ATT_QB];
-            for (int r = 0; r < ATT_QB; r++) qr[r] = q + h * qh + MIN(i0 + r, r1 - 1) * qs;
-            /* scores = q k^T + bias, ATT_QB rows x sp keys, two key vectors at a time; each row's
-             * running max over the vectors wholly below S (the padded keys' lanes hold garbage) */
-            vf rmax[ATT_QB];
-            for (int r = 0; r < ATT_QB; r++) rmax[r] = vset1(-INFINITY);
-            long j = 0;
-            for (; j + 2 * VL <= sp; j += 2 * VL) {
-                vf a0[ATT_QB], a1[ATT_QB];
-                for (int r = 0; r < ATT_QB; r++) a0[r] = a1[r] = vzero();
-                for (int d = 0; d < D; d++) {
-                    const vf k0 = vload(kth + (long)d * sp + j), k1 = vload(kth + (long)d * sp + j + VL);
-#pragma GCC unroll 8
-                    for (int r = 0; r < ATT_QB; r++) {
-                        const vf x = vset1(qr[r][d]);
-                        a0[r] = vfma(x, k0, a0[r]);
-                        a1[r] = vfma(x, k1, a1[r]);
-                    }
-                }
-                const vf b0 = key_bias ? vload_n(key_bias + j, (int)(S - j)) : vzero();
-                const vf b1 = key_bias ? vload_n(key_bias + j + VL, (int)(S - j - VL)) : vzero();
-                const int full0 = j + VL <= S, full1 = j + 2 * VL <= S;
-                for (int r = 0; r < ATT_QB; r++) {
-                    const vf s0 = vadd(a0[r], b0), s1 = vadd(a1[r], b1);
-                    vstore(sc + r * sp + j, s0);
-                    vstore(sc + r * sp + j + VL, s1);
-                    if (full0) rmax[r] = vmax(rmax[r], s0);
-                    if (full1) rmax[r] = vmax(rmax[r], s1);
-                }
+        const float *kth = kt + (long)h * np * D * ATT_KP, *vth = vt + (long)h * D * sv;
+        for (long i0 = r0; i0 < r1; i0 += ATT_ROWS) {
+            const int m = (int)MIN(ATT_ROWS, r1 - i0), groups = (m + ATT_QB - 1) / ATT_QB;
+            /* query rows packed [group][D][ATT_QB]; rows past m repeat the last */
+            for (int r = 0; r < groups * ATT_QB; r++) {
+                const float *qr = q + h * qh + (i0 + MIN(r, m - 1)) * qs;
+                float *dst = qp + (long)(r / ATT_QB) * D * ATT_QB + r % ATT_QB;
+                for (int d = 0; d < D; d++) dst[d * ATT_QB] = qr[d];
             }
-            for (; j < sp; j += VL) {
-                vf acc[ATT_QB];
-                for (int r = 0; r < ATT_QB; r++) acc[r] = vzero();
-                for (int d = 0; d < D; d++) {
-                    const vf kv = vload(kth + (long)d * sp + j);
-#pragma GCC unroll 8
-                    for (int r = 0; r < ATT_QB; r++) acc[r] = vfma(vset1(qr[r][d]), kv, acc[r]);
-                }
-                const vf b = key_bias ? vload_n(key_bias + j, (int)(S - j)) : vzero();
-                const int full = j + VL <= S;
-                for (int r = 0; r < ATT_QB; r++) {
-                    const vf s0 = vadd(acc[r], b);
-                    vstore(sc + r * sp + j, s0);
-                    if (full) rmax[r] = vmax(rmax[r], s0);
-                }
-            }
-            /* row softmax; padded keys are excluded from the max and get weight 0 */
-            float inv[ATT_QB];
-            for (int r = 0; r < ATT_QB; r++) {
+            vf rmax[ATT_ROWS];
+            for (int r = 0; r < ATT_ROWS; r++) rmax[r] = vset1(-INFINITY);
+            for (long p = 0; p < np; p++)
+                for (int g = 0; g < groups; g++)
+                    att_score_tile(qp + (long)g * D * ATT_QB, kth + p * D * ATT_KP, D, key_bias, S, p * ATT_KP,
+                                   sc + (long)g * ATT_QB * sp, sp, rmax + g * ATT_QB);
+            float inv[ATT_ROWS];
+            for (int r = 0; r < m; r++) {
                 float *row = sc + r * sp;
-                for (long jj = S; jj < sp; jj++) row[jj] = -INFINITY;
-                if (r >= m) { inv[r] = 0.0f; continue; }
+                for (long jj = S; jj < sv; jj++) row[jj] = -INFINITY;
                 vf mx = rmax[r];
-                if (S % VL) mx = vmax(mx, vload(row + S / VL * VL));  /* the partial vector, padding now -inf */
+                if (S % VL) mx = vmax(mx, vload(row + S / VL * VL));  /* the partial vector, its tail now -inf */
                 const vf nm = vset1(-vhmax(mx) * 1.44269504088896341f);
                 vf sum = vzero();
-                for (long jj = 0; jj < sp; jj += VL) {
-                    vf e = vexp_shifted(vload(row + jj), nm);
+                for (long jj = 0; jj < sv; jj += VL) {
+                    const vf e = vexp_shifted(vload(row + jj), nm);
                     vstore(row + jj, e);
                     sum = vadd(sum, e);
                 }
                 inv[r] = 1.0f / vhsum(sum);
             }
-            /* out = p v, two vectors of head columns at a time (accumulators in registers:
-             * every loop over rows has a constant trip count) */
-            for (int d0 = 0; d0 < D; d0 += 2 * VL) {
-                const int n0 = D - d0, n1 = D - d0 - VL;
-                vf acc0[ATT_QB], acc1[ATT_QB];
-#pragma GCC unroll 8
-                for (int r = 0; r < ATT_QB; r++) acc0[r] = acc1[r] = vzero();
-                if (n1 >= VL) {
-                    for (long jj = 0; jj < S; jj++) {
-                        const float *vr = vh_ + jj * vs + d0;
-                        const vf v0 = vload(vr), v1 = vload(vr + VL);
-#pragma GCC unroll 8
-                        for (int r = 0; r < ATT_QB; r++) {
-                            const vf p = vset1(sc[r * sp + jj]);
-                            acc0[r] = vfma(p, v0, acc0[r]);
-                            acc1[r] = vfma(p, v1, acc1[r]);
-                        }
+            for (int c0 = 0; c0 < D; c0 += 4) {
+                const float *vc[4];
+                for (int c = 0; c < 4; c++) vc[c] = vth + (long)MIN(c0 + c, D - 1) * sv;
+                for (int r = 0; r < m; r += ATT_PR) {
+                    const int r1_ = MIN(r + 1, m - 1);
+                    float o[ATT_PR][4];
+                    att_pv_tile(sc + r * sp, sc + r1_ * sp, vc[0], vc[1], vc[2], vc[3], sv, o);
+                    for (int i = 0; i < ATT_PR && r + i < m; i++) {
+                        float *dst = out + h * oh + (i0 + r + i) * os + c0;
+                        for (int c = 0; c < 4 && c0 + c < D; c++) dst[c] = o[i][c] * inv[r + i];
                     }
-                } else {
-                    for (long jj = 0; jj < S; jj++) {
-                        const float *vr = vh_ + jj * vs + d0;
-                        const vf v0 = vload_n(vr, n0), v1 = n1 > 0 ? vload_n(vr + VL, n1) : vzero();
-#pragma GCC unroll 8
-                        for (int r = 0; r < ATT_QB; r++) {
-                            const vf p = vset1(sc[r * sp + jj]);
-                            acc0[r] = vfma(p, v0, acc0[r]);
-                            acc1[r] = vfma(p, v1, acc1[r]);
-                        }
-                    }
-                }
-#pragma GCC unroll 8
-                for (int r = 0; r < ATT_QB; r++) {
-                    if (r >= m) break;
-                    float *o = out + h * oh + (i0 + r) * os + d0;
-                    vstore_n(o, vmul(acc0[r], vset1(inv[r])), n0);
-                    if (n1 > 0) vstore_n(o + VL, vmul(acc1[r], vset1(inv[r])), n1);
                 }
             }
         }

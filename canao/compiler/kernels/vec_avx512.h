@@ -13,6 +13,7 @@ static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 static inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
 static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vf vabs(vf a) { return _mm512_abs_ps(a); }
 static inline vf vcopysign(vf mag, vf sign) {
@@ -31,6 +32,11 @@ static inline vf vload_n(const float *p, int n) { return n >= VL ? vload(p) : _m
 static inline void vstore_n(float *p, vf v, int n) { if (n >= VL) vstore(p, v); else _mm512_mask_storeu_ps(p, vtail_mask(n), v); }
 static inline vf vfirst_n(vf v, int n) { return n >= VL ? v : _mm512_maskz_mov_ps(vtail_mask(n), v); }
 static inline float vhsum(vf v) { return _mm512_reduce_add_ps(v); }
+/* the sums of a, b, c and d into out[0..3] */
+static inline void vhsum4(vf a, vf b, vf c, vf d, float *out) {
+    out[0] = _mm512_reduce_add_ps(a); out[1] = _mm512_reduce_add_ps(b);
+    out[2] = _mm512_reduce_add_ps(c); out[3] = _mm512_reduce_add_ps(d);
+}
 static inline float vhmax(vf v) { return _mm512_reduce_max_ps(v); }
 
 /* ---- integer and bf16 layer (int8 and bf16 GEMMs) ---------------------------------- */

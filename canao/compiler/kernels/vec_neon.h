@@ -15,6 +15,7 @@ static inline vf vsub(vf a, vf b) { return vsubq_f32(a, b); }
 static inline vf vmul(vf a, vf b) { return vmulq_f32(a, b); }
 static inline vf vdiv(vf a, vf b) { return vdivq_f32(a, b); }
 static inline vf vmax(vf a, vf b) { return vmaxq_f32(a, b); }
+static inline vf vmin(vf a, vf b) { return vminq_f32(a, b); }
 static inline vf vfma(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }  /* a*b + c, fused */
 static inline vf vabs(vf a) { return vabsq_f32(a); }
 static inline vf vcopysign(vf mag, vf sign) {
@@ -51,6 +52,10 @@ static inline vf vfirst_n(vf v, int n) {
     return vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(v), vld1q_u32(bits + VL - k)));
 }
 static inline float vhsum(vf v) { return vaddvq_f32(v); }
+/* the sums of a, b, c and d into out[0..3] (pairwise adds: lane i = the sum of the i-th input) */
+static inline void vhsum4(vf a, vf b, vf c, vf d, float *out) {
+    vst1q_f32(out, vpaddq_f32(vpaddq_f32(a, b), vpaddq_f32(c, d)));
+}
 static inline float vhmax(vf v) { return vmaxvq_f32(v); }
 
 /* ---- integer and bf16 layer (int8 and bf16 GEMMs) ---------------------------------- */
