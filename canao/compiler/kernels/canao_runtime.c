@@ -318,8 +318,10 @@ canao_model *canao_open(const char *path, int threads, char *err, int n) {
 }
 
 /* Rows per block: as few blocks as keep each under block_rows (every block re-reads the
- * weights), at least blocks_per_thread per thread, a whole number of blocks per thread,
- * rows a multiple of the GEMM tile's. */
+ * weights), at least blocks_per_thread per thread, a whole number of blocks per thread.
+ * One thread: rows a multiple of every GEMM tile's (canao_row_quantum). Several: the blocks
+ * equal to within 4 rows, since rounding them to the quantum (12) would split 128 rows
+ * 72 + 56 and make one thread wait for the other; a partial tile costs less. */
 static long block_rows(const canao_model *m, long S) {
     const long max_rows = m->block_rows > 0 ? m->block_rows : S;
     long nb = (S + max_rows - 1) / max_rows;
@@ -328,7 +330,7 @@ static long block_rows(const canao_model *m, long S) {
         if (nb < m->threads * per) nb = m->threads * per;
         nb = (nb + m->threads - 1) / m->threads * m->threads;
     }
-    const long q = canao_row_quantum;
+    const long q = m->threads > 1 ? 4 : canao_row_quantum;
     long rb = (S + nb - 1) / nb;
     rb = (rb + q - 1) / q * q;
     return rb < 1 ? 1 : rb;
