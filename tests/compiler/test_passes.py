@@ -42,3 +42,21 @@ def test_attention_scale_folds_into_query_weights(graph):
     g, _ = optimize(copy.deepcopy(graph), 64)
     exprs = [op.attrs["score"] for op in g.ops if op.kind == "attention"]
     assert all("mul" not in str(e) for e in exprs)  # only the mask add is left on the scores
+
+
+def test_layernorm_affine_folds_only_where_exact(graph):
+    """The last LayerNorm feeds only the QA head: its gamma/beta move into the head's weights
+    and bias. Every LayerNorm inside a layer also feeds a residual add and keeps its affine."""
+    from canao.compiler.passes import fold_layernorm_affine
+
+    g = copy.deepcopy(graph)
+    want = _run(g)
+    lns = [op for op in g.ops if op.kind == "layernorm"]
+    g = fold_layernorm_affine(g)
+    folded = [op for op in g.ops if op.kind == "layernorm" and op.attrs.get("affine") is False]
+    assert len(folded) == 1 and folded[0].output == lns[-1].output
+    (head,) = g.consumers(folded[0].output)
+    assert head.kind == "matmul" and head.inputs[1].startswith("ln_folded_w")
+    assert (g.consts[folded[0].inputs[1]] == 1).all() and (g.consts[folded[0].inputs[2]] == 0).all()
+    for a, b in zip(_run(g), want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)

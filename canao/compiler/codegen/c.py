@@ -306,6 +306,8 @@ static void {k.name}({ARGS}) {{
         rd = self.row_dim(out_shape, op.source)
         ldy = cexpr(out.strides[rd]) if rd is not None else "0"
         pre_code = "\n".join(" " * 8 + p for p in pre)
+        # folded into the next linear (passes.fold_layernorm_affine): normalise only
+        affine = f"{self.weight(gamma)}, {self.weight(beta)}" if op.attrs.get("affine", True) else "NULL, NULL"
         return f"""/* {op.output}: LayerNorm over {n} of prologue {op.attrs.get('prologue', 'x')}, in one pass over the row
  * from {op.source} */
 static void {k.name}({ARGS}) {{
@@ -319,7 +321,7 @@ static void {k.name}({ARGS}) {{
             const int n = N - c;
             vstore_n(y + c, {expr}, n);
         }}
-        layernorm_row(y, N, {self.weight(gamma)}, {self.weight(beta)}, {_float(op.attrs['eps'])});
+        layernorm_row(y, N, {affine}, {_float(op.attrs['eps'])});
     }}
 }}"""
 

@@ -56,7 +56,8 @@ static inline vf vgelu(vf x) {
 
 static inline float sgelu(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
 
-/* LayerNorm of one row already written to y (n floats), in place. */
+/* LayerNorm of one row already written to y (n floats), in place; gamma = beta = NULL: no affine
+ * (folded into the next linear). */
 static inline void layernorm_row(float *y, int n, const float *gamma, const float *beta, float eps) {
     vf s = vzero();
     for (int c = 0; c < n; c += VL) s = vadd(s, vload_n(y + c, n - c));
@@ -69,7 +70,7 @@ static inline void layernorm_row(float *y, int n, const float *gamma, const floa
     vf rstd = vset1(1.0f / sqrtf(vhsum(q) / n + eps));
     for (int c = 0; c < n; c += VL) {
         vf d = vmul(vsub(vload_n(y + c, n - c), mean), rstd);
-        vstore_n(y + c, vfma(d, vload_n(gamma + c, n - c), vload_n(beta + c, n - c)), n - c);
+        vstore_n(y + c, gamma ? vfma(d, vload_n(gamma + c, n - c), vload_n(beta + c, n - c)) : d, n - c);
     }
 }
 

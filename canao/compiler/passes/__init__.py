@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 from ..ir import Graph
-from .fold import fold_scalar_into_weights, pack_parallel_matmuls
+from .fold import fold_layernorm_affine, fold_scalar_into_weights, pack_parallel_matmuls
 from .fusion import compose_elementwise, fuse_attention, fuse_epilogues, fuse_prologues, inline_gathers
 
 # Order matters: scalars fold before elementwise chains absorb them, and
@@ -13,6 +13,7 @@ from .fusion import compose_elementwise, fuse_attention, fuse_epilogues, fuse_pr
 PIPELINE = [
     fold_scalar_into_weights,
     pack_parallel_matmuls,
+    fold_layernorm_affine,
     compose_elementwise,
     fuse_attention,
     fuse_prologues,

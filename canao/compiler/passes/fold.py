@@ -1,4 +1,5 @@
-"""Constant folding: scalars pushed into weights, parallel projections packed."""
+"""Constant folding: scalars pushed into weights, LayerNorm affines into the linears they feed,
+parallel projections packed."""
 
 from __future__ import annotations
 
@@ -107,4 +108,36 @@ def pack_parallel_matmuls(g: Graph) -> Graph:
         at = g.ops.index(mms[0])
         dead = {id(o) for o in mms} | {id(b) for b in biases if b}
         g.ops = [o for o in g.ops[:at] if id(o) not in dead] + new_ops + [o for o in g.ops[at:] if id(o) not in dead]
+    return g.prune()
+
+
+def fold_layernorm_affine(g: Graph) -> Graph:
+    """LayerNorm(x) = gamma * xhat + beta feeding only linears: gamma and beta move into them
+    (W' = diag(gamma) W, b' = b + beta W), exact in real arithmetic, and the LayerNorm keeps
+    xhat (attrs["affine"] False: the kernel skips the multiply-add). A LayerNorm whose output
+    also reaches a residual add (every one inside a post-LN BERT layer) keeps its affine: the
+    add needs gamma * xhat + beta itself. In the encoders it is the last one, before the QA head."""
+    for ln in [op for op in g.ops if op.kind == "layernorm" and op.attrs.get("affine", True)]:
+        y, gamma, beta = ln.output, ln.inputs[1], ln.inputs[2]
+        users = g.consumers(y)
+        if not (g.is_const(gamma) and g.is_const(beta)) or y in g.outputs or not users or not all(
+                u.kind == "matmul" and "epilogue" not in u.attrs and u.inputs[0] == y and y not in u.inputs[1:]
+                and g.is_const(u.inputs[1]) and g.consts[u.inputs[1]].ndim == 2 for u in users):
+            continue
+        gv, bv = g.consts[gamma].astype(np.float64), g.consts[beta].astype(np.float64)
+        for mm in users:
+            w = g.consts[mm.inputs[1]].astype(np.float64)
+            shift = bv @ w
+            mm.inputs[1] = g.add_const("ln_folded_w", gv[:, None] * w)
+            bias = _bias_of(g, mm)
+            if bias is not None:
+                bias.inputs[1] = g.add_const("ln_folded_b", g.consts[bias.inputs[1]] + shift)
+            else:  # a bias add of its own, for the epilogue pass to take
+                out = g.new_tensor("ln_shifted", g.tensors[mm.output].shape)
+                g.replace_uses(mm.output, out)
+                g.ops.insert(g.ops.index(mm) + 1, Op("ew", Mapping.BROADCAST, [mm.output, g.add_const("ln_folded_b", shift)],
+                                                    out, {"expr": ("add", ("in", 0), ("in", 1))}, mm.source))
+        ln.inputs[1] = g.add_const("ln_ones", np.ones_like(g.consts[gamma]))
+        ln.inputs[2] = g.add_const("ln_zeros", np.zeros_like(g.consts[beta]))
+        ln.attrs["affine"] = False
     return g.prune()
