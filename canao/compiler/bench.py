@@ -10,7 +10,10 @@ activation quantization at run time), PyTorch fp32, TFLite fp32/int8 and ExecuTo
 (XNNPACK) fp32/int8 in their own venvs, OpenVINO (CPU plugin) fp32. A sequence setting is a length
 (random tokens, no padding), or "squad": real SQuAD dev questions with their
 contexts at their real lengths, one question per run, in the same order for every
-engine.
+engine (static-shape engines run them padded to 384, as their QA apps do), or
+"squad-unpadded": the same questions, with TFLite given a model converted at each
+question's exact length (one conversion per distinct length, cached), so every engine
+does the same work.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ..errors import CanaoError
 from .targets import cpu_model
 
 ENGINES = ("canao", "pytorch", "onnxruntime", "tflite", "executorch", "openvino")
+SQUAD_SETTINGS = ("squad", "squad-unpadded")
 
 
 class _Canao:
@@ -113,20 +117,30 @@ class _TFLite:
         self.version = f"{self.worker.version} {precision}"
         self.paths, self.loaded = {}, set()
 
-    def setup(self, seq):
-        self.width = 384 if seq == "squad" else int(seq)
-        if self.width not in self.paths:
-            self.paths[self.width] = self.litert.convert(self.model, self.width, self.precision, log=self.log)
+    def setup(self, seq, inputs=()):
+        # squad-unpadded: one static model per distinct input length, so nothing is padded
+        self.widths = sorted({a[0].shape[1] for a in inputs}) if seq == "squad-unpadded" else \
+            [384 if seq == "squad" else int(seq)]
+        for w in self.widths:
+            if w not in self.paths:
+                self.paths[w] = self.litert.convert(self.model, w, self.precision, log=self.log)
+        self.width = self.widths[-1]
         self.padded_to = self.width if seq == "squad" else None
 
     def prepare(self, threads):
+        self.threads = threads
+        for w in self.widths:
+            key = f"{w}-{threads}"
+            if key not in self.loaded:
+                self.worker.load(key, self.paths[w], threads)
+                self.loaded.add(key)
+                zeros = np.zeros((1, w), np.int64)
+                self.worker.run(key, zeros, zeros, zeros + 1)  # first invoke: XNNPACK sets up there
         self.key = f"{self.width}-{threads}"
-        if self.key not in self.loaded:
-            self.worker.load(self.key, self.paths[self.width], threads)
-            self.loaded.add(self.key)
 
     def __call__(self, ids, tt, mask):
-        self.last_ms = self.worker.run(self.key, ids, tt, mask)  # timed inside the worker, without the pipe
+        key = f"{ids.shape[1]}-{self.threads}" if len(self.widths) > 1 else self.key
+        self.last_ms = self.worker.run(key, ids, tt, mask)  # timed inside the worker, without the pipe
 
 
 class _ExecuTorch:
@@ -145,7 +159,9 @@ class _ExecuTorch:
         self.version = f"{self.worker.version} {precision}"
         self.paths, self.loaded = {}, set()
 
-    def setup(self, seq):
+    def setup(self, seq, inputs=()):
+        if seq == "squad-unpadded":
+            raise CanaoError("executorch: --seq squad-unpadded needs a program per length; bench it with --seq squad")
         self.width = 384 if seq == "squad" else int(seq)
         if self.width not in self.paths:
             self.paths[self.width] = self.et.convert(self.model, self.width, self.precision, log=self.log)
@@ -211,9 +227,9 @@ def run_bench(model, artifact, engines: list[str], seqs: list, threads: list[int
     results = []
     for th in threads:
         for seq in seqs:
-            if seq == "squad":
+            if seq in SQUAD_SETTINGS:
                 if not squad:
-                    raise CanaoError("--seq squad needs SQuAD dev questions (--data) and a checkpoint with a tokenizer")
+                    raise CanaoError(f"--seq {seq} needs SQuAD dev questions (--data) and a checkpoint with a tokenizer")
                 inputs = [squad[i % len(squad)] for i in range(runs)]
             else:
                 ids = gen.integers(1000, model.config.vocab_size, (1, seq)).astype(np.int64)
@@ -221,7 +237,7 @@ def run_bench(model, artifact, engines: list[str], seqs: list, threads: list[int
             times = {k: [] for k in runners}
             for k, r in runners.items():
                 if hasattr(r, "setup"):
-                    r.setup(seq)
+                    r.setup(seq, inputs)
                 r.prepare(th)
                 for w in range(warmup):
                     r(*inputs[w % len(inputs)])
@@ -256,7 +272,7 @@ def markdown(report: dict) -> str:
         ratios = []
         for c in (e for e in engines if e.startswith("canao ") and e in row):
             ratios += [f"{c} {row[c] / row[e]:.2f}x {e}" for e in engines if not e.startswith("canao ") and e in row]
-        label = f"squad ({rows[0]['mean_tokens']:.0f} tok)" if seq == "squad" else seq
+        label = f"{seq} ({rows[0]['mean_tokens']:.0f} tok)" if seq in SQUAD_SETTINGS else seq
         lines.append(f"| {label} | {th} | " + " | ".join(f"{row[e]:.1f}" if e in row else "-" for e in engines)
                      + f" | {'; '.join(ratios)} |")
     return "\n".join(lines) + "\n"

@@ -38,7 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--artifact", help="canao artifact of that model (default: compile one into --out)")
     p.add_argument("--engines", default="canao,pytorch,onnxruntime")
     p.add_argument("--seq", default="128,384",
-                   help="comma-separated sequence lengths, and/or 'squad' (real dev questions at their own lengths)")
+                   help="comma-separated sequence lengths, and/or 'squad' (real dev questions at their own lengths; "
+                        "static-shape engines padded to 384) and/or 'squad-unpadded' (the same, TFLite converted "
+                        "at each question's length)")
     p.add_argument("--precision", default="fp32", help="comma-separated: fp32,bf16,int8 (engines that lack one skip it)")
     p.add_argument("--tune", action="store_true", help="tune canao's GEMMs first (see canao compile --tune)")
     p.add_argument("--data", help="data folder for --seq squad (default $CANAO_DATA)")
@@ -192,15 +194,21 @@ def cmd_bench(args) -> dict:
     from pathlib import Path
 
     from . import compile_model
-    from .bench import markdown, run_bench, squad_inputs
+    from .bench import SQUAD_SETTINGS, markdown, run_bench, squad_inputs
 
     model, tokenizer = _bench_model(args.model)
-    seqs = [s if s == "squad" else int(s) for s in args.seq.split(",")]
+    try:
+        seqs = [s if s in SQUAD_SETTINGS else int(s) for s in args.seq.split(",")]
+    except ValueError:
+        raise CanaoError(f"--seq {args.seq}: give lengths, 'squad' or 'squad-unpadded', comma-separated") from None
+    squad_seqs = [s for s in seqs if s in SQUAD_SETTINGS]
+    max_seq = max([s for s in seqs if s not in SQUAD_SETTINGS] + ([384] if squad_seqs else []))
+    if squad_seqs and tokenizer is None:
+        raise CanaoError(f"--seq {squad_seqs[0]} needs a checkpoint with a tokenizer, not a random model")
     precisions = args.precision.split(",")
     threads = [args.threads] if args.threads else [1, os.cpu_count() or 1]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    max_seq = max([s for s in seqs if s != "squad"] + ([384] if "squad" in seqs else []))
     artifacts = {}
     for prec in precisions:
         if args.artifact and len(precisions) == 1:
@@ -210,11 +218,9 @@ def cmd_bench(args) -> dict:
             compile_model(model, artifacts[prec], precision=prec, max_seq=max_seq, tune=True if args.tune else None,
                           log=lambda line: print(line, file=sys.stderr))
     squad = None
-    if "squad" in seqs:
+    if squad_seqs:
         from ..paths import data_file
 
-        if tokenizer is None:
-            raise CanaoError("--seq squad needs a checkpoint with a tokenizer, not a random model")
         squad = squad_inputs(tokenizer, data_file(args.data, "squad/dev-v1.1.json"), args.runs)
     report = run_bench(model, artifacts, args.engines.split(","), seqs, threads, runs=args.runs,
                        progress=lambda line: print(line, file=sys.stderr), precisions=precisions, squad=squad)

@@ -102,3 +102,25 @@ def test_executorch_matches_pytorch_on_the_teacher(qa_teacher):
         assert worker.run("128", ids, tt, mask) > 0
     finally:
         worker.close()
+
+
+@pytest.mark.parametrize("seq,message", [
+    ("12,abc", "--seq 12,abc: give lengths, 'squad' or 'squad-unpadded', comma-separated"),
+    ("squad-unpadded", "--seq squad-unpadded needs a checkpoint with a tokenizer, not a random model"),
+])
+def test_bench_bad_sequence_settings_are_one_line_errors(tmp_path, capsys, seq, message):
+    from canao.cli import main
+
+    code = main(["bench", "--model", "random:minilm", "--engines", "canao", "--seq", seq, "--threads", "1",
+                 "--out", str(tmp_path / "out")])
+    err_text = capsys.readouterr().err
+    assert code == 2 and f"canao bench: error: {message}" in err_text and "Traceback" not in err_text
+    assert not (tmp_path / "out" / "artifact-fp32").exists()  # refused before compiling anything
+
+
+def test_executorch_refuses_squad_unpadded():
+    from canao.compiler.bench import _ExecuTorch
+
+    eng = _ExecuTorch.__new__(_ExecuTorch)  # no venv needed: the setting is refused before any conversion
+    with pytest.raises(CanaoError, match="needs a program per length"):
+        eng.setup("squad-unpadded", [])
