@@ -103,7 +103,8 @@ class _Ort:
 
 class _TFLite:
     """TFLite/LiteRT (XNNPACK) in its own venv (canao.compiler.litert). Shapes are static: one
-    model per length; real SQuAD inputs run padded to 384, the way TFLite QA apps run them."""
+    model per length; real SQuAD inputs run padded to 384, the way TFLite QA apps run them
+    ("squad"), or each on a model of its own length ("squad-unpadded")."""
     precisions = ("fp32", "int8")
 
     def __init__(self, model, artifact, precision="fp32"):
@@ -139,7 +140,7 @@ class _TFLite:
         self.key = f"{self.width}-{threads}"
 
     def __call__(self, ids, tt, mask):
-        key = f"{ids.shape[1]}-{self.threads}" if len(self.widths) > 1 else self.key
+        key = f"{self.padded_to or ids.shape[1]}-{self.threads}"  # the model of this input's length, or the padded one
         self.last_ms = self.worker.run(key, ids, tt, mask)  # timed inside the worker, without the pipe
 
 

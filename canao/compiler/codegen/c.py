@@ -338,8 +338,8 @@ static void {k.name}({ARGS}) {{
     def kt_buffer(self, op: Op) -> str:
         return f"{op.output}__kt"
 
-    def vp_buffer(self, op: Op) -> str:
-        return f"{op.output}__vp"
+    def vt_buffer(self, op: Op) -> str:
+        return f"{op.output}__vt"
 
     def key_panel_floats(self) -> int:
         """Keys rounded up to whole panels of ATT_KP = 2 vectors (canao_kernels.h): the length of a
@@ -358,12 +358,12 @@ static void {k.name}({ARGS}) {{
         kh, ks = self.head_strides(op, op.inputs[1])
         vh, vs = self.head_strides(op, op.inputs[2])
         kt = f"((float *)(arena + {plan.offsets[self.kt_buffer(op)]}))"
-        vp = f"((float *)(arena + {plan.offsets[self.vp_buffer(op)]}))"
-        return f"""/* K^T of {op.inputs[1]} and a contiguous copy of {op.inputs[2]} for the attention {op.output}
+        vt = f"((float *)(arena + {plan.offsets[self.vt_buffer(op)]}))"
+        return f"""/* K^T panels of {op.inputs[1]} and V^T of {op.inputs[2]} for the attention {op.output}
  * (next phase), rows r0..r1 */
 static void {k.name}({ARGS}) {{
     attention_pack_kv(S, {heads}, {d}, {self.ptr(self.views[op.inputs[1]], plan)}, {kh}, {ks}, {kt},
-                      {self.ptr(self.views[op.inputs[2]], plan)}, {vh}, {vs}, {vp}, r0, r1);
+                      {self.ptr(self.views[op.inputs[2]], plan)}, {vh}, {vs}, {vt}, r0, r1);
 }}"""
 
     def attention(self, k: Kernel, plan: Plan) -> str:
@@ -384,11 +384,11 @@ static void {k.name}({ARGS}) {{
         heads, d = self.attention_dims(op)
         p = {name: self.ptr(self.views[name], plan) for name in (q, op.output)}
         kt = f"((float *)(arena + {plan.offsets[self.kt_buffer(op)]}))"
-        vp = f"((float *)(arena + {plan.offsets[self.vp_buffer(op)]}))"
+        vt = f"((float *)(arena + {plan.offsets[self.vt_buffer(op)]}))"
         return f"""/* {op.output}: fused attention, {heads} heads of {d}, score {score}, query rows r0..r1
  * from {op.source} */
 static void {k.name}({ARGS}) {{
-    attention_rows(S, {heads}, {d}, {p[q]}, {hs[q]}, {ss[q]}, {kt}, {vp},
+    attention_rows(S, {heads}, {d}, {p[q]}, {hs[q]}, {ss[q]}, {kt}, {vt},
                    {p[op.output]}, {hs[op.output]}, {ss[op.output]}, {bias}, scratch, r0, r1);
 }}"""
 
@@ -450,10 +450,10 @@ static void {k.name}({ARGS}) {{
                 # K^T and packed V are written by the row blocks that produce K and V (one kernel, two buffers)
                 at = max(writer[kbase], writer[vbase]) + 1
                 out.insert(at, Kernel(f"pack_{len(out)}", "pack_kt", op, self.kt_buffer(op),
-                                      [(kbase, True), (vbase, True)], True, also_writes=[self.vp_buffer(op)]))
+                                      [(kbase, True), (vbase, True)], True, also_writes=[self.vt_buffer(op)]))
                 writer = {w: i for i, kn in enumerate(out) for w in [kn.writes, *kn.also_writes]}
                 reads = [(b, part and self.seq_pos(q, rank) == rank - 2) for b in self.bases(q)]
-                reads += [(self.kt_buffer(op), False), (self.vp_buffer(op), False)]
+                reads += [(self.kt_buffer(op), False), (self.vt_buffer(op), False)]
                 reads += [(b, False) for x in extra for b in self.bases(x)]
             else:
                 if op.kind == "ew":
@@ -509,8 +509,8 @@ static void {k.name}({ARGS}) {{
         return live
 
     def buffer_bytes(self, name: str) -> int:
-        if name.endswith(("__kt", "__vp")):
-            op = next(o for o in self.kernel_ops if name in (self.kt_buffer(o), self.vp_buffer(o)))
+        if name.endswith(("__kt", "__vt")):
+            op = next(o for o in self.kernel_ops if name in (self.kt_buffer(o), self.vt_buffer(o)))
             heads, d = self.attention_dims(op)
             return heads * d * self.key_panel_floats() * 4
         return self.g.tensors[name].nbytes(self.max_seq)

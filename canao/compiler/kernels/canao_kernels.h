@@ -217,9 +217,8 @@ static void attention_rows(long S, int H, int D, const float *q, long qh, long q
                 const float *vc[4];
                 for (int c = 0; c < 4; c++) vc[c] = vth + (long)MIN(c0 + c, D - 1) * sv;
                 for (int r = 0; r < m; r += ATT_PR) {
-                    const int r1_ = MIN(r + 1, m - 1);
-                    float o[ATT_PR][4];
-                    att_pv_tile(sc + r * sp, sc + r1_ * sp, vc[0], vc[1], vc[2], vc[3], sv, o);
+                    float o[ATT_PR][4];  /* a last odd row pairs with itself */
+                    att_pv_tile(sc + r * sp, sc + MIN(r + 1, m - 1) * sp, vc[0], vc[1], vc[2], vc[3], sv, o);
                     for (int i = 0; i < ATT_PR && r + i < m; i++) {
                         float *dst = out + h * oh + (i0 + r + i) * os + c0;
                         for (int c = 0; c < 4 && c0 + c < D; c++) dst[c] = o[i][c] * inv[r + i];

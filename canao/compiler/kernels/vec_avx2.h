@@ -16,10 +16,6 @@ static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
 static inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }  /* a*b + c */
 static inline vf vabs(vf a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
-static inline vf vcopysign(vf mag, vf sign) {
-    vf s = _mm256_and_ps(sign, _mm256_set1_ps(-0.0f));
-    return _mm256_or_ps(vabs(mag), s);
-}
 /* lanes where a > b keep x, others become 0 */
 static inline vf vkeep_gt(vf x, vf a, vf b) { return _mm256_and_ps(x, _mm256_cmp_ps(a, b, _CMP_GT_OQ)); }
 static inline vf vpow2i(vf n) {  /* 2^n for integral n in the normal range */

@@ -16,10 +16,6 @@ static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
 static inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vf vabs(vf a) { return _mm512_abs_ps(a); }
-static inline vf vcopysign(vf mag, vf sign) {
-    __m512i s = _mm512_and_si512(_mm512_castps_si512(sign), _mm512_set1_epi32((int)0x80000000));
-    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(vabs(mag)), s));
-}
 static inline vf vkeep_gt(vf x, vf a, vf b) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), x); }
 static inline vf vpow2i(vf n) {
     __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);

@@ -18,9 +18,6 @@ static inline vf vmax(vf a, vf b) { return vmaxq_f32(a, b); }
 static inline vf vmin(vf a, vf b) { return vminq_f32(a, b); }
 static inline vf vfma(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }  /* a*b + c, fused */
 static inline vf vabs(vf a) { return vabsq_f32(a); }
-static inline vf vcopysign(vf mag, vf sign) {
-    return vbslq_f32(vdupq_n_u32(0x80000000u), sign, vabsq_f32(mag));  /* sign bit from sign, the rest from |mag| */
-}
 /* lanes where a > b keep x, others become 0 */
 static inline vf vkeep_gt(vf x, vf a, vf b) {
     return vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(x), vcgtq_f32(a, b)));
