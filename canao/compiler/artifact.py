@@ -6,13 +6,13 @@ every file, so a corrupted or foreign artifact is refused before it runs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 from .. import __version__
 from ..errors import CanaoError
+from ..fileio import file_digest
 from .targets import TARGETS, host_arch, is_cross, missing_features
 
 MANIFEST = "manifest.json"
@@ -24,12 +24,7 @@ HEADER_BYTES = 64
 FORMAT = 1
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256 = file_digest  # an artifact's checksums
 
 
 def begin_folder(out) -> tuple[Path, Path]:

@@ -298,7 +298,7 @@ def _dec(x):
 def _store_cached(path, g: Graph, origin: dict) -> None:
     import json
 
-    from .tuner import atomic_write_text
+    from ..fileio import atomic_write_text
 
     try:
         doc = {"tensors": [[t.name, _enc(t.shape), t.dtype] for t in g.tensors.values()],

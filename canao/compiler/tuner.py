@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import CanaoError
+from ..fileio import atomic_write_text
 from .build import KERNEL_DIR, cache_dir, compiler
 from .codegen.c import TILE_SOURCES, Schedule, gemm_loop, gemm_loop_int8, gemm_mode
 from .targets import Target, cpu_model
@@ -128,25 +129,6 @@ def _locked(lock_path: Path):
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never a part: temp file, fsync, rename, fsync dir."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 # -- candidates and the harness ----------------------------------------------------

@@ -1,23 +1,29 @@
-"""Distillation: losses, phase 1 (supernet, sandwich rule) and phase 2 (TinyBERT-style).
+"""Distillation from the cached teacher: losses, the batch plan, phase 1 (supernet) and phase 2.
 
-Losses
-- logits: KL(teacher || student) of start and end distributions at temperature T (x T^2),
-  padded positions masked out;
-- hidden states: MSE between the student's hidden states and the teacher's at the
-  mapped layers (embeddings -> embeddings, student layer i -> the teacher layer it was
-  sliced from); a learned linear projection only when the widths differ;
-- attention maps: KL(teacher || student) over the keys of each query, per head, the
-  student's head j against the teacher's head j (heads are importance-ordered, so
-  a sliced student keeps the teacher's first heads), padded positions masked out.
+Every step reads the teacher's start/end logits from the cache (teacher_cache.py): a step
+costs one student's forward and backward pass, nothing of the teacher's.
 
-Phase 1 trains the supernet: each step the largest, the smallest and `n_random`
-random sub-networks are distilled from the frozen teacher on the same batch and
-their gradients summed (the sandwich rule). Phase 2 distills one extracted
-architecture: first the intermediate layers (hidden + attention), then the
-predictions (logits + hard labels), as TinyBERT does.
+Loss: KL(teacher || student) of the start and end distributions at temperature T (x T^2),
+padded positions masked out, plus `w_ce` x the hard-label cross-entropy on windows of
+original (not augmented) questions, whose labels are the gold spans.
 
-Training state (weights, optimizer moments, step, RNG) is saved as safetensors + JSON
-with the fine-tuning module's checkpoint functions, so `resume=True` continues.
+Phase 1 trains the supernet with the sandwich rule: each step the largest sub-network
+(every `largest_every` steps: at the start its outputs equal the cached teacher's, so it
+mostly anchors the shared weights), the smallest and `n_random` random sub-networks learn
+from the cached teacher on the same batch, their gradients summed. Progressive shrinking
+(Once-for-All) opens the elastic dimensions one after the other: first depth, then FFN
+size and heads, then the hidden size; `flops_range` keeps the random draws to the sizes
+the budgets of interest select (fractions of the teacher's FLOPs).
+
+Phase 2 distills one extracted architecture, evaluates it every `eval_every` steps on a
+dev slice and keeps the best weights, the starting point included: phase 2 never returns a
+model worse on that slice than the one it was given.
+
+Dropout is off (distillation targets are soft, and the CPU's dropout masks cost a third of
+a step), the word-embedding table is frozen (it is the teacher's, or a shared one that a
+shipped model refers to instead of storing), and bf16 autocast is used on CUDA and on CPUs
+with AVX512_BF16. Training state (weights, optimizer moments, step, RNG, best so far) is
+saved as safetensors + JSON, so `resume=True` continues where a run stopped.
 """
 
 from __future__ import annotations
@@ -32,18 +38,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
 from ..errors import CanaoError
+from ..fileio import atomic_save_tensors
 from ..train.finetune import _device, _load_state, _lr_factor, _optimizer, _save_state
-from .space import Arch, keep_layers
+from .space import Arch, SearchSpace, keep_layers
 
 NEG = -1e4
 
 
 # ---------------------------------------------------------------- losses
-def logits_kl(s_start, s_end, t_start, t_end, mask, temperature: float = 2.0) -> torch.Tensor:
+def logits_kl(s_start, s_end, t_start, t_end, mask, temperature: float = 1.0) -> torch.Tensor:
     T = temperature
     keep = mask.bool()
     loss = 0.0
@@ -54,136 +60,136 @@ def logits_kl(s_start, s_end, t_start, t_end, mask, temperature: float = 2.0) ->
     return loss / 2 * T * T
 
 
-def hidden_mse(s_hidden, t_hidden, mask, proj: nn.Module | None = None) -> torch.Tensor:
-    s, t = s_hidden.float(), t_hidden.float()
-    if proj is not None:
-        s = proj(s)
-    elif s.shape[-1] < t.shape[-1]:  # a narrower sub-network holds the teacher's first channels
-        t = t[..., :s.shape[-1]]
-    err = ((s - t) ** 2).mean(-1)
-    m = mask.float()
-    return (err * m).sum() / m.sum()
-
-
-def attention_kl(s_attn, t_attn, mask) -> torch.Tensor:
-    """s_attn (b, h, q, k) against the teacher's first h heads."""
-    h = s_attn.shape[1]
-    t = t_attn[:, :h].float()
-    s = s_attn.float()
-    kl = (t * (torch.log(t.clamp_min(1e-12)) - torch.log(s.clamp_min(1e-12)))).sum(-1)  # (b, h, q)
-    m = mask.float()[:, None, :]
-    return (kl * m).sum() / (m.sum() * h)
-
-
 def qa_ce(start, end, starts, ends) -> torch.Tensor:
     return (F.cross_entropy(start.float(), starts) + F.cross_entropy(end.float(), ends)) / 2
 
 
-class Projections(nn.Module):
-    """Learned student->teacher projections, one per mapped hidden state, only where widths differ.
-    They start as the identity into the teacher's first channels: a student sliced from the
-    importance-ordered teacher holds exactly those, so training starts from matching them."""
-
-    def __init__(self, student_hidden: int, teacher_hidden: int, n: int):
-        super().__init__()
-        self.maps = None
-        if student_hidden != teacher_hidden:
-            self.maps = nn.ModuleList(nn.Linear(student_hidden, teacher_hidden) for _ in range(n))
-            k = min(student_hidden, teacher_hidden)
-            with torch.no_grad():
-                for lin in self.maps:
-                    lin.weight.zero_()
-                    lin.weight[:k, :k] = torch.eye(k)
-                    lin.bias.zero_()
-
-    def get(self, i: int):
-        return None if self.maps is None else self.maps[i]
+def cached_loss(start, end, batch: dict, temperature: float, w_ce: float) -> torch.Tensor:
+    """KL to the cached teacher logits + hard-label CE on the original questions' windows."""
+    loss = logits_kl(start, end, batch["t_start"], batch["t_end"], batch["mask"], temperature)
+    orig = batch["original"]
+    if w_ce and bool(orig.any()):
+        loss = loss + w_ce * qa_ce(start[orig], end[orig], batch["starts"][orig], batch["ends"][orig])
+    return loss
 
 
 # ---------------------------------------------------------------- config
 @dataclass
 class DistillConfig:
     steps: int = 1000
-    batch_size: int = 16
-    lr: float = 5e-5
+    batch_size: int = 32
+    lr: float = 1e-4
     weight_decay: float = 0.01
-    warmup: float = 0.1
-    temperature: float = 2.0
-    w_logit: float = 1.0
-    w_hidden: float = 1.0
-    w_attn: float = 1.0
-    w_ce: float = 0.5
+    warmup: float = 0.06
+    temperature: float = 1.0
+    w_ce: float = 0.1
     n_random: int = 2  # phase 1: random sub-networks per step besides the largest and smallest
+    largest_every: int = 1  # phase 1: the largest sub-network every this many steps
+    flops_range: tuple[float, float] = (0.0, 1.0)  # phase 1: random draws within these FLOP fractions of the teacher
+    shrink: tuple[float, ...] = (0.2, 0.5)  # phase 1: step fractions where FFN+heads, then the hidden size, open
+    eval_every: int = 0  # phase 2: F1 on the selection slice every this many steps (0: only at the end)
     seed: int = 0
     save_every: int = 100
     time_budget_s: float | None = None  # fit the step count to this much training time (timed over the first steps)
+    bf16: bool | None = None  # autocast; None: on CUDA and on CPUs with AVX512_BF16
 
 
-def _batches(feats, cfg: DistillConfig, step: int):
-    """The batch of a step: a pure function of (seed, step), so a resumed run sees the same data."""
-    per_epoch = max(1, len(feats) // cfg.batch_size)
-    epoch, within = divmod(step, per_epoch)
-    order = np.random.default_rng(cfg.seed + epoch).permutation(len(feats))
-    return order[within * cfg.batch_size:(within + 1) * cfg.batch_size]
+def use_bf16(cfg: DistillConfig, device) -> bool:
+    if cfg.bf16 is not None:
+        return cfg.bf16
+    if device.type == "cuda":
+        return True
+    from ..compiler.targets import cpu_flags
+
+    return "avx512_bf16" in cpu_flags()
 
 
-def _tensors(feats, idx, device):
-    width = int(feats.lengths()[idx].max())
-    batch = [torch.as_tensor(a[idx, :width], device=device)
-             for a in (feats.input_ids, feats.token_type_ids, feats.attention_mask)]
-    labels = [torch.as_tensor(a[idx], device=device) for a in (feats.start_positions, feats.end_positions)]
-    return batch, labels
+def _autocast(enabled: bool, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+def prepare_student(model) -> None:
+    """Dropout off, word-embedding table frozen (see the module docstring)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "dropout", None), float):
+            m.dropout = 0.0
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
 
 
-def _teacher_out(teacher, batch):
-    with torch.no_grad():
-        ts, te, out = teacher.forward_with_features(*batch, output_attentions=True)
-    return ts, te, out.hidden_states, out.attentions
+# ---------------------------------------------------------------- batches
+class BatchPlan:
+    """The batch of a step: a pure function of (seed, step), so a resumed run sees the same data.
+    Each epoch is a permutation; within chunks of 64 batches windows are sorted by length, so a
+    batch pads little, and the batches of a chunk are shuffled."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed = np.asarray(lengths), batch_size, seed
+        self.per_epoch = max(1, len(self.lengths) // batch_size)
+        self._epoch, self._batches = None, None
+
+    def __call__(self, step: int) -> np.ndarray:
+        epoch, within = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(self.lengths))[:self.per_epoch * self.batch_size]
+            batches = []
+            chunk = 64 * self.batch_size
+            for lo in range(0, len(order), chunk):
+                part = order[lo:lo + chunk]
+                part = part[np.argsort(self.lengths[part], kind="stable")]
+                group = [part[i:i + self.batch_size] for i in range(0, len(part), self.batch_size)]
+                rng.shuffle(group)
+                batches += group
+            self._epoch, self._batches = epoch, batches
+        return self._batches[within]
 
 
-def _loss(cfg, student_out, teacher_out, layer_map, mask, labels, parts=("logit", "hidden", "attn", "ce"), proj=None):
-    ss, se, sh, sa = student_out
-    ts, te, th, ta = teacher_out
-    terms = {}
-    if "logit" in parts:
-        terms["logit"] = cfg.w_logit * logits_kl(ss, se, ts, te, mask, cfg.temperature)
-    if "ce" in parts and cfg.w_ce:
-        terms["ce"] = cfg.w_ce * qa_ce(ss, se, *labels)
-    if "hidden" in parts:
-        pairs = [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(layer_map)]
-        terms["hidden"] = cfg.w_hidden * sum(hidden_mse(sh[i], th[t], mask, proj.get(k) if proj else None)
-                                             for k, (i, t) in enumerate(pairs)) / len(pairs)
-    if "attn" in parts and sa is not None:
-        terms["attn"] = cfg.w_attn * sum(attention_kl(sa[i], ta[t], mask) for i, t in enumerate(layer_map)) / len(layer_map)
-    return sum(terms.values()), {k: float(v.detach()) for k, v in terms.items()}
-
-
-def _finish_state(state_dir: Path) -> None:
-    if state_dir.exists():
-        for f in state_dir.iterdir():
-            f.unlink()
-        state_dir.rmdir()
-
-
-def _run(model, params_model, cfg: DistillConfig, feats, state_dir: Path, resume: bool, step_loss, desc: str,
-         progress: bool, on_step=None) -> dict:
-    """The shared loop: AdamW + warm-up/decay, clipping, checkpoints, resume."""
+# ---------------------------------------------------------------- the loop
+def _run(params_model, cfg: DistillConfig, windows, state_dir: Path, resume: bool, step_loss, desc: str,
+         progress: bool, on_step=None, evaluate=None) -> dict:
+    """AdamW + warm-up/decay, clipping, checkpoints, resume; with `evaluate` (a function of nothing
+    returning F1) the best weights seen, the starting ones included, are kept and restored at the end."""
     device = _device()
     torch.manual_seed(cfg.seed)
     params_model.to(device).train()
     opt = _optimizer(params_model, cfg)
-    step = 0
-    if resume and state_dir.exists():
+    plan = BatchPlan(windows.lengths(), cfg.batch_size, cfg.seed)
+    bf16 = use_bf16(cfg, device)
+    step, total = 0, max(1, cfg.steps)
+    best, best_weights, evals = None, None, []  # best: {"f1", "step"} of the weights in best_weights
+    if resume and (state_dir / "progress.json").exists():
         step = _load_state(state_dir, params_model, opt, device)
-    total = max(1, cfg.steps)
+        extra = json.loads((state_dir / "run.json").read_text())
+        total, best, evals = extra["total"], extra["best"], extra["evals"]
+        if best is not None:
+            from safetensors.torch import load_file
+
+            best_weights = load_file(str(state_dir / "best.safetensors"))
     warmup = int(total * cfg.warmup)
+
+    def consider(f1: float, at: int) -> None:
+        nonlocal best, best_weights
+        evals.append({"step": at, "f1": f1})
+        if best is None or f1 > best["f1"]:
+            best = {"f1": f1, "step": at}
+            best_weights = {k: v.detach().cpu().clone() for k, v in params_model.state_dict().items()}
+
+    def extras(folder: Path) -> None:  # written inside the new state folder, before it replaces the old one
+        (folder / "run.json").write_text(json.dumps({"total": total, "best": best, "evals": evals}))
+        if best_weights is not None:
+            atomic_save_tensors(best_weights, folder / "best.safetensors")
+
+    def evaluated(at: int) -> None:
+        params_model.eval()
+        consider(evaluate(), at)
+        params_model.train()
+
+    if evaluate is not None and step == 0:
+        evaluated(0)  # the starting point is a candidate too
     bar = tqdm(total=total, initial=step, desc=desc, unit="step", disable=not progress)
-    losses, t0 = [], time.perf_counter()
-    first = None
+    losses, t0, first = [], time.perf_counter(), None
     start_step = step
     while step < total:
         if cfg.time_budget_s and start_step == 0 and step == 2:
@@ -195,96 +201,123 @@ def _run(model, params_model, cfg: DistillConfig, feats, state_dir: Path, resume
                 total = max(6, fit)
                 warmup = min(warmup, int(total * cfg.warmup))
                 bar.total = total
-        idx = _batches(feats, cfg, step)
-        batch, labels = _tensors(feats, idx, device)
+        batch = windows.batch(plan(step), device)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _lr_factor(step, total, warmup)
         opt.zero_grad(set_to_none=True)
-        loss = step_loss(step, batch, labels)  # does its own backward passes
-        torch.nn.utils.clip_grad_norm_(params_model.parameters(), 1.0)
+        with _autocast(bf16, device):
+            loss = step_loss(step, batch)  # does its own backward passes
+        torch.nn.utils.clip_grad_norm_([p for p in params_model.parameters() if p.requires_grad], 1.0)
         opt.step()
         step += 1
         losses.append(loss)
         first = first if first is not None else loss
         bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", **({"best_f1": f"{best['f1']:.2f}"} if best else {}))
+        if evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+            evaluated(step)
         if step % cfg.save_every == 0 and step < total:
-            _save_state(state_dir, params_model, opt, step, cfg)
+            _save_state(state_dir, params_model, opt, step, cfg, extras)
         if on_step is not None:
             on_step(step, loss)
     bar.close()
+    if best_weights is not None and best["step"] != step:  # the end was not the best: go back
+        params_model.load_state_dict({k: v.to(device) for k, v in best_weights.items()})
     params_model.eval()
     _finish_state(state_dir)
-    return {"steps": step, "planned_steps": cfg.steps, "first_loss": first, "last_loss": float(np.mean(losses[-20:])) if losses else None,
-            "train_s": time.perf_counter() - t0, "device": device.type}
+    return {"steps": step, "planned_steps": cfg.steps, "first_loss": first,
+            "last_loss": float(np.mean(losses[-20:])) if losses else None, "train_s": time.perf_counter() - t0,
+            "device": device.type, "bf16": bf16, "best": best, "evals": evals}
+
+
+def _finish_state(state_dir: Path) -> None:
+    if state_dir.exists():
+        for f in state_dir.iterdir():
+            f.unlink()
+        state_dir.rmdir()
 
 
 # ---------------------------------------------------------------- phase 1
-def sandwich(space, step: int, seed: int, n_random: int) -> list[Arch]:
-    rng = random.Random(seed * 1_000_003 + step)
-    seq = space.seq_choices[0]
-    return [space.largest(seq), space.smallest(seq)] + [space.sample(rng) for _ in range(n_random)]
+def flops(arch: Arch, space: SearchSpace) -> float:
+    """Multiply-adds of one window of arch.seq tokens (projections, attention, FFN)."""
+    H = arch.hidden or space.hidden_size
+    s, d = arch.seq, space.head_dim
+    return sum(s * (4 * H * h * d + 2 * H * f) + 2 * s * s * h * d for h, f in zip(arch.heads, arch.ffn))
 
 
-def train_supernet(supernet, teacher, feats, cfg: DistillConfig, state_dir: str | Path, resume: bool = False,
+def elastic_space(space: SearchSpace, opened: set[str]) -> SearchSpace:
+    """The space restricted to the dimensions progressive shrinking has opened (the rest at the teacher's)."""
+    from dataclasses import replace
+
+    return replace(space,
+                   depths=space.depths if "depth" in opened else [max(space.depths)],
+                   head_choices=space.head_choices if "heads" in opened else [space.teacher_heads],
+                   ffn_choices=space.ffn_choices if "ffn" in opened else [space.teacher_ffn],
+                   hidden_choices=space.hidden_choices if "hidden" in opened else [space.hidden_size],
+                   seq_choices=[max(space.seq_choices)], precisions=[space.precisions[0]])
+
+
+def opened_at(step: int, total: int, shrink: tuple[float, ...]) -> set[str]:
+    opened = {"depth"}
+    if len(shrink) > 0 and step >= shrink[0] * total:
+        opened |= {"ffn", "heads"}
+    if len(shrink) > 1 and step >= shrink[1] * total:
+        opened.add("hidden")
+    return opened
+
+
+def sandwich(space: SearchSpace, step: int, cfg: DistillConfig, total: int | None = None) -> list[Arch]:
+    """The sub-networks of a step: deterministic in (seed, step)."""
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    sub = elastic_space(space, opened_at(step, total or cfg.steps, cfg.shrink))
+    teacher_flops = flops(space.largest(), space)
+    lo, hi = cfg.flops_range
+    out = [sub.smallest()]
+    if step % max(1, cfg.largest_every) == 0:
+        out.insert(0, sub.largest())
+    for _ in range(cfg.n_random):
+        for _try in range(200):  # draws outside the FLOP range are redrawn
+            arch = sub.sample(rng)
+            if lo <= flops(arch, space) / teacher_flops <= hi:
+                break
+        out.append(arch)
+    return out
+
+
+def train_supernet(supernet, windows, cfg: DistillConfig, state_dir: str | Path, resume: bool = False,
                    progress: bool = True, on_step=None) -> dict:
-    """Phase 1: sandwich-rule distillation of every sub-network from the teacher."""
-    device = _device()
-    teacher.to(device).eval()
-    L = supernet.config.num_layers
-    ac = _autocast(device)
+    """Phase 1: sandwich-rule distillation of the supernet's sub-networks from the cached teacher."""
+    prepare_student(supernet.model)
+    space = supernet.space
 
-    def step_loss(step, batch, labels):
-        t_out = None
+    def step_loss(step, batch):
+        archs = sandwich(space, step, cfg)
         total = 0.0
-        with ac:
-            t_out = _teacher_out(teacher, batch)
-        for arch in sandwich(supernet.space, step, cfg.seed, cfg.n_random):
-            with ac:
-                s_out = supernet(*batch, arch=arch, output_attentions=cfg.w_attn > 0)
-            loss, _ = _loss(cfg, s_out, t_out, keep_layers(arch.depth, L), batch[2], labels)
+        for arch in archs:
+            s, e, _, _ = supernet(batch["ids"], batch["types"], batch["mask"], arch=arch)
+            loss = cached_loss(s, e, batch, cfg.temperature, cfg.w_ce)
             loss.backward()
             total += loss.item()
-        return total / (2 + cfg.n_random)
+        return total / len(archs)
 
-    res = _run(supernet, supernet.model, cfg, feats, Path(state_dir), resume, step_loss, "supernet", progress, on_step)
-    teacher.cpu()
+    res = _run(supernet.model, cfg, windows, Path(state_dir), resume, step_loss, "supernet", progress, on_step)
     supernet.model.cpu()
     return res
 
 
 # ---------------------------------------------------------------- phase 2
-class _WithProj(nn.Module):
-    """Student + projections as one module, so the checkpoint holds both."""
+def distill_student(student, windows, cfg: DistillConfig, state_dir: str | Path, resume: bool = False,
+                    progress: bool = True, on_step=None, evaluate=None) -> dict:
+    """Phase 2 for one architecture from the cached teacher; with `evaluate` the best weights are kept."""
+    prepare_student(student)
 
-    def __init__(self, student, proj):
-        super().__init__()
-        self.student, self.proj = student, proj
-
-
-def distill_student(student, teacher, layer_map: list[int], feats, cfg: DistillConfig, state_dir: str | Path,
-                    stage: str, resume: bool = False, progress: bool = True, on_step=None) -> dict:
-    """Phase 2 for one architecture. stage "intermediate": hidden states + attention maps;
-    stage "prediction": logits KL + hard-label CE."""
-    if stage not in ("intermediate", "prediction"):
-        raise CanaoError(f"unknown distillation stage {stage}")
-    device = _device()
-    teacher.to(device).eval()
-    ac = _autocast(device)
-    parts = ("hidden", "attn") if stage == "intermediate" else ("logit", "ce")
-    proj = Projections(student.config.hidden_size, teacher.config.hidden_size, len(layer_map) + 1)
-    wrapped = _WithProj(student, proj)
-
-    def step_loss(step, batch, labels):
-        with ac:
-            t_out = _teacher_out(teacher, batch)
-            s, e, out = student.forward_with_features(*batch, output_attentions="attn" in parts)
-            loss, _ = _loss(cfg, (s, e, out.hidden_states, out.attentions), t_out, layer_map, batch[2], labels, parts, proj)
+    def step_loss(step, batch):
+        s, e = student(batch["ids"], batch["types"], batch["mask"])
+        loss = cached_loss(s, e, batch, cfg.temperature, cfg.w_ce)
         loss.backward()
         return loss.item()
 
-    res = _run(wrapped, wrapped, cfg, feats, Path(state_dir), resume, step_loss, f"distill:{stage}", progress, on_step)
-    teacher.cpu()
+    res = _run(student, cfg, windows, Path(state_dir), resume, step_loss, "distill", progress, on_step, evaluate)
     student.cpu().eval()
     return res
 
@@ -295,3 +328,8 @@ def save_config(path: Path, cfg: DistillConfig) -> None:
 
 def steps_for(epochs: float, n_windows: int, batch_size: int) -> int:
     return max(1, int(math.ceil(n_windows / batch_size) * epochs))
+
+
+def check_windows(windows) -> None:
+    if windows.t_logits is None:
+        raise CanaoError("distillation needs the teacher's cached logits (teacher_cache.py); the windows have none")

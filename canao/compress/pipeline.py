@@ -1,21 +1,29 @@
 """`canao search` end to end, as resumable stages recorded in OUT/state.json.
 
  1 reachable      measure the smallest architecture: an impossible budget stops here
- 2 teacher        F1 on the held-out eval slice
+ 2 teacher        F1 on the dev questions the report uses (the whole dev file in standard/full)
  3 calibration    measure candidates through the compiler, fit the latency predictor, held-out error
- 4 supernet       importance reordering, then phase-1 sandwich distillation (checkpointed)
- 5 search         controllers (RL, evolution, random) over the space, every candidate logged
- 6 confirm        measure the best candidates in order of F1: the first within budget is taken
- 7 phase2         TinyBERT-style distillation of the chosen architecture (checkpointed)
- 8 final          compile, verify against PyTorch, measure p50/p95 (padded and per question),
+ 4 data           augmented questions + the teacher's cached logits (shared with every search)
+ 5 supernet       --supernet DIR, or trained into OUT/supernet by the preset (canao supernet train),
+                  or none (quick: slices of the importance-ordered teacher)
+ 6 search         controllers (RL, evolution, random) over the space, every candidate's sub-network
+                  F1 on the search slice (>= 300 dev questions), every candidate logged
+ 7 confirm        measure the best candidates in order of F1: the first within budget is taken
+ 8 phase2         the chosen architecture from the better of its supernet weights and its teacher
+                  slice, distilled from the cached teacher; the best checkpoint by F1 on the
+                  selection slice (>= 500 dev questions, disjoint from the search slice) is kept
+ 9 final          compile, verify against PyTorch, measure p50/p95 (padded and per question),
                   F1 of the compiled model; over budget -> the next confirmed candidate
- 9 baselines      uniformly shrunk students with the same phase-2 budget, the teacher
-10 report         search log, Pareto PNG, report.md, result.json
+10 baselines      width-shrunk and layer-dropped students from teacher slices with the same phase-2
+                  steps on the same cached data, and the teacher in int8 where that fits the budget,
+                  each compiled and measured; the int8 teacher on other engines (Pareto points)
+11 returned       the model with the best selection-slice F1 among CANAO and the in-budget baselines:
+                  the search never returns a model below its own starting point or a baseline
+12 report         search log, Pareto PNG, report.md, result.json
 
-A finished stage is never redone with --resume; training stages resume from their
-last checkpoint. `measure=False` runs the stages that need no target device (for a
-GPU machine) using a predictor file; a later run with measure=True and resume
-finishes the device stages on the target.
+A finished stage is never redone with --resume; training stages resume from their last
+checkpoint. `measure=False` runs the stages that need no target device (for a GPU machine)
+using a predictor file; a later run with measure=True and resume finishes the device stages.
 """
 
 from __future__ import annotations
@@ -30,66 +38,59 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..errors import CanaoError
 from ..models.encoders import load_encoder, save_encoder
 from ..tasks import squad
 from . import report
-from .distill import DistillConfig, distill_student, steps_for, train_supernet
-from .importance import compute_importance, reorder
-from .latency import (LatencyOracle, LatencyPredictor, calibration_set, compile_final, compiler_precisions,
-                      holdout_error, per_question_latency, verify_artifact)
+from .distill import DistillConfig, distill_student
+from .importance import reorder
+from .latency import (LatencyOracle, LatencyPredictor, artifact_runner, calibration_set, compile_final,
+                      compiler_precisions, holdout_error, per_question_latency, verify_artifact)
 from .search import Evaluator, Search, SearchConfig, check_reachable, eval_stride
-from .space import Arch, SearchSpace, keep_layers
+from .space import Arch, SearchSpace
 from .supernet import SuperNet, copy_teacher
+from .supernet_train import _plain
 
 
 @dataclass
 class Preset:
-    train_limit: int | None
-    train_len: int
-    train_stride: int
-    importance_batches: int
-    supernet_epochs: float
-    supernet_steps: int | None  # overrides epochs
-    batch_size: int
-    n_random: int
+    supernet: str | None  # supernet preset trained into OUT/supernet when --supernet is not given; None: none
+    data: str  # supernet preset whose data settings (questions, augmentation, windows) phase 2 uses
     search_dev: int  # dev questions for candidate F1 (the search slice)
-    eval_dev: int  # further dev questions for the final F1 (disjoint from the search slice)
+    select_dev: int  # further dev questions: phase 2 keeps its best checkpoint on them, the returned model too
+    eval_dev: int | None  # dev questions of the reported F1 (None: the whole dev file)
     calibration: int
     proposals: int
-    phase2_inter: float  # epochs, or steps when phase2_steps
-    phase2_pred: float
-    phase2_steps: bool
-    lr_supernet: float = 5e-5
+    phase2_steps: int
+    phase2_seconds: float | None = None  # fits the chosen model's steps to this; the baselines get the same steps
+    eval_every: int = 0  # phase 2: F1 on the selection slice every this many steps (0: at its end only)
+    batch_size: int = 32
     lr_phase2: float = 1e-4
     runs: int = 20  # timings per round
     rounds: int = 8  # rounds per measurement; the quietest (lowest median) is kept
     baselines: bool = True
-    supernet_seconds: float | None = None  # time budgets (a GPU lease): the step count is fitted to them
-    phase2_seconds: float | None = None  # per stage, the same for the chosen model and each baseline
     external: tuple[str, ...] = ("onnxruntime", "tflite")  # engines of the int8-teacher points on the plot
     hidden_fracs: tuple[float, ...] = (0.5, 0.75, 1.0)  # residual-stream widths searched (fractions of the teacher's)
+    min_depth: int = 2
 
 
 PRESETS = {
-    # minutes on 2 CPU cores: tiny training slices, the whole pipeline exercised
-    # Minutes on 2 CPU cores. The supernet is not trained (0 steps): candidates are ranked by the F1 of
-    # importance-ordered teacher slices, which keep most of the teacher's F1 at moderate pruning. Phase 2
-    # gets a fixed time per stage (the chosen model and each baseline alike). About 12 minutes in all.
-    # The hidden size stays the teacher's: an untrained slice of the residual stream loses most of
-    # its F1 (teacher 78.9 -> 47.0 at 3/4 width, 15.5 at 1/2, on 60 dev questions), so without
-    # supernet training those candidates cannot be ranked.
-    "quick": Preset(train_limit=480, train_len=256, train_stride=96, importance_batches=4, supernet_epochs=0,
-                    supernet_steps=0, batch_size=16, n_random=1, search_dev=32, eval_dev=120, calibration=6,
-                    proposals=12, phase2_inter=400, phase2_pred=400, phase2_steps=True, lr_supernet=5e-5,
-                    lr_phase2=1e-4, rounds=4, phase2_seconds=75, external=("onnxruntime",), hidden_fracs=(1.0,)),
-    # the real run (hours on a CPU; CUDA is used when present)
-    "full": Preset(train_limit=None, train_len=384, train_stride=128, importance_batches=16, supernet_epochs=3,
-                   supernet_steps=None, batch_size=32, n_random=2, search_dev=500, eval_dev=2000, calibration=30,
-                   proposals=100, phase2_inter=2, phase2_pred=3, phase2_steps=False, lr_supernet=1e-4,
-                   lr_phase2=1e-4),
+    # The README's main job: at most 15 minutes on 2 CPU cores. No supernet: candidates are ranked by
+    # the F1 of importance-ordered teacher slices; phase 2 distills on 1,000 training questions and two
+    # augmented copies of each. The hidden size stays the teacher's (untrained narrow slices of the
+    # residual stream cannot be ranked).
+    "quick": Preset(supernet=None, data="quick", search_dev=300, select_dev=500, eval_dev=1000, calibration=6,
+                    proposals=8, phase2_steps=2000, phase2_seconds=150, eval_every=0, rounds=4,
+                    external=("onnxruntime",), hidden_fracs=(1.0,)),
+    # About 2 hours on 2 CPU cores: the standard supernet (75 min, reused by later searches of the same
+    # teacher), a search ranked by its sub-networks, 5 minutes of phase 2, baselines with the same steps.
+    "standard": Preset(supernet="standard", data="standard", search_dev=300, select_dev=500, eval_dev=None,
+                       calibration=20, proposals=15, phase2_steps=4000, phase2_seconds=300, eval_every=150,
+                       rounds=4, external=("onnxruntime",)),
+    # A GPU for the training stages (scripts/device_search.sh), then the device stages on the target.
+    "full": Preset(supernet="full", data="full", search_dev=500, select_dev=500, eval_dev=None, calibration=30,
+                   proposals=40, phase2_steps=6000, eval_every=500, batch_size=64),
 }
 
 
@@ -115,6 +116,9 @@ class Job:
     seq_choices: tuple[int, ...] | None = None  # maximum lengths the search may choose (each <= seq); None: seq only
     speedup: float | None = None  # instead of budget_ms: the teacher's measured fp32 p95 / speedup
     device: str | None = None  # time on this device (canao.device spec) instead of this machine
+    supernet: Path | None = None  # a trained supernet (canao supernet train) to search in
+    shared_embeddings: str | None = None  # students refer to this built-in model's word-embedding table
+    supernet_overrides: dict = field(default_factory=dict)  # for a supernet trained by the preset (tests)
 
 
 def _log(msg: str) -> None:
@@ -144,24 +148,15 @@ class State:
         return self.data[k]
 
     def set(self, k, v):
+        from ..fileio import atomic_write_text
+
         self.data[k] = v
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, json.dumps(self.data, indent=1))
 
 
-def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
-    t_start = time.perf_counter()
-    out = Path(job.out)
-    if (out / "state.json").exists() and not resume:
-        raise CanaoError(f"{out} holds an earlier search; pass --resume to continue it or choose another --out")
-    if resume and (out / "state.json").exists():  # a resumed run keeps the slices and sizes it started with
-        started = json.loads((out / "state.json").read_text()).get("job", {})
-        job = replace(job, preset=started.get("preset", job.preset),
-                      precisions=tuple(started.get("precisions", job.precisions)),
-                      overrides={**started.get("overrides", {}), **job.overrides})
+def _check_job(job: Job) -> tuple[Job, Preset, list[int]]:
     if job.preset not in PRESETS:
-        raise CanaoError(f"unknown preset '{job.preset}'; choose quick or full")
+        raise CanaoError(f"unknown preset '{job.preset}'; choose {', '.join(PRESETS)}")
     pre = replace(PRESETS[job.preset], **job.overrides)
     if (job.budget_ms is None) == (job.speedup is None):
         raise CanaoError("give the latency budget either as --budget-ms MS or as --speedup K (the teacher's "
@@ -176,6 +171,25 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
                          f"--seq {job.seq} (a window holds the question and part of the context)")
     if job.speedup is not None and not job.measure:
         raise CanaoError("--speedup needs the target to measure the teacher on; give --budget-ms instead")
+    if job.supernet is not None and not (Path(job.supernet) / "supernet.json").exists():
+        raise CanaoError(f"--supernet {job.supernet}: not a supernet folder (no supernet.json); make one with "
+                         "`canao supernet train`")
+    return job, pre, seqs
+
+
+def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
+    t_start = time.perf_counter()
+    out = Path(job.out)
+    if (out / "state.json").exists() and not resume:
+        raise CanaoError(f"{out} holds an earlier search; pass --resume to continue it or choose another --out")
+    if resume and (out / "state.json").exists():  # a resumed run keeps the slices and sizes it started with
+        started = json.loads((out / "state.json").read_text()).get("job", {})
+        job = replace(job, preset=started.get("preset", job.preset),
+                      precisions=tuple(started.get("precisions", job.precisions)),
+                      overrides={**started.get("overrides", {}), **job.overrides},
+                      supernet=Path(started["supernet"]) if started.get("supernet") else job.supernet,
+                      shared_embeddings=started.get("shared_embeddings", job.shared_embeddings))
+    job, pre, seqs = _check_job(job)
     out.mkdir(parents=True, exist_ok=True)
     st = State(out)
     prev = st.data.get("job")
@@ -188,9 +202,10 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
         if job.speedup:
             job = replace(job, budget_ms=prev.get("budget_ms"))
     st.set("job", {"budget_ms": job.budget_ms, "speedup": job.speedup, "seq": job.seq, "seq_choices": seqs,
-                   "threads": job.threads,
-                   "device": job.device, "preset": job.preset, "precisions": list(job.precisions),
-                   "teacher": str(job.teacher), "data": str(job.data), "overrides": job.overrides})
+                   "threads": job.threads, "device": job.device, "preset": job.preset,
+                   "precisions": list(job.precisions), "teacher": str(job.teacher), "data": str(job.data),
+                   "overrides": job.overrides, "supernet_overrides": _plain(job.supernet_overrides), "supernet": str(job.supernet) if job.supernet else None,
+                   "shared_embeddings": job.shared_embeddings})
     # training and F1 evaluation use every core; --threads is the target's thread count, which the
     # oracle sets for each timing
     torch.set_num_threads(max(job.threads, os.cpu_count() or 1))
@@ -201,34 +216,15 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
     if bad or not job.precisions:
         raise CanaoError(f"precision {', '.join(bad) or '(none)'} not available in the compiler; choose from "
                          f"{', '.join(compiler_precisions())}")
-    space = SearchSpace.from_teacher(tcfg, seq=seqs, precisions=list(job.precisions),
+    space = SearchSpace.from_teacher(tcfg, seq=seqs, precisions=list(job.precisions), min_depth=pre.min_depth,
                                      hidden_fracs=tuple(pre.hidden_fracs))
-    dev = squad.read_squad(dev_file, pre.search_dev + pre.eval_dev)
-    search_ex, eval_ex = dev[:pre.search_dev], dev[pre.search_dev:]
-    if len(eval_ex) < 1:
-        raise CanaoError(f"{dev_file}: only {len(dev)} dev questions; the search and eval slices need more")
-    feats_by_seq: dict[int, squad.Features] = {}
-
-    def eval_feats_at(seq: int) -> squad.Features:
-        """The eval slice windowed for a model of this maximum length (shorter: more windows)."""
-        if seq not in feats_by_seq:
-            feats_by_seq[seq] = squad.make_features(tok, eval_ex, seq, eval_stride(seq))
-        return feats_by_seq[seq]
-
-    eval_feats = eval_feats_at(job.seq)
-
-    def f1_of(run_fn, seq: int | None = None) -> float:
-        return squad.score(run_fn, eval_ex, eval_feats_at(seq or job.seq))[0]["f1"]
-
-    def torch_runner(model):
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model.to(device).eval()
-
-        @torch.no_grad()
-        def run_fn(ids, tt, mask):
-            s, e = model(*[torch.as_tensor(a, device=device) for a in (ids, tt, mask)])
-            return s.float().cpu().numpy(), e.float().cpu().numpy()
-        return run_fn
+    dev = squad.read_squad(dev_file)
+    n_sel = pre.search_dev + pre.select_dev
+    if len(dev) <= n_sel:
+        raise CanaoError(f"{dev_file}: {len(dev)} dev questions; the search and selection slices need more than {n_sel}")
+    search_ex, select_ex = dev[:pre.search_dev], dev[pre.search_dev:n_sel]
+    eval_ex = dev if pre.eval_dev is None else dev[:pre.eval_dev]
+    sets = DevSets(tok, {"select": select_ex, "eval": eval_ex, "heldout": dev[n_sel:len(eval_ex)]})
 
     oracle = None
     if job.measure:
@@ -256,8 +252,8 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
                 raise
     # 2 teacher -------------------------------------------------------------
     if "teacher" not in st:
-        _log(f"teacher F1 on {len(eval_ex)} held-out dev questions")
-        st.set("teacher", {"f1": f1_of(torch_runner(teacher_model)), "arch": space.largest().to_dict(),
+        _log(f"teacher F1 on {len(eval_ex)} dev questions")
+        st.set("teacher", {**sets.scores(torch_runner(teacher_model), job.seq), "arch": space.largest().to_dict(),
                            "eval_questions": len(eval_ex)})
 
     # 3 calibration ---------------------------------------------------------
@@ -284,53 +280,63 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
         _log(f"predictor held-out error: {err['mape_pct']:.2f} % ({err['mae_ms']:.2f} ms) on {err['n']} candidates")
     (out / "predictor.json").write_text(json.dumps(st["calibration"], indent=1))
 
-    # 4 supernet ------------------------------------------------------------
-    sup_file = out / "supernet" / "model.safetensors"
-    net_model = copy.deepcopy(teacher_model)
-    train_feats = None
+    # 4-5 data and supernet ---------------------------------------------------
+    from . import supernet_train
 
-    def get_train_feats():
-        nonlocal train_feats
-        if train_feats is None:
-            ex = squad.read_squad(train_file, pre.train_limit)
-            train_feats = squad.make_features(tok, ex, pre.train_len, pre.train_stride, with_labels=True)
-        return train_feats
-
-    if "importance" not in st:
-        _log("head/neuron importance on training windows")
-        imp = compute_importance(net_model, get_train_feats(), batches=pre.importance_batches, batch_size=16)
-        perms = reorder(net_model, imp)
-        st.set("importance", {"perms": perms, "head_importance": [h.tolist() for h in imp["heads"]]})
+    sup_dir = Path(job.supernet) if job.supernet else (out / "supernet" if pre.supernet else None)
+    sjob = supernet_train.SupernetJob(job.teacher, job.data, sup_dir or out / "supernet", preset=pre.supernet or pre.data,
+                                      overrides=job.supernet_overrides, shared_embeddings=job.shared_embeddings,
+                                      seed=job.seed)
+    if job.supernet:  # a trained supernet brings its data settings and its shared table
+        smeta = json.loads((Path(job.supernet) / "supernet.json").read_text())
+        sjob = replace(sjob, preset=smeta["preset"], overrides=smeta.get("overrides", {}),
+                       shared_embeddings=smeta.get("shared_embeddings"), seed=smeta.get("seed", 0))
+        if job.shared_embeddings not in (None, sjob.shared_embeddings):
+            raise CanaoError(f"--supernet {job.supernet} was trained with shared embeddings "
+                             f"{sjob.shared_embeddings}, not {job.shared_embeddings}")
+        job = replace(job, shared_embeddings=sjob.shared_embeddings)
+        st.set("job", {**st["job"], "shared_embeddings": job.shared_embeddings})
+    elif not pre.supernet:
+        sjob = replace(sjob, preset=pre.data)
+    if sup_dir is not None and (job.supernet is None) and "supernet" not in st:
+        _log(f"phase 1: training the supernet ({sjob.preset} preset) into {sup_dir}")
+        supernet_train.train(sjob, resume=True, progress=progress)
+    spre = supernet_train.preset_of(sjob.preset, sjob.overrides)
+    windows = supernet_train.training_windows(sjob, spre, teacher_model, tok, progress=progress)
+    # the importance-ordered teacher: the supernet's channel order, or its own for the quick preset
+    sliced = copy.deepcopy(teacher_model)
+    if sup_dir is not None:
+        net, smeta = supernet_train.load(sup_dir, job.teacher)
+        _apply_perms(sliced, smeta["importance"]["perms"])
+        space = replace(space, depths=net.space.depths, head_choices=net.space.head_choices,
+                        ffn_choices=net.space.ffn_choices,
+                        hidden_choices=net.space.hidden_choices if len(pre.hidden_fracs) > 1 else [tcfg.hidden_size])
+        st.set("supernet", {"folder": str(sup_dir), "training": {k: smeta["training"].get(k) for k in
+                                                                 ("steps", "train_s", "device", "bf16")},
+                            "data": smeta.get("data"), "reference": smeta.get("reference")})
     else:
-        imp = {"heads": [None] * tcfg.num_layers, "ffn": [None] * tcfg.num_layers}
-        _apply_perms(net_model, st["importance"]["perms"])
-    teacher = copy_teacher(net_model)  # the reordered teacher: same function, head j <-> student head j
-    net = SuperNet(net_model, space)
-    if "supernet" not in st and pre.supernet_steps == 0:
-        _log("phase 1 skipped (preset without supernet training): candidates are ranked by the F1 of "
-             "importance-ordered teacher slices")
-        st.set("supernet", {"steps": 0, "train_s": 0.0, "device": "none",
-                            "note": "not trained: sub-networks are slices of the importance-ordered teacher"})
-    if "supernet" not in st:
-        feats = get_train_feats()
-        steps = pre.supernet_steps or steps_for(pre.supernet_epochs, len(feats), pre.batch_size)
-        dcfg = DistillConfig(steps=steps, batch_size=pre.batch_size, lr=pre.lr_supernet, n_random=pre.n_random,
-                             seed=job.seed, save_every=max(10, steps // 20), time_budget_s=pre.supernet_seconds)
-        _log(f"phase 1: supernet distillation, {steps} steps of {pre.batch_size} windows (sandwich: largest, smallest, "
-             f"{pre.n_random} random)")
-        res = train_supernet(net, teacher, feats, dcfg, out / "supernet-state", resume=resume, progress=progress)
-        sup_file.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in net_model.state_dict().items()}, str(sup_file))
-        st.set("supernet", {**res, "config": asdict(dcfg), "train_windows": len(feats)})
-    elif sup_file.exists():
-        net_model.load_state_dict(load_file(str(sup_file)))
-    elif st["supernet"].get("steps") == 0:
-        pass  # the importance-ordered teacher is the supernet
-    else:
-        _log("supernet weights not here (trained elsewhere): a new phase 2 starts from teacher slices")
-    net_model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        if "importance" not in st:
+            from .importance import compute_importance
 
-    # 5 search --------------------------------------------------------------
+            _log("head/neuron importance on original training windows")
+            import numpy as np
+
+            orig = np.flatnonzero(windows.original)[:spre.importance_batches * 16]
+            imp = compute_importance(sliced, windows.features(orig), batches=spre.importance_batches, batch_size=16)
+            st.set("importance", {"perms": reorder(sliced, imp)})
+        else:
+            _apply_perms(sliced, st["importance"]["perms"])
+        st.set("supernet", {"steps": 0, "note": "not trained: sub-networks are slices of the importance-ordered teacher"})
+    if job.shared_embeddings:
+        perms = (smeta if sup_dir is not None else st.data)["importance"]["perms"]
+        supernet_train.swap_word_table(sliced, job.shared_embeddings, perms.get("hidden"))
+    slices = SuperNet(copy_teacher(sliced), space)
+    net = SuperNet(net.model, space) if sup_dir is not None else slices
+    net.model.eval()
+    hidden_perm = ((smeta if sup_dir is not None else st.data)["importance"]["perms"].get("hidden")
+                   or list(range(tcfg.hidden_size)))
+
+    # 6 search --------------------------------------------------------------
     evaluator = Evaluator(net, tok, search_ex)
     scfg = SearchConfig(budget_ms=job.budget_ms, threads=job.threads, controllers=tuple(job.controllers),
                         proposals=pre.proposals, max_mb=job.max_mb, max_mem_mb=job.max_mem_mb, seed=job.seed)
@@ -341,7 +347,8 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
 
     search = Search(space, tcfg, predictor, oracle or _PredOnly(), evaluator, scfg, out / "search-log.jsonl", progress)
     if "search" not in st:
-        _log(f"search: {', '.join(scfg.controllers)}, {scfg.proposals} proposals each")
+        _log(f"search: {', '.join(scfg.controllers)}, {scfg.proposals} proposals each, F1 on {len(search_ex)} "
+             "dev questions")
         anchors = [a for p in space.precisions
                    for a in baseline_shapes(space, predictor, job.budget_ms, job.seq, p).values()]
         summary = search.run(resume=resume, anchors=list(dict.fromkeys(anchors)))
@@ -354,14 +361,15 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
         raise CanaoError(f"no candidate met the {job.budget_ms} ms budget and the constraints; raise the budget "
                          f"(fastest measured: {st.data.get('reachable', {}).get('p95_ms', 'unknown')} ms p95)")
 
-    # 6-8 confirm, phase 2, final (with fallback to the next candidate) --------------
+    ctx = Phase2(job, pre, st, out, windows, sets, tok, net, slices, hidden_perm, progress, resume)
+    # 7-9 confirm, phase 2, final (with fallback to the next candidate) --------------
     if not job.measure:
         chosen = ranked[0]
-        _phase2(job, pre, st, net, teacher, tcfg, Arch.from_dict(chosen["arch"]), get_train_feats, out, resume,
-                progress, tok, f1_of, torch_runner, save_half=True)
+        ctx.train(Arch.from_dict(chosen["arch"]), out / "model")
         if pre.baselines:
-            _baselines(job, pre, st, space, tcfg, teacher, get_train_feats, out, resume, progress, f1_of, torch_runner, None,
-                       predictor, chosen["arch"]["precision"])
+            for name, arch in baseline_shapes(space, predictor, job.budget_ms, job.seq,
+                                              chosen["arch"]["precision"]).items():
+                ctx.baseline(name, arch, None)
         st.set("stopped", "measure=False: device stages left for a run on the target with --resume")
         return {"out": str(out), "chosen": chosen["key"], "state": st.data}
     tried = st.data.get("rejected", [])
@@ -372,18 +380,23 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
             raise CanaoError(f"every candidate's compiled model exceeded the {job.budget_ms} ms budget when measured")
         arch, m, trail = search.confirm(candidates)
         st.set("confirm", trail)
-        student = _phase2(job, pre, st, net, teacher, tcfg, arch, get_train_feats, out, resume, progress, tok, f1_of,
-                          torch_runner)
-        final = _final(job, pre, st, student, arch, out, oracle, eval_feats_at(arch.seq), eval_ex, f1_of)
+        student = ctx.train(arch, out / "model")
+        final = ctx.final(student, arch, out / f"artifact-{arch.key()}", oracle, "phase2")
         if final is None:
             tried.append(arch.key())
             st.set("rejected", tried)
             st.data.pop("phase2", None)
+        else:
+            st.set("final", final)
 
-    # 9 baselines -----------------------------------------------------------
+    # 10 baselines ----------------------------------------------------------
     if pre.baselines and "baselines" not in st:
-        _baselines(job, pre, st, space, tcfg, teacher, get_train_feats, out, resume, progress, f1_of, torch_runner, oracle,
-                   predictor, st["final"]["arch"]["precision"])
+        for name, arch in baseline_shapes(space, predictor, job.budget_ms, job.seq,
+                                          st["final"]["arch"]["precision"]).items():
+            ctx.baseline(name, arch, oracle)
+        if "int8" in job.precisions:
+            ctx.int8_teacher(teacher_model, space.largest(job.seq, "int8"), oracle)
+        st.set("baselines", st.data.get("baseline_partial", {}))
     # the teacher quantized to int8 on other engines: what a user would pick instead of searching
     if pre.external and "external_baselines" not in st:
         if job.device:
@@ -392,27 +405,236 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
         else:
             from .external import int8_teacher_points
 
-            _log(f"the teacher in int8 on {', '.join(pre.external)}: F1 and latency")
-            st.set("external_baselines", int8_teacher_points(teacher_model, eval_ex, eval_feats, job.seq, job.threads,
-                                                             engines=pre.external, runs=pre.runs, log=_log))
+            _log(f"the teacher in int8 on {', '.join(pre.external)}: F1 on {len(eval_ex)} dev questions and latency")
+            st.set("external_baselines", int8_teacher_points(teacher_model, eval_ex, sets.features("eval", job.seq),
+                                                             job.seq, job.threads, engines=pre.external, runs=pre.runs,
+                                                             log=_log))
 
-    # 10 report -------------------------------------------------------------
+    # 11 returned: never below the starting point or an in-budget baseline -------------
+    if "returned" not in st:
+        st.set("returned", ctx.choose_returned())
+
+    # 12 report -------------------------------------------------------------
     st.set("wall_s_last_run", time.perf_counter() - t_start)
     files = report.write_all(out, st.data, search.entries, job)
-    fin = st["final"]
+    fin, ret = st["final"], st["returned"]
+    chosen = fin if ret["name"] == "canao" else st["baselines"][ret["name"]]
     return {
-        "f1": fin["f1"], "median_ms": fin["median_ms"], "p95_ms": fin["p95_ms"], "budget_ms": job.budget_ms,
-        "within_budget": fin["p95_ms"] <= job.budget_ms, "arch": fin["arch"], "seq": job.seq, "threads": job.threads,
-        "per_question": fin.get("per_question"),
+        "f1": chosen["f1"], "median_ms": chosen["median_ms"], "p95_ms": chosen["p95_ms"], "budget_ms": job.budget_ms,
+        "within_budget": chosen["p95_ms"] <= job.budget_ms, "arch": chosen["arch"], "seq": job.seq,
+        "threads": job.threads, "returned": ret, "f1_heldout": chosen.get("f1_heldout"),
+        "per_question": chosen.get("per_question"), "canao": fin,
         "teacher": {"f1": st["teacher"]["f1"], **st["teacher_latency"]},
         "baselines": st.data.get("baselines", {}),
         "external_baselines": st.data.get("external_baselines", {}),
         "predictor": st["calibration"].get("holdout"),
         "controllers": st["search"]["controllers"],
-        "eval_questions": len(eval_ex), "search_questions": len(search_ex),
+        "eval_questions": len(eval_ex), "search_questions": len(search_ex), "select_questions": len(select_ex),
         "paths": {"model": str(out / "model"), "artifact": str(out / "artifact"), **files},
         "wall_s": time.perf_counter() - t_start, "preset": job.preset,
     }
+
+
+def torch_runner(model):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+
+    @torch.no_grad()
+    def run_fn(ids, tt, mask):
+        s, e = model(*[torch.as_tensor(a, device=device) for a in (ids, tt, mask)])
+        return s.float().cpu().numpy(), e.float().cpu().numpy()
+    return run_fn
+
+
+class DevSets:
+    """The dev slices a search scores on ("select", "eval", "heldout"), windowed per maximum length once."""
+
+    def __init__(self, tok, slices: dict[str, list]):
+        self.tok, self.slices = tok, slices
+        self._feats: dict[tuple[str, int], squad.Features] = {}
+
+    def features(self, name: str, seq: int) -> squad.Features:
+        if (name, seq) not in self._feats:
+            self._feats[(name, seq)] = squad.make_features(self.tok, self.slices[name], seq, eval_stride(seq))
+        return self._feats[(name, seq)]
+
+    def f1(self, run_fn, name: str, seq: int) -> float:
+        return squad.score(run_fn, self.slices[name], self.features(name, seq))[0]["f1"]
+
+    def scores(self, run_fn, seq: int) -> dict:
+        """F1 on the eval questions, and on the held-out part of them (not used for any choice)."""
+        metrics, preds = squad.score(run_fn, self.slices["eval"], self.features("eval", seq))
+        held = self.slices["heldout"]
+        res = {"f1": metrics["f1"], "em": metrics["em"]}
+        if held:
+            res["f1_heldout"] = squad.squad_metrics(held, preds)["f1"]
+            res["heldout_questions"] = len(held)
+        return res
+
+
+class Phase2:
+    """Phase 2 of the chosen architecture and of the baselines, their compilation and the final choice."""
+
+    def __init__(self, job, pre, st, out, windows, sets, tok, net, slices, hidden_perm, progress, resume):
+        self.job, self.pre, self.st, self.out, self.windows, self.sets = job, pre, st, out, windows, sets
+        self.tok, self.net, self.slices, self.hidden_perm = tok, net, slices, hidden_perm
+        self.progress, self.resume = progress, resume
+
+    def _config(self, steps: int, budget: float | None) -> DistillConfig:
+        pre = self.pre
+        return DistillConfig(steps=steps, batch_size=pre.batch_size, lr=pre.lr_phase2, seed=self.job.seed,
+                             save_every=max(10, min(200, steps // 10)), eval_every=pre.eval_every,
+                             time_budget_s=budget)
+
+    def _distill(self, arch: Arch, init, state_dir: Path, steps: int, budget: float | None) -> tuple:
+        student = init
+        select = lambda: self.sets.f1(torch_runner(student), "select", arch.seq)  # noqa: E731
+        res = distill_student(student, self.windows, self._config(steps, budget), state_dir, self.resume,
+                              self.progress, evaluate=select)
+        return student, res
+
+    def _save(self, student, folder: Path) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+        shared = None
+        if self.job.shared_embeddings:
+            H = student.config.hidden_size
+            shared = {"model": self.job.shared_embeddings, "channels": list(self.hidden_perm[:H])}
+        save_encoder(student, folder, self.job.teacher, shared_table=shared)
+
+    def train(self, arch: Arch, model_dir: Path):
+        st = self.st
+        same = "phase2" in st and Arch.from_dict(st["phase2"]["arch"]).shape_key() == arch.shape_key()
+        if same and (model_dir / "config.json").exists():  # training does not depend on the precision
+            student, _ = load_encoder(model_dir)
+            return student
+        t0 = time.perf_counter()
+        # start from whichever is better on the selection slice: the supernet's weights or the teacher's slices
+        starts = {"supernet": self.net.extract(arch)}
+        if self.net is not self.slices:
+            starts["teacher-slices"] = self.slices.extract(arch)
+        start_f1 = {k: self.sets.f1(torch_runner(m), "select", arch.seq) for k, m in starts.items()}
+        start = max(start_f1, key=start_f1.get)
+        _log(f"phase 2: distilling {arch.key()} from its {start} weights (selection-slice F1 "
+             + ", ".join(f"{k} {v:.2f}" for k, v in start_f1.items()) + ")")
+        state_root = self.out / f"phase2-{arch.shape_key()}"
+        student, res = self._distill(arch, starts[start], state_root, self.pre.phase2_steps, self.pre.phase2_seconds)
+        self._save(student, model_dir)
+        st.set("phase2", {"key": arch.key(), "arch": arch.to_dict(), "train_s": time.perf_counter() - t0,
+                          "steps": res["steps"], "start": start, "start_f1": start_f1, "best": res["best"],
+                          "evals": res["evals"], "f1_select_torch": res["best"]["f1"], "device": res["device"],
+                          "bf16": res["bf16"], "train_windows": len(self.windows)})
+        return student
+
+    def final(self, student, arch: Arch, art: Path, oracle, stage: str) -> dict | None:
+        """Compile, verify, measure, F1: None when the measured p95 misses the budget (twice)."""
+        job = self.job
+        # Each candidate gets its own folder: a process keeps every shared library it has loaded, so
+        # re-using one path for another model would run the old library. Only the accepted one is renamed.
+        _log(f"compiling {arch.key()} and measuring it")
+        summary = compile_final(student, art, arch, job.threads)
+        timed = art  # what the target runs: this artifact, or one built for the device's target
+        if oracle.device:
+            timed = art.with_name(art.name + f"-{oracle.target}")
+            compile_final(student, timed, arch, job.threads, target=oracle.target)
+        ver = verify_artifact(art, student, self.sets.features("select", arch.seq), job.threads)
+        if arch.precision != "fp32":  # bf16/int8 differ from PyTorch by design: checked by F1 below
+            ver["ok"] = True
+            ver["checked_by"] = "F1 of the compiled model against PyTorch's on the selection slice, at most 3 points lower"
+        if not ver["ok"]:
+            raise CanaoError(f"compiled model disagrees with PyTorch (max |diff| {ver['max_abs_diff']:.2e}); see {art}")
+        m = oracle.time_artifact(timed, arch.seq)
+        for _ in range(2):  # noise on a shared machine: measure afresh before rejecting, keep the best session
+            if m["p95_ms"] <= job.budget_ms:
+                break
+            m = min(m, oracle.time_artifact(timed, arch.seq), key=lambda r: r["p95_ms"])
+        if m["p95_ms"] > job.budget_ms and stage == "phase2":
+            _log(f"{arch.key()} measured p95 {m['p95_ms']:.2f} ms > budget {job.budget_ms} ms: taking the next candidate")
+            shutil.rmtree(art, ignore_errors=True)
+            shutil.rmtree(timed, ignore_errors=True)
+            return None
+        run_fn, close = artifact_runner(art, job.threads)
+        try:
+            f1_select = self.sets.f1(run_fn, "select", arch.seq)
+            scores = self.sets.scores(run_fn, arch.seq)
+        finally:
+            close()
+        torch_f1 = self.sets.f1(torch_runner(student), "select", arch.seq)
+        if f1_select < torch_f1 - 3.0:
+            raise CanaoError(f"compiled {arch.precision} model loses {torch_f1 - f1_select:.1f} F1 against PyTorch; "
+                             f"see {art}")
+        # per-question timing needs the Python binding, so it is taken on this machine even with a device
+        pq = {**per_question_latency(art, self.sets.features("eval", arch.seq), job.threads), "on": "this machine"}
+        return {"arch": arch.to_dict(), "key": arch.key(), **scores, "f1_select": f1_select, "f1_select_torch": torch_f1,
+                "median_ms": m["median_ms"], "p95_ms": m["p95_ms"], "runs": m["runs"], "verify": ver,
+                "per_question": pq, "compile": {k: summary[k] for k in ("memory", "times")},
+                "artifact": str(art), "timed_artifact": str(timed), "within_budget": m["p95_ms"] <= job.budget_ms}
+
+    def baseline(self, name: str, arch: Arch, oracle) -> None:
+        """A uniformly shrunk student from teacher slices, with the chosen model's phase-2 steps."""
+        st = self.st
+        results = st.data.get("baseline_partial", {})
+        if name in results:
+            return
+        _log(f"baseline {name} {arch.key()}: teacher slices, the same phase-2 steps and data")
+        steps = st.data.get("phase2", {}).get("steps", self.pre.phase2_steps)
+        student, res = self._distill(arch, self.slices.extract(arch), self.out / f"baseline-{name}-state", steps, None)
+        folder = self.out / f"baseline-{name}"
+        self._save(student, folder / "model")
+        r = {"arch": arch.to_dict(), "key": arch.key(), "steps": res["steps"], "best": res["best"], "model": str(folder / "model")}
+        if oracle is not None:
+            r.update(self.final(student, arch, folder / f"artifact-{arch.key()}", oracle, "baseline") or {})
+        else:
+            r.update(self.sets.scores(torch_runner(student), arch.seq), f1_select=res["best"]["f1"])
+        results[name] = r
+        st.set("baseline_partial", results)
+
+    def int8_teacher(self, teacher, arch: Arch, oracle) -> None:
+        """The teacher compiled by canao in int8: a baseline wherever it fits the budget."""
+        st = self.st
+        results = st.data.get("baseline_partial", {})
+        if "teacher-int8" in results:
+            return
+        m = oracle.measure(arch)
+        if m["p95_ms"] > self.job.budget_ms:
+            results["teacher-int8"] = {"arch": arch.to_dict(), "key": arch.key(), "median_ms": m["median_ms"],
+                                       "p95_ms": m["p95_ms"], "within_budget": False,
+                                       "note": "over budget (random-weight measurement); F1 not taken"}
+        else:
+            _log("the teacher in canao int8 fits the budget: F1 and latency")
+            folder = self.out / "baseline-teacher-int8"
+            save_encoder(teacher, folder / "model", self.job.teacher)
+            results["teacher-int8"] = {"model": str(folder / "model"),
+                                       **self.final(teacher, arch, folder / f"artifact-{arch.key()}", oracle, "baseline")}
+        st.set("baseline_partial", results)
+
+    def choose_returned(self) -> dict:
+        """CANAO's model unless an in-budget baseline scores higher on the selection slice; the chosen
+        model and artifact end up in OUT/model and OUT/artifact."""
+        st, out = self.st, self.out
+        fin = st["final"]
+        pool = {"canao": fin} | {k: b for k, b in st.data.get("baselines", {}).items()
+                                 if b.get("within_budget") and "f1_select" in b}
+        name = max(pool, key=lambda k: (pool[k]["f1_select"], k == "canao"))
+        chosen = pool[name]
+        for folder in ("artifact", "artifact-host"):
+            shutil.rmtree(out / folder, ignore_errors=True)
+        art, timed = Path(chosen["artifact"]), Path(chosen["timed_artifact"])
+        if timed != art:
+            shutil.copytree(art, out / "artifact-host")
+        shutil.copytree(timed, out / "artifact")
+        if name != "canao":
+            shutil.rmtree(out / "model", ignore_errors=True)
+            shutil.copytree(chosen["model"], out / "model")
+        from ..models.wordpiece import tokenizer_files
+
+        for folder in (out / "artifact", out / "artifact-host"):  # the apps tokenize before they run an artifact
+            if folder.exists():
+                for fname, path in tokenizer_files(self.job.teacher).items():
+                    shutil.copyfile(path, folder / fname)
+        why = ("CANAO's model has the best selection-slice F1" if name == "canao" else
+               f"the {name} baseline scored higher on the selection slice ({chosen['f1_select']:.2f} vs "
+               f"{fin['f1_select']:.2f}) and fits the budget, so it is returned instead")
+        return {"name": name, "key": chosen["key"], "f1_select": chosen["f1_select"], "why": why}
 
 
 def _budget_words(job: dict) -> str:
@@ -436,157 +658,13 @@ def _apply_perms(model, perms) -> None:
     reorder(model, fake)
 
 
-def _distill(pre: Preset, job: Job, student, teacher, arch: Arch, feats, state_root: Path, resume, progress,
-             steps_of: dict[str, int] | None = None) -> tuple:
-    """Phase 2 of one student: (student, {stage: steps taken}). `steps_of` fixes the step counts
-    (the baselines get exactly the chosen model's); otherwise the preset's amounts, fitted to its
-    time budget."""
-    layer_map = keep_layers(arch.depth, teacher.config.num_layers)
-    taken = {}
-    for stage, amount in (("intermediate", pre.phase2_inter), ("prediction", pre.phase2_pred)):
-        steps = int(amount) if pre.phase2_steps else steps_for(amount, len(feats), pre.batch_size)
-        budget = pre.phase2_seconds
-        if steps_of and stage in steps_of:
-            steps, budget = steps_of[stage], None
-        cfg = DistillConfig(steps=steps, batch_size=pre.batch_size, lr=pre.lr_phase2, seed=job.seed,
-                            save_every=max(10, steps // 10), w_ce=0.5 if stage == "prediction" else 0.0,
-                            time_budget_s=budget)
-        done = state_root / f"{stage}.safetensors"
-        if done.exists():  # finished stage
-            student.load_state_dict(load_file(str(done)))
-            taken[stage] = json.loads((state_root / f"{stage}.json").read_text())["steps"]
-            continue
-        r = distill_student(student, teacher, layer_map, feats, cfg, state_root / stage, stage, resume, progress)
-        state_root.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(done))
-        (state_root / f"{stage}.json").write_text(json.dumps(r))
-        taken[stage] = r["steps"]
-    return student, taken
-
-
-def _phase2(job, pre, st, net, teacher, tcfg, arch, get_train_feats, out, resume, progress, tok, f1_of, torch_runner,
-            save_half=False):
-    model_dir = out / "model"
-    same = "phase2" in st and Arch.from_dict(st["phase2"]["arch"]).shape_key() == arch.shape_key()
-    if same and (model_dir / "config.json").exists():  # training does not depend on the precision
-        student, _ = load_encoder(model_dir)
-        return student
-    _log(f"phase 2: distilling {arch.key()} (intermediate layers, then predictions)")
-    t0 = time.perf_counter()
-    student = net.extract(arch)  # starts from the supernet's weights
-    state_root = out / f"phase2-{arch.shape_key()}"
-    student, taken = _distill(pre, job, student, teacher, arch, get_train_feats(), state_root, resume, progress)
-    student.eval()
-    shutil.rmtree(model_dir, ignore_errors=True)
-    if save_half:  # small enough to bring back from a GPU machine
-        from ..models.checkpoint import save_checkpoint
-        from ..models.wordpiece import tokenizer_files
-
-        extra = tokenizer_files(job.teacher)
-        save_checkpoint(model_dir, student.config.to_hf(student.architecture), student.state_dict(), extra,
-                        dtype=torch.float16, max_shard_bytes=15 * 2**20)
-    else:
-        save_encoder(student, model_dir, job.teacher)
-    st.set("phase2", {"key": arch.key(), "arch": arch.to_dict(), "train_s": time.perf_counter() - t0, "steps": taken,
-                      "f1_torch": f1_of(torch_runner(student), arch.seq),
-                      "device": "cuda" if torch.cuda.is_available() else "cpu"})
-    shutil.rmtree(state_root, ignore_errors=True)
-    return student
-
-
-def _final(job, pre, st, student, arch, out, oracle, eval_feats, eval_ex, f1_of) -> dict | None:
-    """Compile, verify, measure; None when the measured p95 misses the budget (twice)."""
-    # Each candidate gets its own folder: a process keeps every shared library it has loaded, so
-    # re-using one path for another model would run the old library. Only the accepted one is renamed.
-    art = out / f"artifact-{arch.key()}"
-    _log(f"compiling {arch.key()} and measuring it")
-    summary = compile_final(student, art, arch, job.threads)
-    timed = art  # what the target runs: this artifact, or one built for the device's target
-    if oracle.device:
-        timed = out / f"artifact-{arch.key()}-{oracle.target}"
-        compile_final(student, timed, arch, job.threads, target=oracle.target)
-    ver = verify_artifact(art, student, eval_feats, job.threads)
-    if arch.precision != "fp32":  # bf16/int8 differ from PyTorch by design: checked by F1 below
-        ver["ok"] = True
-        ver["checked_by"] = "F1 of the compiled model against PyTorch's, at most 3 points lower"
-    if not ver["ok"]:
-        raise CanaoError(f"compiled model disagrees with PyTorch (max |diff| {ver['max_abs_diff']:.2e}); see {art}")
-    m = oracle.time_artifact(timed, arch.seq)
-    for _ in range(2):  # noise on a shared machine: measure afresh before rejecting, keep the best session
-        if m["p95_ms"] <= job.budget_ms:
-            break
-        m = min(m, oracle.time_artifact(timed, arch.seq), key=lambda r: r["p95_ms"])
-    if m["p95_ms"] > job.budget_ms:
-        _log(f"{arch.key()} measured p95 {m['p95_ms']:.2f} ms > budget {job.budget_ms} ms: taking the next candidate")
-        shutil.rmtree(art, ignore_errors=True)
-        shutil.rmtree(timed, ignore_errors=True)
-        return None
-    from .latency import artifact_runner
-
-    run_fn, close = artifact_runner(art, job.threads)
-    try:
-        f1 = f1_of(run_fn, arch.seq)
-    finally:
-        close()
-    if f1 < st["phase2"]["f1_torch"] - 3.0:
-        raise CanaoError(f"compiled {arch.precision} model loses {st['phase2']['f1_torch'] - f1:.1f} F1 against PyTorch; "
-                         f"see {art}")
-    # per-question timing needs the Python binding, so it is taken on this machine even with a device
-    pq = {**per_question_latency(art, eval_feats, job.threads), "on": "this machine"}
-    shutil.rmtree(out / "artifact", ignore_errors=True)
-    shutil.rmtree(out / "artifact-host", ignore_errors=True)
-    if timed != art:
-        art.rename(out / "artifact-host")
-        art = timed
-    art.rename(out / "artifact")
-    from ..models.wordpiece import tokenizer_files
-
-    for folder in (out / "artifact", out / "artifact-host"):  # the apps tokenize before they run an artifact
-        if folder.exists():
-            for name, path in tokenizer_files(job.teacher).items():
-                shutil.copyfile(path, folder / name)
-    final = {"arch": arch.to_dict(), "key": arch.key(), "f1": f1, "median_ms": m["median_ms"], "p95_ms": m["p95_ms"],
-             "runs": m["runs"], "verify": ver, "per_question": pq, "compile": {k: summary[k] for k in ("memory", "times")},
-             "f1_torch": st["phase2"]["f1_torch"]}
-    st.set("final", final)
-    return final
-
-
 def baseline_shapes(space: SearchSpace, predictor, budget_ms: float, seq: int, precision: str = "fp32") -> dict[str, Arch]:
     """Uniformly shrunk students sized to the budget by the predictor: the deepest full-width
     layer-dropped model, and the widest full-depth model (heads and FFN shrunk together)."""
     L, H, F = space.teacher_layers, space.teacher_heads, space.teacher_ffn
-    depth = max([d for d in space.depths if predictor.predict(space.uniform(d, H, F, seq, precision)) <= budget_ms] or [1])
+    depth = max([d for d in space.depths if predictor.predict(space.uniform(d, H, F, seq, precision)) <= budget_ms]
+                or [min(space.depths)])
     widths = [(h, f) for h in space.head_choices for f in space.ffn_choices if abs(h / H - f / F) <= 0.13]
     fits = [(h, f) for h, f in widths if predictor.predict(space.uniform(L, h, f, seq, precision)) <= budget_ms]
     h, f = max(fits) if fits else min(widths)
     return {"layer-dropped": space.uniform(depth, H, F, seq, precision), "width-shrunk": space.uniform(L, h, f, seq, precision)}
-
-
-def _baselines(job, pre, st, space, tcfg, teacher, get_train_feats, out, resume, progress, f1_of, torch_runner, oracle,
-               predictor, precision):
-    """Uniformly shrunk students from teacher slices with the same phase-2 distillation, in the chosen
-    model's precision (quantization is free for everyone): F1 anywhere, latency only where the
-    oracle (the target) is."""
-    shapes = baseline_shapes(space, predictor, job.budget_ms, job.seq, precision)
-    results = st.data.get("baseline_partial", {})
-    for name, arch in shapes.items():
-        r = results.get(name)
-        if r is None:
-            _log(f"baseline {name} {arch.key()}: same phase-2 distillation")
-            sliced = SuperNet(copy.deepcopy(teacher).cpu(), space).extract(arch)  # teacher slices, not the supernet
-            root = out / f"baseline-{name}-state"
-            # the same distillation as the chosen model: its step counts, not a time budget of their own
-            sliced, _ = _distill(pre, job, sliced, teacher, arch, get_train_feats(), root, resume, progress,
-                                 st.data.get("phase2", {}).get("steps"))
-            r = {"arch": arch.to_dict(), "key": arch.key(), "f1": f1_of(torch_runner(sliced))}
-            sliced.cpu()
-            results[name] = r
-            st.set("baseline_partial", results)
-            shutil.rmtree(root, ignore_errors=True)
-        if oracle is not None and "p95_ms" not in r:
-            m = oracle.measure(arch)
-            r.update(median_ms=m["median_ms"], p95_ms=m["p95_ms"])
-            st.set("baseline_partial", results)
-    if oracle is not None:
-        st.set("baselines", results)

@@ -49,14 +49,14 @@ def plot(out: Path, state: dict, entries: list[dict], budget_ms: float) -> Path 
     if t and tl:
         ax2.scatter([tl["p95_ms"]], [t["f1"]], marker="s", s=60, color="k", label="teacher (canao fp32)")
     for name, b in state.get("baselines", {}).items():
-        if "p95_ms" in b:
+        if "p95_ms" in b and "f1" in b:
             ax2.scatter([b["p95_ms"]], [b["f1"]], marker="o", s=60, label=f"{name} {b['key']}")
     for name, b in state.get("external_baselines", {}).items():
         if "p95_ms" in b:
             ax2.scatter([b["p95_ms"]], [b["f1"]], marker="^", s=60, label=name)
     ax2.axvline(budget_ms, color="k", ls="--", lw=1)
     ax2.set_xlabel("measured p95 latency, ms (batch 1, padded to seq)")
-    ax2.set_ylabel("F1, held-out dev questions")
+    ax2.set_ylabel("F1, dev questions of the report")
     ax2.set_title("Final models")
     ax2.legend(fontsize=7)
     fig.tight_layout()
@@ -71,10 +71,21 @@ def markdown(state: dict, job) -> str:
     cal = state.get("calibration", {})
     lines = [f"# CANAO search: budget {job.budget_ms} ms p95, seq {job.seq}, {job.threads} thread(s), preset {job.preset}", ""]
     if fin:
-        lines += [f"**Chosen**: `{fin['key']}` — F1 {fin['f1']:.2f} (compiled model, {t.get('eval_questions')} held-out dev "
-                  f"questions), measured p50 {fin['median_ms']:.2f} ms / p95 {fin['p95_ms']:.2f} ms "
+        held = (f", {fin['f1_heldout']:.2f} on the {fin['heldout_questions']} of them no choice was made on"
+                if fin.get("f1_heldout") is not None else "")
+        lines += [f"**CANAO**: `{fin['key']}` — F1 {fin['f1']:.2f} (compiled model, {t.get('eval_questions')} dev "
+                  f"questions{held}), measured p50 {fin['median_ms']:.2f} ms / p95 {fin['p95_ms']:.2f} ms "
                   f"({'within' if fin['p95_ms'] <= job.budget_ms else 'OVER'} budget); verify max |diff| "
                   f"{fin['verify']['max_abs_diff']:.1e}.", ""]
+    ret = state.get("returned")
+    if ret:
+        lines += [f"**Returned**: `{ret['key']}` ({ret['name']}): {ret['why']}.", ""]
+    p2 = state.get("phase2")
+    if p2:
+        lines += [f"Phase 2 started from the {p2['start']} weights (selection-slice F1 "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in p2["start_f1"].items())
+                  + f"), {p2['steps']} steps in {p2['train_s']:.0f} s on {p2['train_windows']} cached windows; best "
+                  f"selection-slice F1 {p2['best']['f1']:.2f} at step {p2['best']['step']}.", ""]
         pq = fin.get("per_question")
         if pq:
             lines += [f"Per question at real lengths (mean {pq['mean_len']:.0f} tokens): p50 {pq['median_ms']:.2f} ms, "
@@ -82,21 +93,28 @@ def markdown(state: dict, job) -> str:
     def pq_cell(p):
         return f"{p['median_ms']:.2f}" if p else "-"
 
-    lines += ["| model | arch | F1 | p50 ms | p95 ms | per question p50 ms |", "| --- | --- | --- | --- | --- | --- |"]
+    def f1_cell(b, key="f1"):
+        return f"{b[key]:.2f}" if b.get(key) is not None else "-"
+
+    lines += ["| model | arch | F1 | F1 held-out | F1 selection slice | p50 ms | p95 ms | per question p50 ms |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     if fin:
-        lines.append(f"| CANAO | `{fin['key']}` | {fin['f1']:.2f} | {fin['median_ms']:.2f} | {fin['p95_ms']:.2f} | "
+        lines.append(f"| CANAO | `{fin['key']}` | {fin['f1']:.2f} | {f1_cell(fin, 'f1_heldout')} | "
+                     f"{f1_cell(fin, 'f1_select')} | {fin['median_ms']:.2f} | {fin['p95_ms']:.2f} | "
                      f"{pq_cell(fin.get('per_question'))} |")
     if t and tl:
-        lines.append(f"| teacher | largest, canao fp32 | {t['f1']:.2f} | {tl['median_ms']:.2f} | {tl['p95_ms']:.2f} | - |")
+        lines.append(f"| teacher | largest, canao fp32 | {t['f1']:.2f} | {f1_cell(t, 'f1_heldout')} | - | "
+                     f"{tl['median_ms']:.2f} | {tl['p95_ms']:.2f} | - |")
     for name, b in state.get("baselines", {}).items():
-        lines.append(f"| {name} | `{b['key']}` | {b['f1']:.2f} | {b.get('median_ms', float('nan')):.2f} | "
-                     f"{b.get('p95_ms', float('nan')):.2f} | - |")
+        lines.append(f"| {name} | `{b['key']}` | {f1_cell(b)} | {f1_cell(b, 'f1_heldout')} | {f1_cell(b, 'f1_select')} | "
+                     f"{b.get('median_ms', float('nan')):.2f} | {b.get('p95_ms', float('nan')):.2f} | "
+                     f"{pq_cell(b.get('per_question'))}{'' if b.get('within_budget', True) else ' (over budget)'} |")
     for name, b in state.get("external_baselines", {}).items():
         if "p95_ms" in b:
-            lines.append(f"| {name} | teacher, {b.get('version', b.get('engine'))} | {b['f1']:.2f} | {b['median_ms']:.2f} | "
-                         f"{b['p95_ms']:.2f} | {pq_cell(b.get('per_question'))} |")
+            lines.append(f"| {name} | teacher, {b.get('version', b.get('engine'))} | {b['f1']:.2f} | - | - | "
+                         f"{b['median_ms']:.2f} | {b['p95_ms']:.2f} | {pq_cell(b.get('per_question'))} |")
         else:
-            lines.append(f"| {name} | skipped: {b.get('skipped')} | | | | |")
+            lines.append(f"| {name} | skipped: {b.get('skipped')} | | | | | | |")
     lines += ["", "## Latency predictor", ""]
     h = cal.get("holdout")
     if h:
@@ -112,7 +130,9 @@ def markdown(state: dict, job) -> str:
         bf = "-" if c["best_f1"] is None else f"{c['best_f1']:.2f}"
         lines.append(f"| {name} | {bf} | {c['candidates_to_best']} | {c['evaluated']} |")
     sup = state.get("supernet", {})
-    phase1 = (f"supernet training {sup.get('train_s', 0):.0f} s on {sup.get('device', '?')}" if sup.get("steps") != 0
+    tr = sup.get("training") or {}
+    phase1 = (f"supernet {sup.get('folder')}: {tr.get('steps')} training steps in {tr.get('train_s', 0):.0f} s on "
+              f"{tr.get('device', '?')}" if sup.get("steps") != 0
               else "no supernet training (this preset ranks slices of the importance-ordered teacher)")
     lines += ["", f"Search time {s.get('search_s', 0):.0f} s (F1 evaluation {s.get('eval_s', 0):.0f} s); {phase1}; "
               f"phase 2 {state.get('phase2', {}).get('train_s', 0):.0f} s.",

@@ -47,6 +47,20 @@ def _load_one(path: Path) -> dict[str, torch.Tensor]:
         raise CanaoError(f"{path}: corrupt or unreadable safetensors file ({exc}); re-download or re-save it") from None
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder (one, or the shards its index lists)."""
+    folder = Path(folder)
+    if (folder / SINGLE).exists():
+        return [folder / SINGLE]
+    if (folder / INDEX).exists():
+        try:
+            shards = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+            raise CanaoError(f"{folder / INDEX}: malformed shard index ({exc})") from None
+        return [folder / s for s in shards]
+    raise CanaoError(f"{folder}: no {SINGLE} or {INDEX} found")
+
+
 def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder, as float32 where they were floating point."""
     folder = Path(folder)

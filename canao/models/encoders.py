@@ -40,6 +40,33 @@ def _per_layer_sizes(state: dict[str, torch.Tensor], prefix: str, cfg: BertConfi
     return cfg
 
 
+# config.json key of a model whose word-embedding table is another installed model's (sliced to its
+# channels) instead of being stored: the table is the largest tensor of a small encoder (30522 x 384),
+# and a student that kept it frozen can refer to it (see compress/distill.py).
+SHARED_TABLE = "canao_word_embeddings"
+WORD_TABLE = "embeddings.word_embeddings.weight"
+
+
+def shared_word_table(spec: dict) -> torch.Tensor:
+    """The table a SHARED_TABLE entry names: {"model": built-in name, "channels": [...], "sha256": ...}."""
+    import hashlib
+
+    from ..paths import resolve_model_path
+
+    folder = resolve_model_path(spec["model"])
+    state = load_state_dict(folder)
+    table = state.get(WORD_TABLE, state.get("bert." + WORD_TABLE))
+    if table is None:
+        raise CanaoError(f"{folder}: has no word-embedding table to share")
+    table = table.float()[:, torch.as_tensor(spec["channels"])].contiguous()
+    digest = hashlib.sha256(table.numpy().tobytes()).hexdigest()[:16]
+    if spec.get("sha256") and digest != spec["sha256"]:
+        raise CanaoError(f"the word-embedding table of '{spec['model']}' ({folder}) is not the one this model was "
+                         f"trained with (checksum {digest}, expected {spec['sha256']}); reinstall that package's "
+                         "version named in the model's README")
+    return table
+
+
 def load_encoder(path: str | Path, task: str = "qa", new_head_ok: bool = False):
     """(model, tokenizer) from a checkpoint folder. `new_head_ok` lets a bare encoder
     (such as the pretrained all-MiniLM-L6-v2) start with a freshly initialised task head."""
@@ -57,6 +84,8 @@ def load_encoder(path: str | Path, task: str = "qa", new_head_ok: bool = False):
     cfg = BertConfig.from_hf(raw)
     state = load_state_dict(folder)
     prefix = "bert." if any(k.startswith("bert.") for k in state) else ""
+    if raw.get(SHARED_TABLE) and prefix + WORD_TABLE not in state:
+        state[prefix + WORD_TABLE] = shared_word_table(raw[SHARED_TABLE])
     cfg = _per_layer_sizes(state, prefix, cfg, folder)
     model = HEADS[task](cfg)
     # Our parameter names are HF's; a bare encoder has them without the "bert." prefix.
@@ -74,8 +103,20 @@ def load_encoder(path: str | Path, task: str = "qa", new_head_ok: bool = False):
     return model, load_wordpiece(folder)
 
 
-def save_encoder(model, out: str | Path, tokenizer_dir: str | Path) -> Path:
-    """Save in the Hugging Face layout (config.json, model.safetensors, tokenizer files)."""
+def save_encoder(model, out: str | Path, tokenizer_dir: str | Path, shared_table: dict | None = None,
+                 dtype: torch.dtype | None = None) -> Path:
+    """Save in the Hugging Face layout (config.json, model.safetensors, tokenizer files). With
+    `shared_table` ({"model", "channels"}) the word-embedding table is not stored but referred to;
+    it must equal that model's table exactly."""
+    import hashlib
+
     out = Path(out)
-    save_checkpoint(out, model.config.to_hf(model.architecture), model.state_dict(), tokenizer_files(tokenizer_dir))
+    config, state = model.config.to_hf(model.architecture), dict(model.state_dict())
+    if shared_table is not None:
+        table = shared_word_table({**shared_table, "sha256": None})
+        mine = state.pop("bert." + WORD_TABLE).float().cpu()
+        if mine.shape != table.shape or not torch.equal(mine, table):
+            raise CanaoError(f"the model's word-embedding table is not {shared_table['model']}'s; it cannot refer to it")
+        config[SHARED_TABLE] = {**shared_table, "sha256": hashlib.sha256(table.numpy().tobytes()).hexdigest()[:16]}
+    save_checkpoint(out, config, state, tokenizer_files(tokenizer_dir), dtype=dtype)
     return out

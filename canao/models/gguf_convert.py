@@ -12,13 +12,13 @@ The result loads in llama.cpp and in canao.models.decoders alike.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CanaoError
+from ..fileio import file_digest
 from ..paths import resolve_model_path
 
 # Types canao's own loader reads back (gguf_loader.SUPPORTED_TYPES) that gguf.quants can write.
@@ -113,13 +113,6 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str | No
             tmp.unlink()
     return dst
 
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def converted(src: str | os.PathLike, qtype: str = "Q8_0", log=None) -> Path:

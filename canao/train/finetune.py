@@ -60,7 +60,9 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def _save_state(folder: Path, model, opt, step: int, cfg: FinetuneConfig) -> None:
+def _save_state(folder: Path, model, opt, step: int, cfg: FinetuneConfig, extra=None) -> None:
+    """`extra(tmp_folder)` writes further files that must travel with this state (a crash between
+    them and the state would pair a new state with old extras)."""
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -74,6 +76,8 @@ def _save_state(folder: Path, model, opt, step: int, cfg: FinetuneConfig) -> Non
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     save_file(tensors, str(tmp / "state.safetensors"))
     (tmp / "progress.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}))
+    if extra is not None:
+        extra(tmp)
     # Swap in the new state only once it is complete: a crash mid-write keeps the old one.
     if folder.exists():
         for f in folder.iterdir():

@@ -1,12 +1,13 @@
 import numpy as np
+import pytest
 import torch
 
-from canao.compress.distill import (DistillConfig, Projections, attention_kl, distill_student, hidden_mse, logits_kl,
-                                    sandwich, train_supernet)
-from canao.compress.space import Arch, SearchSpace
+from canao.compress.distill import (BatchPlan, DistillConfig, cached_loss, distill_student, flops, logits_kl,
+                                    opened_at, sandwich, train_supernet)
+from canao.compress.space import SearchSpace
 from canao.compress.supernet import SuperNet, copy_teacher
+from canao.compress.teacher_cache import CachedWindows
 from canao.models.bert import BertConfig, BertForQuestionAnswering
-from canao.tasks.squad import Features
 
 
 def tiny(seed=0, heads=4, ffn=64, layers=4, hidden=32):
@@ -16,54 +17,73 @@ def tiny(seed=0, heads=4, ffn=64, layers=4, hidden=32):
     return BertForQuestionAnswering(cfg)
 
 
-def fake_feats(n=32, s=16, seed=0):
+def windows_of(teacher, n=48, seed=0):
+    """Ragged windows of random tokens with the teacher's own logits, as the cache stores them."""
     rng = np.random.default_rng(seed)
-    ids = rng.integers(1, 100, (n, s))
-    mask = np.ones((n, s), np.int64)
-    mask[::3, -4:] = 0
-    tt = np.zeros((n, s), np.int64)
-    starts = rng.integers(0, s - 4, n)
-    return Features(ids, tt, mask, np.arange(n), [[None] * s] * n, starts, starts + 1)
-
-
-def test_losses_vanish_for_identical_outputs():
-    t = tiny().eval()
-    f = fake_feats(4)
-    batch = [torch.as_tensor(a) for a in (f.input_ids, f.token_type_ids, f.attention_mask)]
+    lens = rng.integers(6, 17, n)
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    tokens = rng.integers(1, 100, offsets[-1]).astype(np.int32)
+    types = np.zeros(offsets[-1], np.uint8)
+    starts = np.array([rng.integers(0, L) for L in lens], np.int32)
+    w = CachedWindows(tokens, types, offsets, starts, starts, np.arange(n, dtype=np.int32),
+                      (np.arange(n) % 3 == 0).astype(np.uint8))
+    logits = np.zeros((offsets[-1], 2), np.float16)
     with torch.no_grad():
-        s, e, out = t.forward_with_features(*batch, output_attentions=True)
-    mask = batch[2]
-    assert float(logits_kl(s, e, s, e, mask)) < 1e-6
-    assert float(hidden_mse(out.hidden_states[2], out.hidden_states[2], mask)) == 0
-    assert abs(float(attention_kl(out.attentions[1], out.attentions[1], mask))) < 1e-6
-    # a student with fewer heads is compared with the teacher's first heads
-    assert abs(float(attention_kl(out.attentions[1][:, :2], out.attentions[1], mask))) < 1e-6
-    assert float(logits_kl(s, e, e, s, mask)) > 0
-    # padded positions do not count
+        for i in range(n):
+            b = w.batch([i])
+            s, e = teacher(b["ids"], b["types"], b["mask"])
+            logits[offsets[i]:offsets[i + 1], 0] = s[0].numpy()
+            logits[offsets[i]:offsets[i + 1], 1] = e[0].numpy()
+    w.t_logits = logits
+    return w
+
+
+def test_cached_loss_vanishes_for_the_teachers_own_outputs_and_masks_padding():
+    t = tiny().eval()
+    w = windows_of(t, 6)
+    b = w.batch(np.arange(6))
+    with torch.no_grad():
+        s, e = t(b["ids"], b["types"], b["mask"])
+    assert float(cached_loss(s, e, b, 1.0, 0.0)) < 1e-4  # fp16 storage of the logits
+    assert float(cached_loss(s, e, b, 1.0, 0.5)) > 0.01  # the hard labels are not the teacher's argmax
+    assert float(logits_kl(s, e, e, s, b["mask"])) > 0
     s2 = s.clone()
-    s2[mask == 0] += 100
-    assert abs(float(logits_kl(s2, e, s, e, mask))) < 1e-5
+    s2[b["mask"] == 0] += 100  # padded positions do not count
+    assert abs(float(logits_kl(s2, e, s, e, b["mask"])) - float(logits_kl(s, e, s, e, b["mask"]))) < 1e-5
 
 
-def test_projections_only_when_widths_differ():
-    assert Projections(32, 32, 3).maps is None
-    p = Projections(16, 32, 3)
-    assert len(p.maps) == 3 and p.get(0).in_features == 16
+def test_batch_plan_is_a_function_of_seed_and_step_and_pads_little():
+    lens = np.random.default_rng(0).integers(5, 300, 5000)
+    a, b = BatchPlan(lens, 16, 3), BatchPlan(lens, 16, 3)
+    steps = [0, 7, 400, 312, 7, 1000]
+    for s in steps:
+        assert np.array_equal(a(s), b(s))
+    one_epoch = np.concatenate([a(s) for s in range(a.per_epoch)])
+    assert len(set(one_epoch.tolist())) == len(one_epoch)  # a permutation: no window twice in an epoch
+    padded = np.mean([lens[a(s)].max() * 16 / lens[a(s)].sum() for s in range(50)])
+    assert padded < 1.1  # length-sorted chunks: random batches would pad about 1.5x
 
 
-def test_sandwich_is_deterministic_and_has_extremes():
-    space = SearchSpace.from_teacher(tiny().config, seq=16)
-    a = sandwich(space, 5, 0, 2)
-    assert a == sandwich(space, 5, 0, 2) and a[0] == space.largest() and a[1] == space.smallest()
+def test_sandwich_is_deterministic_shrinks_progressively_and_keeps_the_flop_range():
+    space = SearchSpace.from_teacher(tiny(layers=6, heads=6, ffn=96, hidden=48).config, seq=16,
+                                     hidden_fracs=(0.5, 1.0))
+    cfg = DistillConfig(steps=100, n_random=3, largest_every=2, flops_range=(0.1, 0.6), shrink=(0.2, 0.5))
+    assert sandwich(space, 5, cfg) == sandwich(space, 5, cfg)
+    assert opened_at(0, 100, cfg.shrink) == {"depth"} and "hidden" in opened_at(60, 100, cfg.shrink)
+    early = sandwich(space, 10, cfg)  # only depth is elastic yet
+    assert early[0] == space.largest() and all(set(a.heads) == {6} and a.hidden == 0 for a in early)
+    assert sandwich(space, 11, cfg)[0] != space.largest()  # the largest every second step only
+    late = [a for s in range(60, 100) for a in sandwich(space, s, cfg)[2:]]
+    top = flops(space.largest(), space)
+    assert all(0.1 <= flops(a, space) / top <= 0.6 for a in late)
+    assert any(a.hidden for a in late) and len({a.heads for a in late}) > 3
 
 
-def test_supernet_training_lowers_small_subnet_loss_and_resumes(tmp_path):
+def test_supernet_training_resumes_to_the_same_weights(tmp_path):
     teacher = copy_teacher(tiny(seed=1).eval())
-    model = tiny(seed=1)
-    space = SearchSpace.from_teacher(model.config, seq=16)
-    net = SuperNet(model, space)
-    feats = fake_feats()
-    cfg = DistillConfig(steps=6, batch_size=8, lr=1e-3, save_every=3, n_random=1)
+    windows = windows_of(teacher)
+    space = SearchSpace.from_teacher(teacher.config, seq=16, hidden_fracs=(0.5, 1.0))
+    cfg = DistillConfig(steps=6, batch_size=8, lr=1e-3, save_every=3, n_random=1, bf16=False, shrink=(0.3, 0.6))
 
     class Stop(Exception):
         pass
@@ -72,25 +92,32 @@ def test_supernet_training_lowers_small_subnet_loss_and_resumes(tmp_path):
         if step == 4:
             raise Stop
 
-    try:
-        train_supernet(net, teacher, feats, cfg, tmp_path / "state", progress=False, on_step=stop)
-    except Stop:
-        pass
+    model = tiny(seed=1)
+    with pytest.raises(Stop):
+        train_supernet(SuperNet(model, space), windows, cfg, tmp_path / "state", progress=False, on_step=stop)
     assert (tmp_path / "state" / "progress.json").exists()
-    res = train_supernet(net, teacher, feats, cfg, tmp_path / "state", resume=True, progress=False)
+    model = tiny(seed=1)  # a new process: only what was saved survives
+    res = train_supernet(SuperNet(model, space), windows, cfg, tmp_path / "state", resume=True, progress=False)
     assert res["steps"] == 6 and not (tmp_path / "state").exists()
-    # uninterrupted run gives the same weights
     model2 = tiny(seed=1)
-    train_supernet(SuperNet(model2, space), teacher, feats, cfg, tmp_path / "state2", progress=False)
+    train_supernet(SuperNet(model2, space), windows, cfg, tmp_path / "state2", progress=False)
     for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=k)
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, tiny(seed=1).bert.embeddings.word_embeddings.weight)
 
 
-def test_phase2_stages_reduce_their_losses(tmp_path):
+def test_phase2_learns_and_keeps_its_best_checkpoint(tmp_path):
     teacher = copy_teacher(tiny(seed=2).eval())
+    windows = windows_of(teacher)
     student = tiny(seed=3, heads=2, ffn=16, layers=2)
-    feats = fake_feats()
-    cfg = DistillConfig(steps=30, batch_size=8, lr=3e-3, warmup=0.0)
-    r1 = distill_student(student, teacher, [1, 3], feats, cfg, tmp_path / "a", "intermediate", progress=False)
-    r2 = distill_student(student, teacher, [1, 3], feats, cfg, tmp_path / "b", "prediction", progress=False)
-    assert r1["last_loss"] < r1["first_loss"] and r2["last_loss"] < r2["first_loss"]
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    cfg = DistillConfig(steps=30, batch_size=8, lr=3e-3, warmup=0.0, bf16=False, eval_every=10)
+    res = distill_student(student, windows, cfg, tmp_path / "a", progress=False)
+    assert res["last_loss"] < res["first_loss"]
+    # an evaluation that prefers the starting point: phase 2 hands back the starting weights
+    scores = iter([50.0, 40.0, 45.0, 30.0])
+    student = tiny(seed=3, heads=2, ffn=16, layers=2)
+    res = distill_student(student, windows, cfg, tmp_path / "b", progress=False, evaluate=lambda: next(scores))
+    assert res["best"] == {"f1": 50.0, "step": 0} and [e["step"] for e in res["evals"]] == [0, 10, 20, 30]
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, start[k]), k

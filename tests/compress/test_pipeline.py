@@ -5,16 +5,20 @@ import json
 import pytest
 
 from canao.compress.pipeline import Job, run
+from canao.compress.teacher_cache import WindowSettings
 from canao.errors import CanaoError
 
-TINY = dict(train_limit=24, train_len=128, train_stride=32, importance_batches=1, supernet_steps=2, batch_size=4,
-            n_random=1, search_dev=6, eval_dev=6, calibration=4, proposals=3, phase2_inter=1, phase2_pred=1,
-            phase2_steps=True, runs=3, rounds=2, hidden_fracs=(0.5, 1.0))  # the hidden width searched too
+TINY = dict(search_dev=6, select_dev=6, eval_dev=20, calibration=4, proposals=3, phase2_steps=2, phase2_seconds=None,
+            eval_every=0, batch_size=4, runs=3, rounds=2, hidden_fracs=(0.5, 1.0))  # the hidden width searched too
+# the distillation data (and, in the standard preset, the supernet): 16 questions and one augmented copy each
+SUPER_TINY = dict(train_limit=16, copies=1, window=WindowSettings(128, 32), importance_batches=1, steps=4, seconds=None,
+                  batch_size=4, reference_dev=6, save_every=2)
 
 
-def job(tmp_path, teacher_dir, data_dir, budget=None, **kw):
-    return Job(teacher=teacher_dir, data=data_dir, out=tmp_path / "out", budget_ms=budget, threads=1, seq=128,
-               backend="torch", latency_db=tmp_path / "db.json", overrides=dict(TINY, **kw.pop("over", {})), **kw)
+def job(tmp_path, teacher_dir, data_dir, budget=None, out="out", **kw):
+    return Job(teacher=teacher_dir, data=data_dir, out=tmp_path / out, budget_ms=budget, threads=1, seq=128,
+               backend="torch", latency_db=tmp_path / "db.json", overrides=dict(TINY, **kw.pop("over", {})),
+               supernet_overrides=SUPER_TINY, **kw)
 
 
 def test_search_end_to_end_and_resume(tmp_path, teacher_dir, data_dir):
@@ -44,7 +48,13 @@ def test_search_end_to_end_and_resume(tmp_path, teacher_dir, data_dir):
     assert "teacher-int8-onnxruntime" in (out / "report.md").read_text()
     assert res["predictor"]["n"] >= 1
     state = json.loads((out / "state.json").read_text())
-    assert state["phase2"]["steps"] == {"intermediate": 1, "prediction": 1}  # what the baselines were given too
+    assert state["phase2"]["steps"] == 2 and state["phase2"]["start"] == "supernet"
+    assert {b["steps"] for b in state["baselines"].values() if "steps" in b} == {2}  # the baselines got the same
+    assert state["phase2"]["best"]["f1"] == max(e["f1"] for e in state["phase2"]["evals"])  # kept the best
+    # never below an in-budget baseline on the selection slice
+    pool = [state["final"]] + [b for b in state["baselines"].values() if b.get("within_budget") and "f1_select" in b]
+    assert state["returned"]["f1_select"] == max(b["f1_select"] for b in pool)
+    assert res["f1"] > 0 and res["eval_questions"] == 20
     # a finished run resumes without redoing anything
     with pytest.raises(CanaoError, match="--resume"):
         run(job(tmp_path, teacher_dir, data_dir, speedup=1.5, seq_choices=(96, 128)), progress=False)
@@ -53,6 +63,33 @@ def test_search_end_to_end_and_resume(tmp_path, teacher_dir, data_dir):
     again = run(job(tmp_path, teacher_dir, data_dir, speedup=1.5, seq_choices=(96, 128)), resume=True, progress=False)
     assert again["arch"] == res["arch"] and again["f1"] == res["f1"]
     assert len((out / "search-log.jsonl").read_text().splitlines()) == len(log)
+
+
+def test_standard_preset_trains_a_supernet_that_a_second_search_reuses(tmp_path, teacher_dir, data_dir):
+    from canao.models.encoders import load_encoder
+
+    first = run(job(tmp_path, teacher_dir, data_dir, 400.0, preset="standard", shared_embeddings="minilm",
+                    over=dict(hidden_fracs=(0.5, 0.75, 1.0))), progress=False)
+    sup = tmp_path / "out" / "supernet"
+    meta = json.loads((sup / "supernet.json").read_text())
+    assert meta["training"]["steps"] == 4 and meta["shared_embeddings"] == "minilm"
+    state = json.loads((tmp_path / "out" / "state.json").read_text())
+    assert state["supernet"]["folder"] == str(sup) and set(state["phase2"]["start_f1"]) == {"supernet", "teacher-slices"}
+    assert first["within_budget"]
+    # the student refers to all-MiniLM's word-embedding table instead of storing it, and loads with it
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "model" / "model.safetensors"), "pt") as f:
+        assert not any("word_embeddings" in k for k in f.keys())
+    model, _ = load_encoder(tmp_path / "out" / "model")
+    assert model.bert.embeddings.word_embeddings.weight.shape[0] == 30522
+    stamp = (sup / "model.safetensors").stat().st_mtime_ns
+    second = run(job(tmp_path, teacher_dir, data_dir, 300.0, out="out2", preset="standard", supernet=sup),
+                 progress=False)
+    assert (sup / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not retrained
+    assert second["within_budget"] and second["budget_ms"] == 300.0
+    state2 = json.loads((tmp_path / "out2" / "state.json").read_text())
+    assert state2["job"]["shared_embeddings"] == "minilm"  # taken from the supernet
 
 
 def test_impossible_budget_names_fastest_latency(tmp_path, teacher_dir, data_dir):

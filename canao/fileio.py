@@ -1,0 +1,60 @@
+"""Files that survive crashes, and checksums: one helper for every stage.
+
+`atomic_write_bytes`/`atomic_write_text`/`atomic_save_tensors` write to a temporary file
+in the same folder, fsync it, rename it over the target and fsync the folder, so a reader
+sees the old file or the new one, never a part of either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors file of torch tensors or numpy arrays (never a pickle), written atomically."""
+    values = list(tensors.values())
+    if values and type(values[0]).__module__.startswith("torch"):
+        from safetensors.torch import save
+        data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    else:
+        import numpy as np
+        from safetensors.numpy import save
+        data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(path, data)
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
