@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -161,6 +162,7 @@ def _run(params_model, cfg: DistillConfig, windows, state_dir: Path, resume: boo
     best, best_weights, evals = None, None, []  # best: {"f1", "step"} of the weights in best_weights
     if resume and (state_dir / "progress.json").exists():
         step = _load_state(state_dir, params_model, opt, device)
+        print(f"[distill] resuming {desc} at step {step}", file=sys.stderr, flush=True)
         extra = json.loads((state_dir / "run.json").read_text())
         total, best, evals = extra["total"], extra["best"], extra["evals"]
         if best is not None:

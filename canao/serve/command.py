@@ -20,8 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("serve", help="the real-time demo: a local web app and JSON API for QA and generation")
     p.add_argument("--qa-model", action="append", default=[], metavar="M",
-                   help="QA checkpoint folder or artifact; repeat to switch between models on the page "
-                        "(NAME=PATH names it)")
+                   help="QA checkpoint folder, artifact or shipped student name; repeat to switch between models on "
+                        "the page (NAME=PATH names it). Without --qa-model and --lm-model: the shipped "
+                        "minilm-squad-4x student compiled to int8 (once, cached) and smollm2")
     p.add_argument("--lm-model", action="append", default=[], metavar="M",
                    help="generation model: a GGUF file, a folder, or 'smollm2'; repeatable, NAME=PATH names it")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -92,9 +93,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def default_models(threads: int | None = None) -> tuple[list[str], list[str]]:
+    """What `canao serve` runs without model arguments: the shipped 4x student, compiled, and SmolLM2."""
+    from ..apps.zoo import DEFAULT_QA, compiled_student
+
+    return [f"{DEFAULT_QA}={compiled_student(DEFAULT_QA, threads=threads)}"], ["smollm2"]
+
+
 def cmd_serve(args) -> dict:
     if not args.qa_model and not args.lm_model:
-        raise CanaoError("give at least one model: --qa-model DIR and/or --lm-model M (for example smollm2)")
+        args.qa_model, args.lm_model = default_models(args.threads)
     if not 0 <= args.port <= 65535:
         raise CanaoError(f"--port {args.port} is not a TCP port (0-65535)")
     if args.max_queue < 0 or args.max_new_tokens < 1 or args.max_context_chars < 1:

@@ -124,3 +124,51 @@ def test_cli_registers_search():
     with pytest.raises(SystemExit):  # one budget, not both
         build_parser().parse_args(["search", "--teacher", "t", "--data", "d", "--speedup", "3", "--budget-ms", "9",
                                    "--out", "o"])
+
+
+SEARCH = """
+import sys
+from pathlib import Path
+from canao.compress.pipeline import Job, run
+from canao.compress.teacher_cache import WindowSettings
+tmp, teacher, data = map(Path, sys.argv[1:4])
+over = dict(search_dev=6, select_dev=6, eval_dev=20, calibration=4, proposals=3, phase2_steps=40, phase2_seconds=None,
+            eval_every=0, batch_size=4, runs=3, rounds=2, hidden_fracs=(1.0,))
+sup = dict(train_limit=16, copies=1, window=WindowSettings(128, 32), importance_batches=1, batch_size=4)
+job = Job(teacher=teacher, data=data, out=tmp / "out", budget_ms=400.0, threads=1, seq=128, backend="torch",
+          latency_db=tmp / "db.json", overrides=over, supernet_overrides=sup)
+run(job, resume=True, progress=False)
+"""
+
+
+def test_a_killed_search_resumes_without_redoing_finished_stages(tmp_path, teacher_dir, data_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", SEARCH, str(tmp_path), str(teacher_dir), str(data_dir)]
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "out"
+    deadline = time.time() + 600
+    state = lambda: json.loads((out / "state.json").read_text()) if (out / "state.json").exists() else {}  # noqa: E731
+    while proc.poll() is None and time.time() < deadline and not list(out.glob("phase2-*/progress.json")):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # in phase 2, after its first checkpoint
+    proc.wait()
+    before = state()
+    assert "search" in before and "phase2" not in before
+    log_lines = (out / "search-log.jsonl").read_text().splitlines()
+    step = json.loads(next(out.glob("phase2-*/progress.json")).read_text())["step"]
+    assert step > 0
+    done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = state()
+    assert after["phase2"]["steps"] == 40 and after["search"] == before["search"]
+    assert (out / "search-log.jsonl").read_text().splitlines()[:len(log_lines)] == log_lines  # nothing re-proposed
+    assert f"resuming distill at step {step}" in done.stderr  # phase 2 went on from its checkpoint
+    assert after["returned"]["name"] in ("canao", "width-shrunk", "layer-dropped", "teacher-int8")
