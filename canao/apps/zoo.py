@@ -46,3 +46,72 @@ def compiled_student(name: str, precision: str = "int8", max_seq: int = 384, thr
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def export_student(search: Path, name: str, data: Path, threads: int | None = None) -> dict:
+    """Copy a search's returned model into canao/zoo/NAME as float16 safetensors (word-embedding table
+    shared with all-MiniLM-L6-v2), score it on the whole dev file in PyTorch and compiled to int8, and
+    write its README with those figures and the commands that made it."""
+    import json
+
+    import torch
+
+    from ..compress.search import eval_stride
+    from ..compress.pipeline import data_files, torch_runner
+    from ..compress.latency import artifact_runner
+    from ..errors import CanaoError
+    from ..models.encoders import SHARED_TABLE, load_encoder, save_encoder
+    from ..models.checkpoint import read_config
+    from ..tasks import squad
+
+    search = Path(search)
+    state = json.loads((search / "state.json").read_text())
+    raw = read_config(search / "model")
+    if not raw.get(SHARED_TABLE):
+        raise CanaoError(f"{search}/model stores its own word-embedding table; run the search with "
+                         "--shared-embeddings minilm so the shipped file stays small")
+    model, _ = load_encoder(search / "model")
+    dest = Path(__file__).resolve().parents[1] / "zoo" / name
+    shutil.rmtree(dest, ignore_errors=True)
+    spec = {k: raw[SHARED_TABLE][k] for k in ("model", "channels")}
+    save_encoder(model, dest, state["job"]["teacher"], shared_table=spec, dtype=torch.float16)
+    shipped, tok = load_encoder(dest)  # what users get: the float16 weights
+    _, dev_file = data_files(data)
+    dev = squad.read_squad(dev_file)
+    seq = state["final"]["arch"]["seq"]
+    feats = squad.make_features(tok, dev, seq, eval_stride(seq))
+    f1_torch = squad.score(torch_runner(shipped), dev, feats)[0]
+    art = compiled_student(name, precision=state["final"]["arch"]["precision"], max_seq=seq, threads=threads)
+    run, close = artifact_runner(art, threads or 1)
+    try:
+        f1_compiled = squad.score(run, dev, feats)[0]
+    finally:
+        close()
+    size = sum(p.stat().st_size for p in dest.glob("*.safetensors"))
+    info = {"name": name, "arch": state["final"]["arch"] if state["returned"]["name"] == "canao" else
+            state["baselines"][state["returned"]["name"]]["arch"], "returned": state["returned"],
+            "f1_fp16_pytorch": f1_torch, "f1_compiled": f1_compiled, "dev_questions": len(dev),
+            "weights_mb": size / 2**20, "search": str(search), "budget_ms": state["job"]["budget_ms"],
+            "speedup": state["job"].get("speedup"), "teacher_f1": state["teacher"]["f1"],
+            "teacher_p95_ms": state["teacher_latency"]["p95_ms"]}
+    (dest / "canao-student.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def _main(argv=None) -> None:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m canao.apps.zoo", description="ship a searched student with canao")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="copy a search's returned model into canao/zoo/NAME (fp16) and score it")
+    e.add_argument("--search", required=True, type=Path)
+    e.add_argument("--name", required=True, choices=STUDENTS)
+    e.add_argument("--data", required=True, type=Path)
+    e.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    print(json.dumps(export_student(args.search, args.name, args.data, args.threads), indent=1))
+
+
+if __name__ == "__main__":
+    _main()

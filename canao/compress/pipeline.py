@@ -252,9 +252,8 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
                 raise
     # 2 teacher -------------------------------------------------------------
     if "teacher" not in st:
-        _log(f"teacher F1 on {len(eval_ex)} dev questions")
-        st.set("teacher", {**sets.scores(torch_runner(teacher_model), job.seq), "arch": space.largest().to_dict(),
-                           "eval_questions": len(eval_ex)})
+        st.set("teacher", {**teacher_scores(job, teacher_model, sets, dev_file, len(eval_ex)),
+                           "arch": space.largest().to_dict(), "eval_questions": len(eval_ex)})
 
     # 3 calibration ---------------------------------------------------------
     predictor = LatencyPredictor(tcfg, threads=job.threads)
@@ -433,6 +432,25 @@ def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
         "paths": {"model": str(out / "model"), "artifact": str(out / "artifact"), **files},
         "wall_s": time.perf_counter() - t_start, "preset": job.preset,
     }
+
+
+def teacher_scores(job: Job, teacher, sets: "DevSets", dev_file: Path, n_eval: int) -> dict:
+    """The teacher's F1 on the eval questions, computed once per teacher, dev file and slice (a later
+    search of the same teacher reads it back: minutes on a CPU for the whole dev file)."""
+    from ..fileio import atomic_write_text, file_digest
+    from ..paths import cache_root
+    from .augment import teacher_digest
+
+    tdig = teacher_digest(job.teacher)
+    key = f"{file_digest(dev_file)[:16]}|{n_eval}|{len(sets.slices['heldout'])}|{job.seq}|{eval_stride(job.seq)}"
+    path = cache_root() / "distill" / tdig / "teacher-scores.json"
+    known = json.loads(path.read_text()) if path.exists() else {}
+    if key not in known:
+        _log(f"teacher F1 on {n_eval} dev questions")
+        known[key] = sets.scores(torch_runner(teacher), job.seq)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(known, indent=1))
+    return known[key]
 
 
 def torch_runner(model):

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from canao.compiler import compile_model, load_artifact
 from canao.errors import CanaoError
-from canao.compiler.targets import host_target
+from canao.compiler.targets import TARGETS, host_target
 from compiler_helpers import random_inputs, small_model
 
 FP32_TOL = 1e-4
@@ -140,3 +140,34 @@ def test_int8_packing_layout_and_column_sums():
     assert (q[10:] == 0).all() and (q[:, 20:] == 0).all()
     np.testing.assert_allclose(q[:10, :20] * scales[:20], w, atol=scales.max() / 2 + 1e-6)
     assert (colsum == 128 * q.astype(np.int32).sum(0)).all()
+
+
+X86 = [name for name, t in TARGETS.items() if t.arch == "x86_64"]
+
+
+@pytest.mark.parametrize("target", X86)
+@pytest.mark.parametrize("precision,tol", [("fp32", FP32_TOL), ("bf16", 5e-3), ("int8", 5e-2)])
+def test_every_x86_target_this_cpu_runs_matches_pytorch(model, tmp_path, target, precision, tol):
+    """Not only the host's own pick: an AVX-512 machine also builds and runs the AVX2 code (and the
+    AVX-512 code without VNNI), so CI on either kind of host checks every path it can execute."""
+    from canao.compiler.targets import host_arch, missing_features
+
+    if host_arch() != "x86_64":
+        pytest.skip(f"not an x86-64 host: the {target} build cannot run here")
+    lacking = missing_features(TARGETS[target])
+    if lacking:
+        pytest.skip(f"this CPU lacks {', '.join(lacking)}: the {target} build is only compiled here "
+                    "(test_avx512_code_compiles), not run")
+    out = tmp_path / f"{target}-{precision}"
+    summary = compile_model(model, out, max_seq=48, precision=precision, target=target, tune=False)
+    assert summary["target"]["name"] == target
+    cm = load_artifact(out, threads=2)
+    assert cm.manifest["target"]["name"] == target
+    for seq, threads in ((7, 1), (48, 2)):
+        cm.set_threads(threads)
+        ids, tt, mask = random_inputs(seq, pad=2, seed=seq)
+        with torch.no_grad():
+            want = model(ids, tt, mask)
+        err = _max_err(cm.run(ids, tt, mask), want)
+        assert err <= tol * max(1.0, max(w.abs().max().item() for w in want)), (target, precision, err)
+    cm.close()
