@@ -11,9 +11,12 @@ Phase 1 trains the supernet with the sandwich rule: each step the largest sub-ne
 (every `largest_every` steps: at the start its outputs equal the cached teacher's, so it
 mostly anchors the shared weights), the smallest and `n_random` random sub-networks learn
 from the cached teacher on the same batch, their gradients summed. Progressive shrinking
-(Once-for-All) opens the elastic dimensions one after the other: first depth, then FFN
-size and heads, then the hidden size; `flops_range` keeps the random draws to the sizes
-the budgets of interest select (fractions of the teacher's FLOPs).
+(Once-for-All) opens the elastic dimensions one after the other, at fractions of the
+schedule: first depth, then FFN size and heads, then the hidden size. `flops_range` keeps
+the draws to the sizes the budgets of interest select (fractions of the teacher's FLOPs):
+"the smallest" is the smallest uniform sub-network of that range, and `uniform_share` of
+the random draws give every layer the same width (sub-networks of mixed per-layer widths
+that are never trained together score far lower).
 
 Phase 2 distills one extracted architecture, evaluates it every `eval_every` steps on a
 dev slice and keeps the best weights, the starting point included: phase 2 never returns a
@@ -87,6 +90,7 @@ class DistillConfig:
     n_random: int = 2  # phase 1: random sub-networks per step besides the largest and smallest
     largest_every: int = 1  # phase 1: the largest sub-network every this many steps
     flops_range: tuple[float, float] = (0.0, 1.0)  # phase 1: random draws within these FLOP fractions of the teacher
+    uniform_share: float = 0.5  # phase 1: share of random draws with the same heads and FFN size in every layer
     shrink: tuple[float, ...] = (0.2, 0.5)  # phase 1: step fractions where FFN+heads, then the hidden size, open
     eval_every: int = 0  # phase 2: F1 on the selection slice every this many steps (0: only at the end)
     seed: int = 0
@@ -196,11 +200,11 @@ def _run(params_model, cfg: DistillConfig, windows, state_dir: Path, resume: boo
     while step < total:
         if cfg.time_budget_s and start_step == 0 and step == 2:
             t_warm = time.perf_counter()  # the first steps pay for warm-up (allocator, kernels): time after them
-        if cfg.time_budget_s and start_step == 0 and step == 6:
-            rate = (time.perf_counter() - t_warm) / 4
-            fit = 6 + int((cfg.time_budget_s - (time.perf_counter() - t0)) / rate)
+        if cfg.time_budget_s and start_step == 0 and step == 10:  # 8 steps: a whole cycle of the sandwich's largest
+            rate = (time.perf_counter() - t_warm) / 8
+            fit = 10 + int((cfg.time_budget_s - (time.perf_counter() - t0)) / rate)
             if fit < total:  # shorten the schedule itself, so the learning rate still decays to zero
-                total = max(6, fit)
+                total = max(10, fit)
                 warmup = min(warmup, int(total * cfg.warmup))
                 bar.total = total
         batch = windows.batch(plan(step), device)
@@ -208,7 +212,7 @@ def _run(params_model, cfg: DistillConfig, windows, state_dir: Path, resume: boo
             g["lr"] = cfg.lr * _lr_factor(step, total, warmup)
         opt.zero_grad(set_to_none=True)
         with _autocast(bf16, device):
-            loss = step_loss(step, batch)  # does its own backward passes
+            loss = step_loss(step, batch, total)  # does its own backward passes; total: the (fitted) schedule
         torch.nn.utils.clip_grad_norm_([p for p in params_model.parameters() if p.requires_grad], 1.0)
         opt.step()
         step += 1
@@ -268,18 +272,31 @@ def opened_at(step: int, total: int, shrink: tuple[float, ...]) -> set[str]:
     return opened
 
 
+def smallest_in_range(sub: SearchSpace, space: SearchSpace, lo: float) -> Arch:
+    """The uniform sub-network of `sub` with the fewest FLOPs at or above the fraction `lo` of the teacher's:
+    the smallest model the budgets of interest select (the space's own smallest only trains a useless one)."""
+    top = flops(space.largest(), space)
+    uniform = [sub.uniform(d, h, f, hidden=w) for d in sub.depths for h in sub.head_choices for f in sub.ffn_choices
+               for w in sub.hiddens() or [0]]
+    fits = [a for a in uniform if flops(a, space) >= lo * top]
+    return min(fits or uniform, key=lambda a: (flops(a, space), -a.depth))
+
+
 def sandwich(space: SearchSpace, step: int, cfg: DistillConfig, total: int | None = None) -> list[Arch]:
-    """The sub-networks of a step: deterministic in (seed, step)."""
+    """The sub-networks of a step: deterministic in (seed, step). `total` is the schedule's length (after
+    a time budget shortened it): progressive shrinking opens the dimensions at fractions of it."""
     rng = random.Random(cfg.seed * 1_000_003 + step)
     sub = elastic_space(space, opened_at(step, total or cfg.steps, cfg.shrink))
     teacher_flops = flops(space.largest(), space)
     lo, hi = cfg.flops_range
-    out = [sub.smallest()]
+    out = [smallest_in_range(sub, space, lo)]
     if step % max(1, cfg.largest_every) == 0:
         out.insert(0, sub.largest())
     for _ in range(cfg.n_random):
         for _try in range(200):  # draws outside the FLOP range are redrawn
             arch = sub.sample(rng)
+            if rng.random() < cfg.uniform_share:  # one width for every layer: the shapes budgets mostly pick
+                arch = sub.uniform(arch.depth, arch.heads[0], arch.ffn[0], hidden=arch.hidden)
             if lo <= flops(arch, space) / teacher_flops <= hi:
                 break
         out.append(arch)
@@ -292,8 +309,8 @@ def train_supernet(supernet, windows, cfg: DistillConfig, state_dir: str | Path,
     prepare_student(supernet.model)
     space = supernet.space
 
-    def step_loss(step, batch):
-        archs = sandwich(space, step, cfg)
+    def step_loss(step, batch, total):
+        archs = sandwich(space, step, cfg, total)
         total = 0.0
         for arch in archs:
             s, e, _, _ = supernet(batch["ids"], batch["types"], batch["mask"], arch=arch)
@@ -313,7 +330,7 @@ def distill_student(student, windows, cfg: DistillConfig, state_dir: str | Path,
     """Phase 2 for one architecture from the cached teacher; with `evaluate` the best weights are kept."""
     prepare_student(student)
 
-    def step_loss(step, batch):
+    def step_loss(step, batch, total):
         s, e = student(batch["ids"], batch["types"], batch["mask"])
         loss = cached_loss(s, e, batch, cfg.temperature, cfg.w_ce)
         loss.backward()

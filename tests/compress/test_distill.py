@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from canao.compress import distill
 from canao.compress.distill import (BatchPlan, DistillConfig, cached_loss, distill_student, flops, logits_kl,
                                     opened_at, sandwich, train_supernet)
 from canao.compress.space import SearchSpace
@@ -121,3 +122,19 @@ def test_phase2_learns_and_keeps_its_best_checkpoint(tmp_path):
     assert res["best"] == {"f1": 50.0, "step": 0} and [e["step"] for e in res["evals"]] == [0, 10, 20, 30]
     for k, v in student.state_dict().items():
         assert torch.equal(v, start[k]), k
+
+
+def test_progressive_shrinking_follows_the_schedule_a_time_budget_fitted(tmp_path, monkeypatch):
+    teacher = copy_teacher(tiny(seed=1).eval())
+    windows = windows_of(teacher)
+    space = SearchSpace.from_teacher(teacher.config, seq=16, hidden_fracs=(0.5, 1.0))
+    seen = []
+    real = distill.sandwich
+    monkeypatch.setattr(distill, "sandwich", lambda sp, step, cfg, total=None: seen.append((step, total))
+                        or real(sp, step, cfg, total))
+    cfg = DistillConfig(steps=100_000, batch_size=4, time_budget_s=0.3, bf16=False, n_random=1, shrink=(0.2, 0.5))
+    res = train_supernet(SuperNet(tiny(seed=1), space), windows, cfg, tmp_path / "s", progress=False)
+    assert 10 <= res["steps"] < 1000  # the budget shortened the schedule...
+    assert all(t == res["steps"] for s, t in seen if s >= 10)  # ...and the widths opened on the shortened one
+    late = [a for s in range(int(0.6 * res["steps"]), res["steps"]) for a in real(space, s, cfg, res["steps"])]
+    assert any(min(a.heads) < 4 for a in late) and any(min(a.ffn) < 64 for a in late)
