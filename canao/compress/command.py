@@ -31,6 +31,9 @@ def register(sub) -> None:
     p.add_argument("--shared-embeddings", default=None, metavar="MODEL",
                    help="students refer to this built-in model's word-embedding table (e.g. minilm) instead of "
                         "storing their own: much smaller model files")
+    p.add_argument("--phase2-minutes", type=float, default=None,
+                   help="distillation time of the chosen model (the baselines get the same steps); default: the "
+                        "preset's (quick 2.5, standard 25). With --supernet, a few minutes make a second budget cheap")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     p.add_argument("--controllers", default="rl,evolution,random", help="comma-separated: rl, evolution, random")
     p.add_argument("--max-mb", type=float, default=None, help="model size limit (MB)")
@@ -71,8 +74,12 @@ def register(sub) -> None:
 def cmd_search(args) -> dict:
     import sys
 
+    from ..errors import CanaoError
     from .pipeline import Job, run
 
+    if args.phase2_minutes is not None and not args.phase2_minutes > 0:
+        raise CanaoError(f"--phase2-minutes must be > 0, got {args.phase2_minutes}")
+    overrides = {} if args.phase2_minutes is None else {"phase2_seconds": args.phase2_minutes * 60}
     job = Job(teacher=Path(args.teacher), data=Path(args.data), out=Path(args.out), budget_ms=args.budget_ms,
               threads=args.threads or 1, seq=args.seq, preset=args.preset,
               controllers=tuple(c.strip() for c in args.controllers.split(",") if c.strip()),
@@ -81,7 +88,8 @@ def cmd_search(args) -> dict:
               precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()), seed=args.seed,
               speedup=args.speedup, device=args.device, supernet=Path(args.supernet) if args.supernet else None,
               shared_embeddings=args.shared_embeddings,
-              seq_choices=_ints(args.seq_choices, "--seq-choices") if args.seq_choices else None)
+              seq_choices=_ints(args.seq_choices, "--seq-choices") if args.seq_choices else None,
+              overrides=overrides)
     result = run(job, resume=args.resume, progress=True)
     if not args.json:
         print(f"chosen {result['arch']}: F1 {result['f1']:.2f}, p50 {result['median_ms']:.2f} ms, "

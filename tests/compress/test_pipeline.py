@@ -126,6 +126,19 @@ def test_cli_registers_search():
                                    "--out", "o"])
 
 
+def test_cli_phase2_minutes_reaches_the_job_and_a_bad_value_is_refused(capsys, monkeypatch):
+    from canao.cli import main
+    from canao.compress import pipeline
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "run", lambda job, **kw: seen.setdefault("job", job) and {})
+    base = ["search", "--teacher", "t", "--data", "d", "--speedup", "8", "--out", "o", "--json"]
+    main(base + ["--phase2-minutes", "5"])
+    assert seen["job"].overrides == {"phase2_seconds": 300.0}
+    assert main(base + ["--phase2-minutes", "0"]) == 2
+    assert "--phase2-minutes must be > 0" in capsys.readouterr().err
+
+
 SEARCH = """
 import sys
 from pathlib import Path
