@@ -204,7 +204,7 @@ def _run(params_model, cfg: DistillConfig, windows, state_dir: Path, resume: boo
             rate = (time.perf_counter() - t_warm) / 8
             fit = 10 + int((cfg.time_budget_s - (time.perf_counter() - t0)) / rate)
             if fit < total:  # shorten the schedule itself, so the learning rate still decays to zero
-                total = max(10, fit)
+                total = max(step + 1, fit)  # this step runs either way: a budget already spent ends after it
                 warmup = min(warmup, int(total * cfg.warmup))
                 bar.total = total
         batch = windows.batch(plan(step), device)

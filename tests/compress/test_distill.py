@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -138,3 +140,8 @@ def test_progressive_shrinking_follows_the_schedule_a_time_budget_fitted(tmp_pat
     assert all(t == res["steps"] for s, t in seen if s >= 10)  # ...and the widths opened on the shortened one
     late = [a for s in range(int(0.6 * res["steps"]), res["steps"]) for a in real(space, s, cfg, res["steps"])]
     assert any(min(a.heads) < 4 for a in late) and any(min(a.ffn) < 64 for a in late)
+    # a budget spent before the timing steps end: the step being run is the last, on the same schedule
+    seen.clear()
+    res = train_supernet(SuperNet(tiny(seed=1), space), windows, replace(cfg, time_budget_s=1e-9), tmp_path / "t",
+                         progress=False)
+    assert res["steps"] == 11 and seen[-1] == (10, 11)
