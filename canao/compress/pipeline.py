@@ -631,8 +631,11 @@ class Phase2:
         model and artifact end up in OUT/model and OUT/artifact."""
         st, out = self.st, self.out
         fin = st["final"]
+        # a baseline of CANAO's own architecture compiles to the same code: a noisier timing of it
+        # (a busy machine) does not put it over the budget
+        fits = lambda b: b.get("within_budget") or (b.get("key") == fin["key"] and fin["within_budget"])  # noqa: E731
         pool = {"canao": fin} | {k: b for k, b in st.data.get("baselines", {}).items()
-                                 if b.get("within_budget") and "f1_select" in b}
+                                 if fits(b) and "f1_select" in b}
         name = max(pool, key=lambda k: (pool[k]["f1_select"], k == "canao"))
         chosen = pool[name]
         for folder in ("artifact", "artifact-host"):
