@@ -67,11 +67,18 @@ def export_student(search: Path, name: str, data: Path, threads: int | None = No
 
     search = Path(search)
     state = json.loads((search / "state.json").read_text())
-    if pick is not None and pick not in state.get("baselines", {}):
+    returned = state.get("returned", {}).get("name")
+    if "final" not in state:
+        raise CanaoError(f"{search}: phase 2 has not finished; resume the search first")
+    if pick == "canao" and returned not in (None, "canao"):
+        raise CanaoError(f"{search}/model holds the returned {returned} baseline, not CANAO's model")
+    if pick not in (None, "canao") and pick not in state.get("baselines", {}):
         raise CanaoError(f"{search} has no baseline '{pick}'; it has {sorted(state.get('baselines', {}))}")
-    entry = state["baselines"][pick] if pick else (
-        state["final"] if state["returned"]["name"] == "canao" else state["baselines"][state["returned"]["name"]])
-    source = Path(entry["model"]) if pick else search / "model"
+    if pick is None and returned is None:
+        raise CanaoError(f"{search}: the search has not returned a model yet; resume it, or --pick canao")
+    shipped = pick or returned
+    entry = state["final"] if shipped == "canao" else state["baselines"][shipped]
+    source = search / "model" if shipped in ("canao", returned) else Path(entry["model"])
     raw = read_config(source)
     if not raw.get(SHARED_TABLE):
         raise CanaoError(f"{source} stores its own word-embedding table; run the search with "
@@ -81,12 +88,12 @@ def export_student(search: Path, name: str, data: Path, threads: int | None = No
     shutil.rmtree(dest, ignore_errors=True)
     spec = {k: raw[SHARED_TABLE][k] for k in ("model", "channels")}
     save_encoder(model, dest, state["job"]["teacher"], shared_table=spec, dtype=torch.float16)
-    shipped, tok = load_encoder(dest)  # what users get: the float16 weights
+    fp16_model, tok = load_encoder(dest)  # what users get: the float16 weights
     _, dev_file = data_files(data)
     dev = squad.read_squad(dev_file)
     seq = entry["arch"]["seq"]
     feats = squad.make_features(tok, dev, seq, eval_stride(seq))
-    f1_torch = squad.score(torch_runner(shipped), dev, feats)[0]
+    f1_torch = squad.score(torch_runner(fp16_model), dev, feats)[0]
     art = compiled_student(name, precision=entry["arch"]["precision"], max_seq=seq, threads=threads)
     run, close = artifact_runner(art, threads or 1)
     try:
@@ -94,7 +101,8 @@ def export_student(search: Path, name: str, data: Path, threads: int | None = No
     finally:
         close()
     size = sum(p.stat().st_size for p in dest.glob("*.safetensors"))
-    info = {"name": name, "arch": entry["arch"], "returned": state["returned"], "shipped": pick or state["returned"]["name"],
+    info = {"name": name, "arch": entry["arch"], "returned": state.get("returned", {"name": None, "why": "exported before the search's baselines finished"}),
+            "shipped": shipped,
             "search_figures": {k: entry.get(k) for k in ("f1", "f1_heldout", "f1_select", "median_ms", "p95_ms")},
             "f1_fp16_pytorch": f1_torch, "f1_compiled": f1_compiled, "dev_questions": len(dev),
             "weights_mb": size / 2**20, "search": str(search), "budget_ms": state["job"]["budget_ms"],
@@ -109,6 +117,8 @@ def student_readme(info: dict, state: dict) -> str:
     arch = info["arch"]
     fin = state["final"] if info["shipped"] == "canao" else state["baselines"][info["shipped"]]
     how = ("the search's returned model" if info["shipped"] == info["returned"]["name"] else
+           "CANAO's model of the search, exported before its baselines had finished"
+           if info["returned"]["name"] is None else
            f"the search's {info['shipped']} baseline (the same steps and data, started from slices of the "
            f"teacher), not its returned {info['returned']['name']} model: on the whole dev file it scored "
            f"{fin['f1']:.2f} against {state['final']['f1']:.2f}; its selection slice had ranked them the other way")
