@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh), then the main job: a CANAO search (quick preset, at most 15 minutes
+# Set up (scripts/setup.sh), then the main job: a CANAO search (quick preset, aimed at 15 minutes
 # on 2 cores) for the most accurate student of the reference QA teacher that runs at least
 # 4x faster than the teacher when both are compiled by canao (p95, sequence 384, 1 thread),
 # then SQuAD EM/F1 of the shipped 4x student on a dev slice, one question answered by the
