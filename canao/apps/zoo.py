@@ -77,7 +77,7 @@ def export_student(search: Path, name: str, data: Path, threads: int | None = No
     if pick is None and returned is None:
         raise CanaoError(f"{search}: the search has not returned a model yet; resume it, or --pick canao")
     shipped = pick or returned
-    entry = state["final"] if shipped == "canao" else state["baselines"][shipped]
+    entry = _entry(state, shipped)
     source = search / "model" if shipped in ("canao", returned) else Path(entry["model"])
     raw = read_config(source)
     if not raw.get(SHARED_TABLE):
@@ -113,9 +113,14 @@ def export_student(search: Path, name: str, data: Path, threads: int | None = No
     return info
 
 
+def _entry(state: dict, name: str) -> dict:
+    """A search's figures of CANAO's model ('canao') or of one of its baselines."""
+    return state["final"] if name == "canao" else state["baselines"][name]
+
+
 def student_readme(info: dict, state: dict) -> str:
     arch = info["arch"]
-    fin = state["final"] if info["shipped"] == "canao" else state["baselines"][info["shipped"]]
+    fin = _entry(state, info["shipped"])
     how = ("the search's returned model" if info["shipped"] == info["returned"]["name"] else
            "CANAO's model of the search, exported before its baselines had finished"
            if info["returned"]["name"] is None else

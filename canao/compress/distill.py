@@ -311,13 +311,13 @@ def train_supernet(supernet, windows, cfg: DistillConfig, state_dir: str | Path,
 
     def step_loss(step, batch, total):
         archs = sandwich(space, step, cfg, total)
-        total = 0.0
+        loss_sum = 0.0
         for arch in archs:
             s, e, _, _ = supernet(batch["ids"], batch["types"], batch["mask"], arch=arch)
             loss = cached_loss(s, e, batch, cfg.temperature, cfg.w_ce)
             loss.backward()
-            total += loss.item()
-        return total / len(archs)
+            loss_sum += loss.item()
+        return loss_sum / len(archs)
 
     res = _run(supernet.model, cfg, windows, Path(state_dir), resume, step_loss, "supernet", progress, on_step)
     supernet.model.cpu()
