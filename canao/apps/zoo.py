@@ -48,9 +48,11 @@ def compiled_student(name: str, precision: str = "int8", max_seq: int = 384, thr
     return out
 
 
-def export_student(search: Path, name: str, data: Path, threads: int | None = None, pick: str | None = None) -> dict:
+def export_student(search: Path, name: str, data: Path, threads: int | None = None, pick: str | None = None,
+                   distilled: Path | None = None) -> dict:
     """Copy a search's returned model (or, with pick, one of its baselines: the selection slice can
-    prefer a model the whole dev file does not) into canao/zoo/NAME as float16 safetensors (word-embedding table
+    prefer a model the whole dev file does not; with distilled, the same architecture distilled further
+    by `canao distill` into that folder) into canao/zoo/NAME as float16 safetensors (word-embedding table
     shared with all-MiniLM-L6-v2), score it on the whole dev file in PyTorch and compiled to int8, and
     write its README with those figures and the commands that made it."""
     import json
@@ -79,11 +81,21 @@ def export_student(search: Path, name: str, data: Path, threads: int | None = No
     shipped = pick or returned
     entry = _entry(state, shipped)
     source = search / "model" if shipped in ("canao", returned) else Path(entry["model"])
+    further = None
+    if distilled is not None:
+        rec_path = Path(distilled) / "distill.json"
+        further = json.loads(rec_path.read_text()) if rec_path.exists() else {}
+        if not further.get("finished"):
+            raise CanaoError(f"{distilled}: not a finished `canao distill` run (no finished distill.json)")
+        source = Path(further["model"])
     raw = read_config(source)
     if not raw.get(SHARED_TABLE):
         raise CanaoError(f"{source} stores its own word-embedding table; run the search with "
                          "--shared-embeddings minilm so the shipped file stays small")
     model, _ = load_encoder(source)
+    if (model.config.layer_heads, model.config.layer_ffn) != (entry["arch"]["heads"], entry["arch"]["ffn"]):
+        raise CanaoError(f"{source} has heads {model.config.layer_heads}, FFN {model.config.layer_ffn}; the search's "
+                         f"{shipped} model has {entry['arch']['heads']}, {entry['arch']['ffn']}: its timings do not apply")
     dest = Path(__file__).resolve().parents[1] / "zoo" / name
     shutil.rmtree(dest, ignore_errors=True)
     spec = {k: raw[SHARED_TABLE][k] for k in ("model", "channels")}
@@ -108,6 +120,9 @@ def export_student(search: Path, name: str, data: Path, threads: int | None = No
             "weights_mb": size / 2**20, "search": str(search), "budget_ms": state["job"]["budget_ms"],
             "speedup": state["job"].get("speedup"), "teacher_f1": state["teacher"]["f1"],
             "teacher_p95_ms": state["teacher_latency"]["p95_ms"]}
+    if further is not None:
+        info["distilled_further"] = {k: further.get(k) for k in ("steps", "train_s", "start_f1", "best", "evals",
+                                                                 "select_questions", "train_windows", "command")}
     (dest / "canao-student.json").write_text(json.dumps(info, indent=1) + "\n")
     (dest / "README.md").write_text(student_readme(info, state))
     return info
@@ -127,6 +142,11 @@ def student_readme(info: dict, state: dict) -> str:
            f"the search's {info['shipped']} baseline (the same steps and data, started from slices of the "
            f"teacher), not its returned {info['returned']['name']} model: on the whole dev file it scored "
            f"{fin['f1']:.2f} against {state['final']['f1']:.2f}; its selection slice had ranked them the other way")
+    more = info.get("distilled_further")
+    if more:
+        how += (f", then distilled further for {more['steps']} steps ({more['train_s'] / 60:.0f} minutes on this "
+                f"machine's 2 cores) by `{' '.join(more['command'])}` (selection-slice F1 {more['start_f1']:.2f} -> "
+                f"{more['best']['f1']:.2f}, the best of its evaluations)")
     sup = state.get("supernet", {})
     timings = [e for e in [state["final"], *state.get("baselines", {}).values()] if e.get("key") == fin["key"]]
     timed = min(timings, key=lambda e: e["p95_ms"])
@@ -165,8 +185,11 @@ def _main(argv=None) -> None:
     e.add_argument("--data", required=True, type=Path)
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--pick", default=None, help="ship this baseline of the search (e.g. width-shrunk) instead")
+    e.add_argument("--distilled", default=None, type=Path,
+                   help="ship the model of this finished `canao distill` run of the search's architecture instead")
     args = ap.parse_args(argv)
-    print(json.dumps(export_student(args.search, args.name, args.data, args.threads, args.pick), indent=1))
+    print(json.dumps(export_student(args.search, args.name, args.data, args.threads, args.pick, args.distilled),
+                     indent=1))
 
 
 if __name__ == "__main__":

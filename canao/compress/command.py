@@ -70,6 +70,10 @@ def register(sub) -> None:
     add_common(t)
     t.set_defaults(func=cmd_supernet_train)
 
+    from .further import register_distill
+
+    register_distill(sub)
+
 
 def cmd_search(args) -> dict:
     import sys
