@@ -24,6 +24,7 @@ DEFAULT_QA = "minilm-squad-4x"
 def compiled_student(name: str, precision: str = "int8", max_seq: int = 384, threads: int | None = None,
                      log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> Path:
     from ..compiler import compile_model
+    from ..compiler.artifact import FORMAT, add_files
     from ..compiler.targets import host_target
     from ..models.checkpoint import weight_files
     from ..models.encoders import load_encoder
@@ -31,7 +32,7 @@ def compiled_student(name: str, precision: str = "int8", max_seq: int = 384, thr
 
     source = resolve_model_path(name)
     digest = file_digest(weight_files(source)[0])[:12]
-    out = cache_root() / "artifacts" / f"{name}-{digest}-{precision}-s{max_seq}-{host_target().name}"
+    out = cache_root() / "artifacts" / f"{name}-{digest}-{precision}-s{max_seq}-{host_target().name}-f{FORMAT}"
     if (out / "manifest.json").exists():
         return out
     log(f"canao: compiling {name} ({precision}, max length {max_seq}) once into {out}")
@@ -40,8 +41,7 @@ def compiled_student(name: str, precision: str = "int8", max_seq: int = 384, thr
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
         compile_model(model, tmp / "artifact", precision=precision, max_seq=max_seq, threads=threads)
-        for fname, path in tokenizer_files(source).items():
-            shutil.copyfile(path, tmp / "artifact" / fname)
+        add_files(tmp / "artifact", tokenizer_files(source))
         (tmp / "artifact").rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,18 +1,25 @@
 """The artifact folder: generated C, shared library, the canao-run program, packed weights, manifest.json.
 
-The manifest records the target ISA, precision, maximum length and a SHA-256 of
-every file, so a corrupted or foreign artifact is refused before it runs.
+An artifact is native code: loading one runs its library. The manifest records the target
+ISA, precision, maximum length and a SHA-256 of every file (the library, the weights, the
+runner and the tokenizer the apps read), and loading refuses a folder whose manifest lacks
+them, lists a file that is missing or changed, or holds a file it does not list. That
+catches corruption and accidents, not an attacker who rewrites the manifest too: load
+artifacts you built or got from a source you trust.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
 from .. import __version__
 from ..errors import CanaoError
-from ..fileio import file_digest
+from ..fileio import atomic_write_bytes, atomic_write_text, file_digest
 from .targets import TARGETS, host_arch, is_cross, missing_features
 
 MANIFEST = "manifest.json"
@@ -21,7 +28,7 @@ RUNNER = "canao-run"  # standalone C runner (kernels/canao_run.c); the only exec
 WEIGHTS = "weights.bin"
 WEIGHTS_MAGIC = b"CANAOW01"
 HEADER_BYTES = 64
-FORMAT = 1
+FORMAT = 2  # 2: the tokenizer files are checksummed too, and every file must be listed
 
 
 sha256 = file_digest  # an artifact's checksums
@@ -84,10 +91,52 @@ def read_manifest(folder: Path, check: bool = True, here: bool = True) -> dict:
         raise CanaoError(f"{folder} was built for {target.name}, but this CPU lacks {', '.join(missing)}; "
                          f"recompile it here with `canao compile --target host`")
     if check:
-        for name, digest in manifest.get("checksums", {}).items():
-            file = folder / name
-            if not file.exists():
-                raise CanaoError(f"{folder}: {name} is missing; the artifact is incomplete")
-            if sha256(file) != digest:
-                raise CanaoError(f"{folder}: {name} does not match its checksum; the artifact is corrupted, rebuild it")
+        check_files(folder, manifest, target)
     return manifest
+
+
+def check_files(folder: Path, manifest: dict, target) -> None:
+    sums = manifest.get("checksums")
+    if not isinstance(sums, dict) or not sums:
+        raise CanaoError(f"{folder}: the manifest has no checksums, so its native code cannot be checked; rebuild "
+                         f"the artifact with `canao compile` (an artifact is code: load only ones you trust)")
+    needed = [WEIGHTS, RUNNER] + ([] if is_cross(target) else [LIBRARY])
+    unlisted = [n for n in needed if n not in sums]
+    unlisted += sorted(p.name for p in folder.iterdir() if p.name != MANIFEST and p.name not in sums)
+    if unlisted:
+        raise CanaoError(f"{folder}: {', '.join(unlisted)} not covered by the manifest's checksums; the artifact was "
+                         f"changed after it was built: rebuild it with `canao compile`")
+    for name, digest in sums.items():
+        file = folder / name
+        if Path(name).name != name or not file.is_file():
+            raise CanaoError(f"{folder}: {name} is missing; the artifact is incomplete")
+        if sha256(file) != digest:
+            raise CanaoError(f"{folder}: {name} does not match its checksum; the artifact is corrupted, rebuild it")
+
+
+def add_files(folder: Path, files: dict) -> dict:
+    """Copy files ({name: source}: the tokenizer the apps read) into a finished artifact and add their
+    checksums to its manifest (after checking the rest, so a changed artifact is never blessed)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder, here=False)
+    for name, src in files.items():
+        shutil.copyfile(src, folder / name)
+        manifest["checksums"][name] = sha256(folder / name)
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def load_library(folder: Path) -> ctypes.CDLL:
+    """The artifact's shared library, loaded from a copy named by its checksum. The dynamic loader keeps
+    a library per path for the life of the process: loading a rebuilt artifact from the same folder would
+    otherwise run the old code."""
+    from ..paths import cache_root
+
+    lib = Path(folder) / LIBRARY
+    data = lib.read_bytes()
+    copy = cache_root() / "loaded" / f"{hashlib.sha256(data).hexdigest()[:32]}.so"
+    if not copy.exists():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(copy, data)  # whole or absent: a crash never leaves a truncated library there
+    # RTLD_LOCAL + a private copy of each symbol: several artifacts can be open at once
+    return ctypes.CDLL(str(copy), mode=os.RTLD_LOCAL)

@@ -63,10 +63,12 @@ def _cached(kind: str, cc: str, flags: list[str], inputs: list[Path], suffix: st
     out = cache_dir() / "build" / f"{kind}-{key.hexdigest()[:24]}{suffix}"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
+        # built in the cache's own folder and renamed: the file at `out` is whole or absent, whatever
+        # stops the build (a copy across filesystems could leave a truncated library there)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
             tmp_out = Path(tmp) / f"out{suffix}"
             make(tmp_out)
-            shutil.move(str(tmp_out), out)
+            os.replace(tmp_out, out)
     return out
 
 

@@ -96,9 +96,8 @@ def cmd_compile(args) -> dict:
     from ..models.encoders import load_encoder
     from ..paths import resolve_model_path
     from . import compile_model, load_artifact
+    from .artifact import add_files
     from .verify import random_cases, squad_cases, verify, verify_f1
-
-    import shutil
 
     from ..models.wordpiece import tokenizer_files
 
@@ -109,8 +108,7 @@ def cmd_compile(args) -> dict:
                             target=args.target, threads=args.threads, tune=tune,
                             log=lambda line: print(line, file=sys.stderr))
     # The apps tokenize before they run the artifact: it carries the model's tokenizer.
-    for name, path in tokenizer_files(source).items():
-        shutil.copyfile(path, Path(summary["artifact"]) / name)
+    add_files(Path(summary["artifact"]), tokenizer_files(source))
     if args.verify:
         from .runner import RunnerModel
         from .targets import get_target, is_cross

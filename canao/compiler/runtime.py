@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CanaoError
-from .artifact import LIBRARY, WEIGHTS, read_manifest
+from .artifact import WEIGHTS, load_library, read_manifest
 
 _ERR = 512
 
@@ -21,8 +21,7 @@ class CompiledModel:
         self.path = Path(folder)
         self.manifest = read_manifest(self.path, check=check)
         self.max_seq = int(self.manifest["max_seq"])
-        # RTLD_LOCAL + a private copy of each symbol: several artifacts can be open at once
-        self._lib = ctypes.CDLL(str((self.path / LIBRARY).resolve()), mode=os.RTLD_LOCAL)
+        self._lib = load_library(self.path)
         lib = self._lib
         lib.canao_open.restype = ctypes.c_void_p
         lib.canao_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]

@@ -647,12 +647,12 @@ class Phase2:
         if name != "canao":
             shutil.rmtree(out / "model", ignore_errors=True)
             shutil.copytree(chosen["model"], out / "model")
+        from ..compiler.artifact import add_files
         from ..models.wordpiece import tokenizer_files
 
         for folder in (out / "artifact", out / "artifact-host"):  # the apps tokenize before they run an artifact
             if folder.exists():
-                for fname, path in tokenizer_files(self.job.teacher).items():
-                    shutil.copyfile(path, folder / fname)
+                add_files(folder, tokenizer_files(self.job.teacher))
         why = ("CANAO's model has the best selection-slice F1" if name == "canao" else
                f"the {name} baseline scored higher on the selection slice ({chosen['f1_select']:.2f} vs "
                f"{fin['f1_select']:.2f}) and fits the budget, so it is returned instead")

@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +60,89 @@ def test_arena_reuses_dead_buffers():
     plan = plan_arena(sizes, live)
     assert plan.offsets["a"] == plan.offsets["c"] != plan.offsets["b"]
     assert plan.peak_bytes == 2 * 1024 and plan.naive_bytes == 3 * 1024
+
+
+# ---- an artifact is code: what loading it checks (issue 16)
+def test_token_and_type_ids_outside_the_tables_are_refused(compiled):
+    import numpy as np
+
+    ok = np.ones((1, 8), np.int64)
+    for ids, tt, words in ((ok * 100, ok * 0, "token id 100 .* vocabulary 0..99"), (ok * -1, ok * 0, "token id -1"),
+                           (ok, ok * 2, "token type id 2 .* outside 0..1")):
+        with pytest.raises(CanaoError, match=words):
+            compiled.run(ids, tt, ok)
+    assert np.isfinite(compiled.run(ok * 99, ok, ok)[0]).all()  # the last row of each table is still fine
+
+
+def _manifest(folder):
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def test_a_manifest_without_checksums_or_with_a_file_left_out_is_refused(copy):
+    from canao.compiler.artifact import LIBRARY
+
+    m = _manifest(copy)
+    (copy / "manifest.json").write_text(json.dumps({k: v for k, v in m.items() if k != "checksums"}))
+    with pytest.raises(CanaoError, match="no checksums"):
+        load_artifact(copy)
+    del m["checksums"][LIBRARY]
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CanaoError, match=f"{LIBRARY} not covered by the manifest"):
+        load_artifact(copy)
+
+
+def test_a_file_added_after_the_build_is_refused_and_add_files_checksums_it(copy):
+    from canao.compiler.artifact import add_files
+
+    (copy / "extra.txt").write_text("hello")
+    with pytest.raises(CanaoError, match="extra.txt not covered"):
+        load_artifact(copy)
+    (copy / "extra.txt").unlink()
+    src = copy.parent / "vocab.txt"
+    src.write_text("[PAD]\nhello\n")
+    add_files(copy, {"vocab.txt": src})
+    load_artifact(copy).close()
+    (copy / "vocab.txt").write_text("[PAD]\nhullo\n")  # a tokenizer swapped after the build
+    with pytest.raises(CanaoError, match="vocab.txt does not match its checksum"):
+        load_artifact(copy)
+
+
+def test_recompiling_into_the_same_folder_loads_the_new_code(tmp_path):
+    import torch
+    from compiler_helpers import random_inputs, small_model
+
+    from canao.compiler import compile_model
+
+    out = tmp_path / "art"
+    ids, tt, mask = random_inputs(16)
+    for heads, ffn in (((2, 3), (96, 50)), ((3, 1), (40, 70))):  # another shape: another library
+        model = small_model(heads=heads, ffn=ffn, seed=len(ffn) + heads[0])
+        compile_model(model, out, max_seq=64, tune=False)
+        compiled = load_artifact(out, threads=1)
+        with torch.no_grad():
+            want = model(ids, tt, mask)
+        got = compiled.run(ids, tt, mask)
+        compiled.close()
+        assert max(float((g - w).abs().max()) for g, w in zip(got, want)) < 1e-4
+
+
+def test_the_build_cache_holds_whole_files_or_none(tmp_path, monkeypatch):
+    from canao.compiler import build
+
+    monkeypatch.setattr(build, "cache_dir", lambda: tmp_path)
+    src = tmp_path / "in.c"
+    src.write_text("int x;")
+
+    def crash(out):
+        out.write_bytes(b"\x7fELF truncated")
+        raise KeyboardInterrupt  # stopped in the middle of writing
+
+    with pytest.raises(KeyboardInterrupt):
+        build._cached("lib", "cc", [], [src], ".so", crash)
+    assert list((tmp_path / "build").iterdir()) == []  # nothing that a later build would trust
+    moves = []
+    real = build.os.replace
+    monkeypatch.setattr(build.os, "replace", lambda a, b: (moves.append((a, b)), real(a, b)))
+    path = build._cached("lib", "cc", [], [src], ".so", lambda out: out.write_bytes(b"whole"))
+    assert path.read_bytes() == b"whole" and len(moves) == 1
+    assert Path(moves[0][0]).parent.parent == path.parent  # renamed within one filesystem, not copied

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import CanaoError
-from ..artifact import LIBRARY, MANIFEST, WEIGHTS, read_manifest
+from ..artifact import MANIFEST, WEIGHTS, load_library, read_manifest
 
 _ERR = 512
 
@@ -43,7 +43,7 @@ class CompiledDecoder:
         if self.manifest.get("kind") != "decoder":
             raise CanaoError(f"{self.path} is an encoder artifact; use it with `canao qa`, not for generation")
         self.max_ctx = int(self.manifest["max_seq"])
-        lib = self._lib = ctypes.CDLL(str((self.path / LIBRARY).resolve()), mode=os.RTLD_LOCAL)
+        lib = self._lib = load_library(self.path)
         lib.canao_lm_open.restype = ctypes.c_void_p
         lib.canao_lm_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.canao_lm_forward.restype = ctypes.c_int

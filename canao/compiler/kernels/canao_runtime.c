@@ -342,6 +342,20 @@ int canao_run(canao_model *m, int batch, int seq, const int64_t *ids, const int6
         snprintf(err, n, "sequence length %d is outside 1..%ld (compile with a larger --max-seq)", seq, canao_max_seq);
         return -1;
     }
+    if (batch < 1) { snprintf(err, n, "batch size %d must be at least 1", batch); return -1; }
+    /* the ids index the embedding tables: one outside them would read outside the weights */
+    for (long i = 0; i < (long)batch * seq; i++) {
+        if (canao_vocab_size > 0 && (ids[i] < 0 || ids[i] >= canao_vocab_size)) {
+            snprintf(err, n, "token id %lld (row %ld, position %ld) is outside this artifact's vocabulary 0..%ld: "
+                     "the tokenizer does not match the model", (long long)ids[i], i / seq, i % seq, canao_vocab_size - 1);
+            return -1;
+        }
+        if (canao_type_vocab_size > 0 && (tt[i] < 0 || tt[i] >= canao_type_vocab_size)) {
+            snprintf(err, n, "token type id %lld (row %ld, position %ld) is outside 0..%ld", (long long)tt[i],
+                     i / seq, i % seq, canao_type_vocab_size - 1);
+            return -1;
+        }
+    }
     const float *W = (const float *)((const char *)m->map + HEADER_BYTES);
     float *row_out[16];
     pool_t *p = m->pool;
