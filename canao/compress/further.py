@@ -7,6 +7,11 @@ result) can give it more time here, without searching again:
 
     canao distill --student minilm-squad-8x --teacher T --data D --out runs/more-8x --minutes 60
 
+or train one architecture from the start, from slices of the importance-ordered teacher, as a
+search's baselines do (with --supernet, the order that supernet was trained in):
+
+    canao distill --arch L6-h2-f384-int8 --supernet S --shared-embeddings minilm --teacher T --data D --out O
+
 Same loss and data as phase 2 (KL to the cached teacher logits on the augmented train subset +
 hard-label CE on the original questions; distill.py), warm-up and decay over the new schedule,
 F1 on the search's selection slice (dev questions 300..800: disjoint from the reported held-out
@@ -31,6 +36,7 @@ import torch
 
 from ..errors import CanaoError
 from ..fileio import atomic_write_text
+from .space import Arch
 
 # the search's slices of the dev file (pipeline.PRESETS["standard"]): 300 search, then 500 selection
 SELECT_FROM, SELECT_N = 300, 500
@@ -38,7 +44,7 @@ SELECT_FROM, SELECT_N = 300, 500
 
 @dataclass
 class FurtherJob:
-    student: str  # a folder or a shipped student's name
+    student: str | None  # a folder or a shipped student's name; None: start from teacher slices of `arch`
     teacher: Path
     data: Path
     out: Path
@@ -51,6 +57,9 @@ class FurtherJob:
     select_n: int = SELECT_N
     seed: int = 0
     threads: int | None = None
+    arch: str | None = None  # Arch.parse text: start from the importance-ordered teacher's slices
+    supernet: Path | None = None  # with arch: take the importance order from this supernet (else compute it)
+    shared_embeddings: str | None = None  # with arch: refer to this built-in model's word-embedding table
     command: list[str] = field(default_factory=list)
 
 
@@ -81,23 +90,38 @@ def run(job: FurtherJob, resume: bool = False, progress: bool = True) -> dict:
     if record.get("finished"):
         raise CanaoError(f"{out}: this run has finished (best F1 {record['best']['f1']:.2f} at step "
                          f"{record['best']['step']}); its model is {out / 'model'}. Choose another --out for more")
-    source = resolve_model_path(job.student)
-    if record and record["source"] != str(source):
-        raise CanaoError(f"{out} was started from {record['source']}, not {source}; --resume needs the same student")
-    raw = read_config(source)
-    out.mkdir(parents=True, exist_ok=True)
+    if (job.student is None) == (job.arch is None):
+        raise CanaoError("give a trained student (--student) or an architecture to start from teacher slices (--arch)")
+    if job.student is not None and (job.supernet or job.shared_embeddings):
+        raise CanaoError("--supernet and --shared-embeddings go with --arch: a --student keeps its own")
+    arch = Arch.parse(job.arch) if job.arch else None
+    source = resolve_model_path(job.student) if job.student else None
+    origin = str(source) if source else f"teacher slices {arch.key()}"
+    if record.get("source", origin) != origin:
+        raise CanaoError(f"{out} was started from {record['source']}, not {origin}; --resume needs the same student")
     torch.set_num_threads(job.threads or os.cpu_count() or 1)
-
-    student, tok = load_encoder(source, task="qa")
-    student = student.float()
-    teacher, ttok = load_encoder(job.teacher, task="qa")
-    if ttok.get_vocab() != tok.get_vocab():
-        raise CanaoError(f"{source} and the teacher {job.teacher} use different vocabularies; the cached teacher "
-                         "outputs are per token, so the student must share the teacher's tokenizer")
+    teacher, tok = load_encoder(job.teacher, task="qa")
+    if arch is not None:
+        _check_fits(arch, teacher.config)
+    if source is not None:
+        raw = read_config(source)
+        student, stok = load_encoder(source, task="qa")
+        student = student.float()
+        if stok.get_vocab() != tok.get_vocab():
+            raise CanaoError(f"{source} and the teacher {job.teacher} use different vocabularies; the cached teacher "
+                             "outputs are per token, so the student must share the teacher's tokenizer")
+        shared = raw.get(SHARED_TABLE)
+        shared = {k: shared[k] for k in ("model", "channels")} if shared else None
+    out.mkdir(parents=True, exist_ok=True)
     spre = preset_of(job.data_preset, job.data_overrides)
     sjob = SupernetJob(job.teacher, job.data, out, preset=job.data_preset, seed=job.seed)
     windows = training_windows(sjob, spre, teacher, tok, threads=job.threads, progress=progress)
     check_windows(windows)
+    if arch is not None:
+        if not record.get("importance"):  # decided once: a resumed run slices the same channels
+            record["importance"] = _importance(job, teacher, windows, spre)
+            atomic_write_text(record_path, json.dumps(record, indent=1))
+        student, shared = _teacher_slices(job, teacher, arch, record["importance"])
     del teacher
 
     _, dev_file = data_files(job.data)
@@ -111,21 +135,19 @@ def run(job: FurtherJob, resume: bool = False, progress: bool = True) -> dict:
     cfg = DistillConfig(steps=job.steps or 10**6, batch_size=spre.batch_size, lr=job.lr, seed=job.seed,
                         save_every=50, eval_every=job.eval_every,
                         time_budget_s=job.minutes * 60 if job.minutes is not None else None)
-    if not record:
-        record = {"source": str(source), "teacher": str(job.teacher), "data": str(job.data),
+    if "source" not in record:
+        record = {**record, "source": origin, "arch": arch.key() if arch else None, "teacher": str(job.teacher), "data": str(job.data),
                   "data_key": windows.meta.get("key"), "train_windows": len(windows), "config": asdict(cfg),
                   "select_questions": [SELECT_FROM, SELECT_FROM + job.select_n], "command": job.command,
                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         atomic_write_text(record_path, json.dumps(record, indent=1))
-    _log(f"distilling {source} on {len(windows)} cached windows"
+    _log(f"distilling {origin} on {len(windows)} cached windows"
          + (f" for {job.minutes:g} minutes" if job.minutes else f" for {job.steps} steps")
          + f"; F1 on dev questions {SELECT_FROM}..{SELECT_FROM + job.select_n} every {job.eval_every} steps")
     t0 = time.perf_counter()
     res = distill_student(student, windows, cfg, out / "state", resume=resume, progress=progress, evaluate=select)
-    shared = raw.get(SHARED_TABLE)
     model_dir = out / "model"
-    save_encoder(student, model_dir, source,
-                 shared_table={k: shared[k] for k in ("model", "channels")} if shared else None)
+    save_encoder(student, model_dir, job.teacher, shared_table=shared)
     record.update(finished=True, steps=res["steps"], train_s=record.get("train_s", 0) + time.perf_counter() - t0,
                   start_f1=res["evals"][0]["f1"], best=res["best"], evals=res["evals"], bf16=res["bf16"],
                   device=res["device"], model=str(model_dir))
@@ -136,6 +158,63 @@ def run(job: FurtherJob, resume: bool = False, progress: bool = True) -> dict:
             "steps": res["steps"], "train_s": record["train_s"]}
 
 
+def _importance(job: FurtherJob, teacher, windows, spre) -> dict:
+    """The teacher's head / FFN-neuron / hidden-channel order: a supernet's (checked to be this teacher's),
+    or computed on original training windows as `canao supernet train` does."""
+    import numpy as np
+
+    from .augment import teacher_digest
+    from .importance import compute_importance, reorder
+
+    if job.supernet is not None:
+        path = Path(job.supernet) / "supernet.json"
+        if not path.exists():
+            raise CanaoError(f"{job.supernet}: not a supernet folder (no supernet.json)")
+        meta = json.loads(path.read_text())
+        if meta.get("teacher_digest") != teacher_digest(job.teacher):
+            raise CanaoError(f"{job.supernet} belongs to another teacher than {job.teacher}")
+        return {"from": str(job.supernet), "perms": meta["importance"]["perms"]}
+    import copy
+
+    _log("head/neuron/channel importance on original training windows")
+    originals = np.flatnonzero(windows.original)
+    pick = np.random.default_rng(job.seed).choice(originals, min(len(originals), spre.importance_batches * 16),
+                                                  replace=False)
+    model = copy.deepcopy(teacher)
+    imp = compute_importance(model, windows.features(pick), batches=spre.importance_batches, batch_size=16)
+    return {"from": "computed", "perms": reorder(model, imp)}
+
+
+def _check_fits(arch, cfg) -> None:
+    if (arch.depth > len(cfg.layer_heads) or max(arch.heads) > min(cfg.layer_heads)
+            or max(arch.ffn) > min(cfg.layer_ffn) or (arch.hidden or 0) > cfg.hidden_size):
+        raise CanaoError(f"{arch.key()} is larger than the teacher ({len(cfg.layer_heads)} layers, {min(cfg.layer_heads)} "
+                         f"heads, FFN {min(cfg.layer_ffn)}, hidden {cfg.hidden_size}): a student is a slice of it")
+
+
+def _teacher_slices(job: FurtherJob, teacher, arch, importance: dict):
+    """(student, shared-table spec): `arch`'s slices of the importance-ordered teacher."""
+    import copy
+
+    from .pipeline import _apply_perms
+    from .space import SearchSpace
+    from .supernet import SuperNet
+    from .supernet_train import swap_word_table
+
+    cfg = teacher.config
+    H = arch.hidden or cfg.hidden_size
+    sliced = copy.deepcopy(teacher)
+    perms = importance["perms"]
+    _apply_perms(sliced, perms)
+    hidden_perm = perms.get("hidden") or list(range(cfg.hidden_size))
+    shared = None
+    if job.shared_embeddings:
+        swap_word_table(sliced, job.shared_embeddings, hidden_perm)
+        shared = {"model": job.shared_embeddings, "channels": list(hidden_perm[:H])}
+    space = SearchSpace.from_teacher(cfg, seq=arch.seq)
+    return SuperNet(sliced.eval(), space).extract(arch).float(), shared
+
+
 def register_distill(sub) -> None:
     import argparse
 
@@ -144,7 +223,15 @@ def register_distill(sub) -> None:
     p = sub.add_parser("distill", help="distil a trained student (a shipped one, a search's) further from the "
                                        "cached teacher", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--student", required=True, help="student folder, or a shipped student's name (minilm-squad-8x)")
+    start = p.add_mutually_exclusive_group(required=True)
+    start.add_argument("--student", help="student folder, or a shipped student's name (minilm-squad-8x)")
+    start.add_argument("--arch", help="start from the importance-ordered teacher's slices of this architecture "
+                                      "(a report's key, or e.g. L6-h2-f384: one value for every layer)")
+    p.add_argument("--supernet", default=None, help="with --arch: the importance order of this supernet folder "
+                                                    "(default: computed on the training data)")
+    p.add_argument("--shared-embeddings", default=None, metavar="MODEL",
+                   help="with --arch: refer to this built-in model's word-embedding table (e.g. minilm) instead "
+                        "of storing one")
     p.add_argument("--teacher", required=True, help="the teacher checkpoint folder it was distilled from")
     p.add_argument("--data", required=True, help="data folder laid out like ../shared/data")
     p.add_argument("--out", required=True, help="output folder (model/, distill.json)")
@@ -164,7 +251,8 @@ def register_distill(sub) -> None:
 
 def cmd_distill(args) -> dict:
     minutes = args.minutes if args.minutes is not None or args.steps is not None else 30.0
-    job = FurtherJob(student=args.student, teacher=Path(args.teacher), data=Path(args.data), out=Path(args.out),
+    job = FurtherJob(student=args.student, arch=args.arch, supernet=Path(args.supernet) if args.supernet else None,
+                     shared_embeddings=args.shared_embeddings, teacher=Path(args.teacher), data=Path(args.data), out=Path(args.out),
                      minutes=minutes, steps=args.steps, lr=args.lr, eval_every=args.eval_every,
                      data_preset=args.data_preset, select_n=args.select_questions, seed=args.seed,
                      threads=args.threads, command=["canao", *sys.argv[1:]])

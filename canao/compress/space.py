@@ -64,6 +64,23 @@ class Arch:
         return cls(tuple(int(h) for h in d["heads"]), tuple(int(f) for f in d["ffn"]), int(d.get("seq", 384)),
                    str(d.get("precision", "fp32")), int(d.get("hidden", 0)))
 
+    @classmethod
+    def parse(cls, text: str) -> "Arch":
+        """An architecture from its key ('L6-h2.6.2.2.2.2-f384.384.384.960.384.384-s384-int8', as reports
+        print it); a single head count or FFN size stands for every layer ('L6-h2-f384')."""
+        import re
+
+        m = re.fullmatch(r"L(\d+)(?:-d(\d+))?-h([\d.]+)-f([\d.]+)(?:-s(\d+))?(?:-(fp32|bf16|int8))?", text.strip())
+        if not m:
+            raise CanaoError(f"architecture '{text}': write it as L<layers>-h<heads>-f<ffn>[-s<seq>][-<precision>], "
+                             "with one value per layer (dots) or one for all, e.g. L6-h2-f384 or L2-h12.6-f1536.768")
+        depth = int(m[1])
+        heads, ffn = ([int(x) for x in m[i].split(".")] for i in (3, 4))
+        heads, ffn = (v * depth if len(v) == 1 else v for v in (heads, ffn))
+        if len(heads) != depth or len(ffn) != depth or min(heads + ffn) < 1:
+            raise CanaoError(f"architecture '{text}': L{depth} needs {depth} head counts and FFN sizes, each >= 1")
+        return cls(tuple(heads), tuple(ffn), int(m[5] or 384), m[6] or "fp32", int(m[2] or 0))
+
     def width(self, teacher: BertConfig) -> int:
         return self.hidden or teacher.hidden_size
 

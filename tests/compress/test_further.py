@@ -15,8 +15,8 @@ TINY_DATA = dict(train_limit=16, copies=1, window=WindowSettings(128, 32), batch
 
 
 def job(tmp_path, teacher_dir, data_dir, **kw):
-    return FurtherJob(teacher=teacher_dir, data=data_dir, out=tmp_path / "out",
-                      **{"student": "minilm-squad-8x", "minutes": None, "steps": 4, "eval_every": 2, "select_n": 30, "data_preset": "quick",
+    return FurtherJob(teacher=teacher_dir, data=data_dir,
+                      **{"out": tmp_path / "out", "student": "minilm-squad-8x", "minutes": None, "steps": 4, "eval_every": 2, "select_n": 30, "data_preset": "quick",
                          "data_overrides": TINY_DATA, **kw})
 
 
@@ -43,6 +43,26 @@ def test_distill_keeps_its_best_weights_and_the_shared_table(tmp_path, teacher_d
         rec.pop("finished")
         (tmp_path / "out" / "distill.json").write_text(json.dumps(rec))
         run(job(tmp_path, teacher_dir, data_dir, student="minilm-squad-4x"), resume=True, progress=False)
+
+
+def test_distill_from_teacher_slices_of_an_architecture(tmp_path, teacher_dir, data_dir):
+    from canao.models.encoders import load_encoder
+
+    res = run(job(tmp_path, teacher_dir, data_dir, student=None, arch="L2-h4.2-f768", shared_embeddings="minilm",
+                  steps=2, eval_every=0), progress=False)
+    rec = json.loads((tmp_path / "out" / "distill.json").read_text())
+    assert rec["source"] == "teacher slices L2-h4.2-f768.768-s384-fp32" and rec["importance"]["from"] == "computed"
+    assert [e["step"] for e in rec["evals"]] == [0, 2] and res["best"]["f1"] >= rec["start_f1"]
+    model, _ = load_encoder(tmp_path / "out" / "model")
+    assert model.config.layer_heads == [4, 2] and model.config.layer_ffn == [768, 768]
+    with safe_open(str(tmp_path / "out" / "model" / "model.safetensors"), "pt") as f:
+        assert not any("word_embeddings" in k for k in f.keys())
+    for kw, words in ((dict(arch="L2-h16-f768"), "larger than the teacher"), (dict(arch="L2-h4"), "write it as"),
+                      (dict(arch="L2-h4-f768", student="minilm-squad-8x"), "give a trained student .* or an arch"),
+                      (dict(student="minilm-squad-8x", shared_embeddings="minilm"), "go with --arch")):
+        with pytest.raises(CanaoError, match=words):
+            run(job(tmp_path, teacher_dir, data_dir, out=tmp_path / "bad", **{"student": None, **kw}), progress=False)
+        assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
 def test_distill_cli_refuses_bad_settings(tmp_path, capsys, teacher_dir, data_dir):
