@@ -8,9 +8,13 @@ sees the old file or the new one, never a part of either.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import json
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -59,6 +63,49 @@ def atomic_save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str
         from safetensors.numpy import save
         data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
     atomic_write_bytes(path, data)
+
+
+@contextlib.contextmanager
+def locked(path: str | Path):
+    """An exclusive lock on PATH.lock (across processes) for a read-modify-write of PATH."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_json_object(path: str | Path, what: str, valid=lambda data: True) -> dict:
+    """A JSON object file (a database canao keeps), or {} when absent. A file that is not a valid one is
+    moved aside to PATH.corrupt-<time> and named on stderr, never overwritten: its data stays recoverable."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and valid(data):
+            return data
+        why = "not a " + what + " of this version"
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:  # a torn write by an older canao, a disk error
+        why = f"unreadable: {exc}"
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    with contextlib.suppress(OSError):
+        os.replace(path, aside)
+    print(f"canao: {path} is {why}; kept it as {aside} and started a new {what}", file=sys.stderr)
+    return {}
+
+
+def update_json_object(path: str | Path, what: str, update, valid=lambda data: True) -> dict:
+    """Under the file's lock: re-read it (so entries another process wrote meanwhile are kept), apply
+    update(data) in place, write it atomically; returns the merged data."""
+    with locked(path):
+        data = read_json_object(path, what, valid)
+        update(data)
+        atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+    return data
 
 
 def file_digest(path: str | Path) -> str:

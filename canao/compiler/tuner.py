@@ -25,20 +25,17 @@ never lose each other's entries and a crash mid-write leaves the previous versio
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import math
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import CanaoError
-from ..fileio import atomic_write_text
+from ..fileio import read_json_object, update_json_object
 from .build import KERNEL_DIR, cache_dir, compiler
 from .codegen.c import TILE_SOURCES, Schedule, gemm_loop, gemm_loop_int8, gemm_mode
 from .targets import Target, cpu_model
@@ -97,37 +94,23 @@ class TuningDB:
         self.data = self._read()
 
     def _read(self) -> dict:
-        try:
-            data = json.loads(self.path.read_text())
-            if isinstance(data, dict) and data.get("format") == 1 and isinstance(data.get("targets"), dict):
-                return data
-            print(f"canao: ignoring {self.path}: not a tuning database of this version", file=sys.stderr)
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError) as exc:  # a non-atomic writer or a disk error: start over, say so
-            print(f"canao: ignoring unreadable tuning database {self.path} ({exc})", file=sys.stderr)
-        return {"format": 1, "targets": {}}
+        data = read_json_object(self.path, "tuning database", _valid_tuning)
+        return data or {"format": 1, "targets": {}}
 
     def get(self, target: Target, sig: GemmSig) -> dict | None:
         return self.data["targets"].get(target_key(target), {}).get(sig.key())
 
     def put_many(self, target: Target, entries: dict[str, dict]) -> None:
         """Merge entries into the file (under a lock, re-reading first) and write it atomically."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(self.path.with_name(self.path.name + ".lock")):
-            self.data = self._read()
-            self.data["targets"].setdefault(target_key(target), {}).update(entries)
-            atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+        def add(data):
+            data.setdefault("format", 1)
+            data.setdefault("targets", {}).setdefault(target_key(target), {}).update(entries)
+
+        self.data = update_json_object(self.path, "tuning database", add, _valid_tuning)
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path):
-    with open(lock_path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _valid_tuning(data: dict) -> bool:
+    return data.get("format") == 1 and isinstance(data.get("targets"), dict)
 
 
 

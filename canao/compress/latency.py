@@ -27,7 +27,6 @@ it from fewer).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import random
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CanaoError
+from ..fileio import locked, read_json_object, update_json_object
 from .space import Arch
 
 FEATURES = ("overhead", "layers", "proj", "attn", "ffn")
@@ -78,12 +78,12 @@ class LatencyOracle:
         self.rounds = max(1, rounds)
         self.max_age_s = None if max_age_h is None else max_age_h * 3600
         self.db_path = Path(db_path) if db_path else None
+        # shared by every search on this machine: read and written under its lock, merged, never lost
+        # (a corrupt file is kept aside and named, not overwritten)
         self.db: dict[str, dict] = {}
-        if self.db_path and self.db_path.exists():
-            try:
-                self.db = json.loads(self.db_path.read_text())
-            except json.JSONDecodeError:
-                self.db = {}  # a torn write: re-measure rather than fail
+        if self.db_path:
+            with locked(self.db_path):
+                self.db = read_json_object(self.db_path, "latency database")
         self.host = host_id()
         self.device, self.target = device, "host"
         if device:
@@ -112,13 +112,11 @@ class LatencyOracle:
         return [(Arch.from_dict(v["arch"]), v) for k, v in self.db.items()
                 if k.startswith(prefix) and v.get("threads") == t and self._fresh(v)]
 
-    def _save(self) -> None:
+    def _save(self, key: str, entry: dict) -> None:
         if not self.db_path:
             return
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.db_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.db, indent=0))
-        tmp.replace(self.db_path)
+        # only this measurement goes in: what other processes wrote meanwhile stays, and is read back
+        self.db = update_json_object(self.db_path, "latency database", lambda data: data.update({key: entry}))
 
     def measure(self, arch: Arch, seq: int | None = None, threads: int | None = None, fresh: bool = False,
                 model=None) -> dict:
@@ -164,7 +162,7 @@ class LatencyOracle:
         if self.progress:
             self.progress(arch, result)
         self.db[key] = result
-        self._save()
+        self._save(key, result)
         return result
 
     def _loop(self, fn) -> list[float]:

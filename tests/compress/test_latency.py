@@ -64,6 +64,29 @@ def test_torch_oracle_and_database(tmp_path):
     assert stale.measured_now == 1 and stale.cached(a) is not None
 
 
+def test_two_searches_sharing_the_database_keep_each_others_entries(tmp_path):
+    small = BertConfig(vocab_size=200, hidden_size=64, layer_heads=[4] * 2, layer_ffn=[128] * 2, head_dim=16)
+    db = tmp_path / "db.json"
+    first, second = (LatencyOracle(small, threads=1, backend="torch", db_path=db, runs=3, warmup=1) for _ in range(2))
+    a, b = Arch((2, 4), (64, 128), 32), Arch((2,), (64,), 32)
+    first.measure(a)
+    second.measure(b)  # opened before `a` was written: its write must not drop it
+    assert len(json.loads(db.read_text())) == 2
+    assert second.cached(a) is not None  # and it sees the other's measurement from then on
+
+
+def test_a_corrupt_database_is_kept_aside_not_overwritten(tmp_path, capsys):
+    small = BertConfig(vocab_size=200, hidden_size=64, layer_heads=[4] * 2, layer_ffn=[128] * 2, head_dim=16)
+    db = tmp_path / "db.json"
+    db.write_text('{"canao|host|a": {"median_ms": 1.0')  # a torn write
+    oracle = LatencyOracle(small, threads=1, backend="torch", db_path=db, runs=3, warmup=1)
+    aside = list(tmp_path.glob("db.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_text().startswith('{"canao|host|a"')
+    assert "kept it as" in capsys.readouterr().err
+    oracle.measure(Arch((2,), (64,), 32))
+    assert len(json.loads(db.read_text())) == 1 and aside[0].exists()
+
+
 def test_compiler_oracle_measures_compiled_code(tmp_path):
     small = BertConfig(vocab_size=200, hidden_size=64, layer_heads=[4] * 2, layer_ffn=[128] * 2, head_dim=16)
     oracle = LatencyOracle(small, threads=1, backend="canao", db_path=tmp_path / "db.json", runs=5, warmup=1)
