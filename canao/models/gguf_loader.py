@@ -8,6 +8,7 @@ undoing of the Q/K row permutation llama.cpp's converter applies for its RoPE ke
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import CanaoError
+from .limits import check_sizes
 
 # Tensor types we dequantize. The reference numpy kernels in `gguf.quants` cover more
 # (K-quants, IQ*), but these are the ones this project is tested on.
@@ -50,6 +52,7 @@ def open_gguf(path: str | Path) -> GGUFFile:
     path = Path(path)
     if not path.is_file():
         raise CanaoError(f"GGUF file not found: {path}")
+    check_structure(path)
     try:
         reader = gguf.GGUFReader(str(path))
         metadata = {name: f.contents() for name, f in reader.fields.items()}
@@ -60,6 +63,118 @@ def open_gguf(path: str | Path) -> GGUFFile:
             "download or convert it again"
         ) from None
     return GGUFFile(path=path, metadata=metadata, tensors=tensors)
+
+
+# value type -> bytes of one scalar (8: string, 9: array are variable)
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+
+
+class _Bounded:
+    """Reads little-endian fields of a file, refusing any count or length the remaining bytes cannot hold."""
+
+    def __init__(self, f, size: int, path: Path):
+        self.f, self.size, self.path, self.pos = f, size, path, 0
+
+    def fail(self, what: str):
+        raise CanaoError(f"{self.path}: not a valid GGUF file ({what} at byte {self.pos}); it is corrupt or "
+                         "truncated, download or convert it again")
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > self.size:
+            self.fail(f"{n} bytes needed, {self.size - self.pos} left")
+        data = self.f.read(n)
+        self.pos += n
+        return data
+
+    def skip(self, n: int) -> None:
+        if n < 0 or self.pos + n > self.size:
+            self.fail(f"{n} bytes needed, {self.size - self.pos} left")
+        self.f.seek(n, 1)
+        self.pos += n
+
+    def u32(self) -> int:
+        return struct.unpack("<I", self.take(4))[0]
+
+    def u64(self) -> int:
+        return struct.unpack("<Q", self.take(8))[0]
+
+    def string(self, limit: int | None = None) -> bytes:
+        n = self.u64()
+        if limit is not None and n > limit:
+            self.fail(f"a name of {n} bytes")
+        return self.take(n)
+
+    def value(self, vtype: int, depth: int = 0) -> None:
+        if vtype in _SCALAR_BYTES:
+            self.skip(_SCALAR_BYTES[vtype])
+        elif vtype == 8:
+            self.skip(self.u64())
+        elif vtype == 9 and depth < 2:
+            etype, count = self.u32(), self.u64()
+            least = _SCALAR_BYTES.get(etype, 8 if etype == 8 else 12 if etype == 9 else 0)
+            if least == 0:
+                self.fail(f"array of unknown value type {etype}")
+            if count * least > self.size - self.pos:  # before the loop: a huge count must not spin
+                self.fail(f"an array of {count} values")
+            if etype in _SCALAR_BYTES:
+                self.skip(count * least)
+            else:
+                for _ in range(count):
+                    self.value(etype, depth + 1)
+        else:
+            self.fail(f"value type {vtype}")
+
+
+def check_structure(path: Path) -> None:
+    """Walk the header, metadata and tensor index with every count, length, dimension and offset checked
+    against the file's size, before the `gguf` package (which trusts them) reads it: a crafted count makes
+    its reader loop for hours or allocate without bound."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        r = _Bounded(f, size, path)
+        if r.take(4) != b"GGUF":
+            r.fail("no GGUF magic")
+        version = r.u32()
+        if version not in (2, 3):
+            r.fail(f"GGUF version {version}; canao reads versions 2 and 3")
+        n_tensors, n_kv = r.u64(), r.u64()
+        if n_tensors * 32 + n_kv * 13 > size:  # the least a tensor entry / a key-value pair takes
+            r.fail(f"{n_tensors} tensors and {n_kv} metadata entries in {size} bytes")
+        alignment = 32
+        for _ in range(n_kv):
+            key = r.string(limit=1 << 16)
+            vtype = r.u32()
+            if key == b"general.alignment" and vtype == 4:
+                alignment = r.u32()
+                if alignment == 0 or alignment & (alignment - 1):
+                    r.fail(f"alignment {alignment}")
+            else:
+                r.value(vtype)
+        spans = []
+        for _ in range(n_tensors):
+            name = r.string(limit=1 << 16)
+            n_dims = r.u32()
+            if not 1 <= n_dims <= _MAX_DIMS:
+                r.fail(f"tensor {name[:64]!r} with {n_dims} dimensions")
+            dims = [r.u64() for _ in range(n_dims)]
+            ttype, offset = r.u32(), r.u64()
+            try:
+                block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+            except (ValueError, KeyError):
+                r.fail(f"tensor {name[:64]!r} of unknown type {ttype}")
+            count = 1
+            for d in dims:
+                count *= d
+            if count == 0 or count > size * 8 or count % block:
+                r.fail(f"tensor {name[:64]!r} of shape {dims}")
+            spans.append((name, offset, count // block * block_bytes))
+        data_start = -(-r.pos // alignment) * alignment
+        for name, offset, nbytes in spans:
+            if data_start + offset + nbytes > size:
+                r.fail(f"tensor {name[:64]!r} ends past the end of the file")
 
 
 def dequantize(gf: GGUFFile, name: str) -> torch.Tensor:
@@ -108,6 +223,7 @@ def llama_config(gf: GGUFFile):
         raise CanaoError(f"{gf.path}: GGUF architecture '{arch}' is not llama")
     n_embd = int(gf.require("llama.embedding_length"))
     n_head = int(gf.require("llama.attention.head_count"))
+    check_sizes(gf.path, hidden_size=n_embd, num_heads=n_head)  # before they are divided
     head_dim = int(gf.get("llama.attention.key_length", n_embd // n_head))
     rope_dims = int(gf.get("llama.rope.dimension_count", head_dim))
     if rope_dims != head_dim:

@@ -42,6 +42,15 @@ class GPT2Config:
     activation: str = "gelu_new"
     tie_embeddings: bool = True
 
+    def __post_init__(self):
+        from .limits import check_sizes
+
+        check_sizes("gpt2 config", vocab_size=self.vocab_size, max_seq_len=self.n_positions, hidden_size=self.n_embd,
+                    num_layers=self.n_layer, num_heads=self.n_head, intermediate_size=self.n_inner)
+        if self.n_embd % self.n_head:
+            raise CanaoError(f"gpt2 config: hidden size {self.n_embd} does not split into {self.n_head} heads; "
+                             "the file is corrupt")
+
     @property
     def max_seq_len(self) -> int:
         return self.n_positions

@@ -37,6 +37,16 @@ class LlamaConfig:
     tie_embeddings: bool = True
     attention_bias: bool = False
 
+    def __post_init__(self):
+        from .limits import check_sizes
+
+        check_sizes("llama config", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                    intermediate_size=self.intermediate_size, num_layers=self.num_layers, num_heads=self.num_heads,
+                    num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, max_seq_len=self.max_seq_len)
+        if self.num_heads % self.num_kv_heads:
+            raise CanaoError(f"llama config: {self.num_heads} attention heads cannot share {self.num_kv_heads} "
+                             "key/value heads evenly; the file is corrupt")
+
     @classmethod
     def from_hf(cls, cfg: dict) -> "LlamaConfig":
         """From a Hugging Face config.json (transformers 4.x or 5.x spelling)."""

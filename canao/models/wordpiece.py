@@ -34,8 +34,14 @@ def load_wordpiece(folder: str | Path) -> Tokenizer:
     elif (folder / "vocab.txt").exists():
         lower = True
         if (folder / "tokenizer_config.json").exists():
-            lower = bool(json.loads((folder / "tokenizer_config.json").read_text()).get("do_lower_case", True))
-        tok = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=lower)._tokenizer
+            try:
+                lower = bool(json.loads((folder / "tokenizer_config.json").read_text()).get("do_lower_case", True))
+            except (ValueError, AttributeError) as exc:
+                raise CanaoError(f"{folder / 'tokenizer_config.json'}: not a valid tokenizer config ({exc})") from None
+        try:
+            tok = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=lower)._tokenizer
+        except Exception as exc:  # the library raises a bare Exception on a vocabulary it cannot read
+            raise CanaoError(f"{folder / 'vocab.txt'}: cannot be read as a WordPiece vocabulary ({exc})") from None
     else:
         raise CanaoError(f"{folder}: no tokenizer.json or vocab.txt; copy the tokenizer files of the base model into it")
     tok.no_truncation()
