@@ -78,6 +78,29 @@ def locked(path: str | Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def run_lock(folder: str | Path, what: str):
+    """Hold FOLDER/.canao-lock for a long job writing into `folder`: a second job on the same folder (a
+    resume started twice, two searches with one --out) is refused instead of interleaving its writes.
+    The kernel drops the lock when the process dies, so a crash never leaves the folder locked."""
+    from .errors import CanaoError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / ".canao-lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise CanaoError(f"{folder} is in use by another canao {what} (process holding {folder / '.canao-lock'}); "
+                         "wait for it to finish, or choose another --out") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
 def read_json_object(path: str | Path, what: str, valid=lambda data: True) -> dict:
     """A JSON object file (a database canao keeps), or {} when absent. A file that is not a valid one is
     moved aside to PATH.corrupt-<time> and named on stderr, never overwritten: its data stays recoverable."""

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from ..errors import CanaoError
 from ..fileio import atomic_save_tensors
-from ..train.finetune import _device, _load_state, _lr_factor, _optimizer, _save_state
+from ..train.finetune import _device, _load_state, _lr_factor, _optimizer, _save_state, recover_state
 from .space import Arch, SearchSpace, keep_layers
 
 NEG = -1e4
@@ -164,7 +164,7 @@ def _run(params_model, cfg: DistillConfig, windows, state_dir: Path, resume: boo
     bf16 = use_bf16(cfg, device)
     step, total = 0, max(1, cfg.steps)
     best, best_weights, evals = None, None, []  # best: {"f1", "step"} of the weights in best_weights
-    if resume and (state_dir / "progress.json").exists():
+    if resume and recover_state(state_dir):
         step = _load_state(state_dir, params_model, opt, device)
         print(f"[distill] resuming {desc} at step {step}", file=sys.stderr, flush=True)
         extra = json.loads((state_dir / "run.json").read_text())
@@ -227,20 +227,16 @@ def _run(params_model, cfg: DistillConfig, windows, state_dir: Path, resume: boo
         if on_step is not None:
             on_step(step, loss)
     bar.close()
+    if step > start_step:  # the end too: a crash before the caller has saved the result resumes here
+        _save_state(state_dir, params_model, opt, step, cfg, extras)
     if best_weights is not None and best["step"] != step:  # the end was not the best: go back
         params_model.load_state_dict({k: v.to(device) for k, v in best_weights.items()})
     params_model.eval()
-    _finish_state(state_dir)
+    # the state stays until the caller has saved what it trained (then finetune.clear_state): a crash
+    # in between resumes at the last step instead of training again
     return {"steps": step, "planned_steps": cfg.steps, "first_loss": first,
             "last_loss": float(np.mean(losses[-20:])) if losses else None, "train_s": time.perf_counter() - t0,
             "device": device.type, "bf16": bf16, "best": best, "evals": evals}
-
-
-def _finish_state(state_dir: Path) -> None:
-    if state_dir.exists():
-        for f in state_dir.iterdir():
-            f.unlink()
-        state_dir.rmdir()
 
 
 # ---------------------------------------------------------------- phase 1

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CanaoError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, run_lock
 from .space import Arch
 
 # the search's slices of the dev file (pipeline.PRESETS["standard"]): 300 search, then 500 selection
@@ -72,6 +72,7 @@ def run(job: FurtherJob, resume: bool = False, progress: bool = True) -> dict:
     from ..models.encoders import SHARED_TABLE, load_encoder, save_encoder
     from ..paths import resolve_model_path
     from ..tasks import squad
+    from ..train.finetune import clear_state
     from .distill import DistillConfig, check_windows, distill_student
     from .pipeline import DevSets, data_files, torch_runner
     from .supernet_train import SupernetJob, preset_of, training_windows
@@ -112,50 +113,53 @@ def run(job: FurtherJob, resume: bool = False, progress: bool = True) -> dict:
                              "outputs are per token, so the student must share the teacher's tokenizer")
         shared = raw.get(SHARED_TABLE)
         shared = {k: shared[k] for k in ("model", "channels")} if shared else None
-    out.mkdir(parents=True, exist_ok=True)
-    spre = preset_of(job.data_preset, job.data_overrides)
-    sjob = SupernetJob(job.teacher, job.data, out, preset=job.data_preset, seed=job.seed)
-    windows = training_windows(sjob, spre, teacher, tok, threads=job.threads, progress=progress)
-    check_windows(windows)
-    if arch is not None:
-        if not record.get("importance"):  # decided once: a resumed run slices the same channels
-            record["importance"] = _importance(job, teacher, windows, spre)
+    with run_lock(out, "distill"):  # one run per folder: a second --resume is refused, not interleaved
+        if record_path.exists():  # as the lock's holder left it
+            record = json.loads(record_path.read_text())
+        spre = preset_of(job.data_preset, job.data_overrides)
+        sjob = SupernetJob(job.teacher, job.data, out, preset=job.data_preset, seed=job.seed)
+        windows = training_windows(sjob, spre, teacher, tok, threads=job.threads, progress=progress)
+        check_windows(windows)
+        if arch is not None:
+            if not record.get("importance"):  # decided once: a resumed run slices the same channels
+                record["importance"] = _importance(job, teacher, windows, spre)
+                atomic_write_text(record_path, json.dumps(record, indent=1))
+            student, shared = _teacher_slices(job, teacher, arch, record["importance"])
+        del teacher
+
+        _, dev_file = data_files(job.data)
+        dev = squad.read_squad(dev_file)
+        if len(dev) < SELECT_FROM + job.select_n:
+            raise CanaoError(f"{dev_file}: {len(dev)} dev questions; the selection slice needs {SELECT_FROM + job.select_n}")
+        sets = DevSets(tok, {"select": dev[SELECT_FROM:SELECT_FROM + job.select_n]})
+        seq = min(384, student.config.max_position_embeddings)
+        select = lambda: sets.f1(torch_runner(student), "select", seq)  # noqa: E731
+
+        cfg = DistillConfig(steps=job.steps or 10**6, batch_size=spre.batch_size, lr=job.lr, seed=job.seed,
+                            save_every=50, eval_every=job.eval_every,
+                            time_budget_s=job.minutes * 60 if job.minutes is not None else None)
+        if "source" not in record:
+            record = {**record, "source": origin, "arch": arch.key() if arch else None, "teacher": str(job.teacher),
+                      "data": str(job.data), "data_key": windows.meta.get("key"), "train_windows": len(windows), "config": asdict(cfg),
+                      "select_questions": [SELECT_FROM, SELECT_FROM + job.select_n], "command": job.command,
+                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}
             atomic_write_text(record_path, json.dumps(record, indent=1))
-        student, shared = _teacher_slices(job, teacher, arch, record["importance"])
-    del teacher
-
-    _, dev_file = data_files(job.data)
-    dev = squad.read_squad(dev_file)
-    if len(dev) < SELECT_FROM + job.select_n:
-        raise CanaoError(f"{dev_file}: {len(dev)} dev questions; the selection slice needs {SELECT_FROM + job.select_n}")
-    sets = DevSets(tok, {"select": dev[SELECT_FROM:SELECT_FROM + job.select_n]})
-    seq = min(384, student.config.max_position_embeddings)
-    select = lambda: sets.f1(torch_runner(student), "select", seq)  # noqa: E731
-
-    cfg = DistillConfig(steps=job.steps or 10**6, batch_size=spre.batch_size, lr=job.lr, seed=job.seed,
-                        save_every=50, eval_every=job.eval_every,
-                        time_budget_s=job.minutes * 60 if job.minutes is not None else None)
-    if "source" not in record:
-        record = {**record, "source": origin, "arch": arch.key() if arch else None, "teacher": str(job.teacher), "data": str(job.data),
-                  "data_key": windows.meta.get("key"), "train_windows": len(windows), "config": asdict(cfg),
-                  "select_questions": [SELECT_FROM, SELECT_FROM + job.select_n], "command": job.command,
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        _log(f"distilling {origin} on {len(windows)} cached windows"
+             + (f" for {job.minutes:g} minutes" if job.minutes else f" for {job.steps} steps")
+             + f"; F1 on dev questions {SELECT_FROM}..{SELECT_FROM + job.select_n} every {job.eval_every} steps")
+        t0 = time.perf_counter()
+        res = distill_student(student, windows, cfg, out / "state", resume=resume, progress=progress, evaluate=select)
+        model_dir = out / "model"
+        save_encoder(student, model_dir, job.teacher, shared_table=shared)
+        record.update(finished=True, steps=res["steps"], train_s=record.get("train_s", 0) + time.perf_counter() - t0,
+                      start_f1=res["evals"][0]["f1"], best=res["best"], evals=res["evals"], bf16=res["bf16"],
+                      device=res["device"], model=str(model_dir))
         atomic_write_text(record_path, json.dumps(record, indent=1))
-    _log(f"distilling {origin} on {len(windows)} cached windows"
-         + (f" for {job.minutes:g} minutes" if job.minutes else f" for {job.steps} steps")
-         + f"; F1 on dev questions {SELECT_FROM}..{SELECT_FROM + job.select_n} every {job.eval_every} steps")
-    t0 = time.perf_counter()
-    res = distill_student(student, windows, cfg, out / "state", resume=resume, progress=progress, evaluate=select)
-    model_dir = out / "model"
-    save_encoder(student, model_dir, job.teacher, shared_table=shared)
-    record.update(finished=True, steps=res["steps"], train_s=record.get("train_s", 0) + time.perf_counter() - t0,
-                  start_f1=res["evals"][0]["f1"], best=res["best"], evals=res["evals"], bf16=res["bf16"],
-                  device=res["device"], model=str(model_dir))
-    atomic_write_text(record_path, json.dumps(record, indent=1))
-    _log(f"selection-slice F1 {record['start_f1']:.2f} -> {res['best']['f1']:.2f} (step {res['best']['step']} of "
-         f"{res['steps']}); model in {model_dir}")
-    return {"out": str(out), "model": str(model_dir), "start_f1": record["start_f1"], "best": res["best"],
-            "steps": res["steps"], "train_s": record["train_s"]}
+        clear_state(out / "state")  # only once the model and the record are written
+        _log(f"selection-slice F1 {record['start_f1']:.2f} -> {res['best']['f1']:.2f} (step {res['best']['step']} of "
+             f"{res['steps']}); model in {model_dir}")
+        return {"out": str(out), "model": str(model_dir), "start_f1": record["start_f1"], "best": res["best"],
+                "steps": res["steps"], "train_s": record["train_s"]}
 
 
 def _importance(job: FurtherJob, teacher, windows, spre) -> dict:

@@ -43,6 +43,7 @@ from ..errors import CanaoError
 from ..models.encoders import load_encoder, save_encoder
 from ..tasks import squad
 from . import report
+from ..train.finetune import clear_state
 from .distill import DistillConfig, distill_student
 from .importance import reorder
 from .latency import (LatencyOracle, LatencyPredictor, artifact_runner, calibration_set, compile_final,
@@ -179,10 +180,18 @@ def _check_job(job: Job) -> tuple[Job, Preset, list[int]]:
 
 
 def run(job: Job, resume: bool = False, progress: bool = True) -> dict:
-    t_start = time.perf_counter()
     out = Path(job.out)
     if (out / "state.json").exists() and not resume:
         raise CanaoError(f"{out} holds an earlier search; pass --resume to continue it or choose another --out")
+    from ..fileio import run_lock
+
+    with run_lock(out, "search"):  # one search per folder: a second --resume is refused, not interleaved
+        return _search(job, resume, progress)
+
+
+def _search(job: Job, resume: bool, progress: bool) -> dict:
+    t_start = time.perf_counter()
+    out = Path(job.out)
     if resume and (out / "state.json").exists():  # a resumed run keeps the slices and sizes it started with
         started = json.loads((out / "state.json").read_text()).get("job", {})
         job = replace(job, preset=started.get("preset", job.preset),
@@ -542,6 +551,7 @@ class Phase2:
                           "steps": res["steps"], "start": start, "start_f1": start_f1, "best": res["best"],
                           "evals": res["evals"], "f1_select_torch": res["best"]["f1"], "device": res["device"],
                           "bf16": res["bf16"], "train_windows": len(self.windows)})
+        clear_state(state_root)  # only once the model and its record are saved: before, a crash resumes at the end
         return student
 
     def final(self, student, arch: Arch, art: Path, oracle, stage: str) -> dict | None:
@@ -606,6 +616,7 @@ class Phase2:
             r.update(self.sets.scores(torch_runner(student), arch.seq), f1_select=res["best"]["f1"])
         results[name] = r
         st.set("baseline_partial", results)
+        clear_state(self.out / f"baseline-{name}-state")
 
     def int8_teacher(self, teacher, arch: Arch, oracle) -> None:
         """The teacher compiled by canao in int8: a baseline wherever it fits the budget."""

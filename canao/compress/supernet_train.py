@@ -37,6 +37,7 @@ from ..fileio import atomic_save_tensors, atomic_write_text
 from ..models.encoders import WORD_TABLE, load_encoder, shared_word_table
 from ..tasks import squad
 from .augment import AugmentRecipe, teacher_digest
+from ..train.finetune import clear_state
 from .distill import DistillConfig, train_supernet
 from .importance import compute_importance, reorder
 from .space import SearchSpace
@@ -130,11 +131,19 @@ def swap_word_table(model, shared: str, hidden_perm: list[int] | None) -> None:
 
 
 def train(job: SupernetJob, resume: bool = False, progress: bool = True) -> dict:
+    out = Path(job.out)
+    if (out / "supernet.json").exists() and not resume:
+        raise CanaoError(f"{out} holds a supernet; pass --resume to continue or reuse it, or choose another --out")
+    from ..fileio import run_lock
+
+    with run_lock(out, "supernet training"):
+        return _train(job, resume, progress)
+
+
+def _train(job: SupernetJob, resume: bool, progress: bool) -> dict:
     t_start = time.perf_counter()
     out = Path(job.out)
     meta_path = out / "supernet.json"
-    if meta_path.exists() and not resume:
-        raise CanaoError(f"{out} holds a supernet; pass --resume to continue or reuse it, or choose another --out")
     pre = preset_of(job.preset, job.overrides)
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     tdig = teacher_digest(job.teacher)
@@ -183,6 +192,7 @@ def train(job: SupernetJob, resume: bool = False, progress: bool = True) -> dict
         res = train_supernet(net, windows, cfg, out / "state", resume=resume, progress=progress)
         atomic_save_tensors({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
         save_meta(training={**res, "config": asdict(cfg)}, space=space.to_dict())
+        clear_state(out / "state")  # only now: a crash before the line above resumes at the last step
     else:
         model.load_state_dict(load_file(str(weights)))
     if "reference" not in meta:

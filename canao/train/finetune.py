@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from ..errors import CanaoError
+from ..fileio import atomic_save_tensors, atomic_write_text, run_lock
 from ..models.encoders import load_encoder, save_encoder
 from ..tasks import squad
 
@@ -62,9 +64,13 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 def _save_state(folder: Path, model, opt, step: int, cfg: FinetuneConfig, extra=None) -> None:
     """`extra(tmp_folder)` writes further files that must travel with this state (a crash between
-    them and the state would pair a new state with old extras)."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    them and the state would pair a new state with old extras). The new state is written whole
+    into FOLDER.tmp (progress.json last: it marks the folder complete), the old one is moved to
+    FOLDER.old, the new one into place, the old one removed: at every moment one complete state
+    exists, and recover_state finishes a swap a crash interrupted."""
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     params = [p for g in opt.param_groups for p in g["params"]]
     for i, p in enumerate(params):
@@ -74,16 +80,39 @@ def _save_state(folder: Path, model, opt, step: int, cfg: FinetuneConfig, extra=
     tensors["rng.cpu"] = torch.get_rng_state()  # dropout masks continue as if never interrupted
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "progress.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}))
+    atomic_save_tensors(tensors, tmp / "state.safetensors")
     if extra is not None:
         extra(tmp)
-    # Swap in the new state only once it is complete: a crash mid-write keeps the old one.
+    atomic_write_text(tmp / "progress.json", json.dumps({"step": step, "config": asdict(cfg)}))
     if folder.exists():
-        for f in folder.iterdir():
-            f.unlink()
-        folder.rmdir()
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
     tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_state(folder: Path) -> bool:
+    """Complete a checkpoint swap that a crash interrupted (see _save_state); True when `folder` then
+    holds a complete training state."""
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    if not (folder / "progress.json").exists():
+        for candidate in (tmp, old):  # the newer complete one first
+            if (candidate / "progress.json").exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                candidate.rename(folder)
+                break
+    if (folder / "progress.json").exists():
+        shutil.rmtree(old, ignore_errors=True)
+        return True
+    return False
+
+
+def clear_state(folder: Path) -> None:
+    """Remove a training state and its swap folders: called once what it trained is saved."""
+    folder = Path(folder)
+    for f in (folder, folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")):
+        shutil.rmtree(f, ignore_errors=True)
 
 
 def _load_state(folder: Path, model, opt, device) -> int:
@@ -110,9 +139,16 @@ def finetune_squad(base: str | Path, train_file: str | Path, out: str | Path, cf
     every optimizer step (progress reporting; tests use it to interrupt a run)."""
     out = Path(out)
     state_dir = out / CHECKPOINT
-    if state_dir.exists() and not resume:
+    with run_lock(out, "finetune"):
+        return _finetune(base, train_file, out, state_dir, cfg, resume, progress, on_step)
+
+
+def _finetune(base, train_file, out: Path, state_dir: Path, cfg: FinetuneConfig, resume: bool, progress: bool,
+              on_step) -> dict:
+    has_state = recover_state(state_dir)
+    if has_state and not resume:
         raise CanaoError(f"{out} holds an unfinished run; pass --resume to continue it or choose another --out")
-    if resume and not state_dir.exists():
+    if resume and not has_state:
         raise CanaoError(f"nothing to resume in {out} (no {CHECKPOINT}/ folder)")
     torch.manual_seed(cfg.seed)
     device = _device()
@@ -162,10 +198,7 @@ def finetune_squad(base: str | Path, train_file: str | Path, out: str | Path, cf
     bar.close()
     model.cpu().eval()
     save_encoder(model, out, base)
-    if state_dir.exists():  # finished: the saved model supersedes the training state
-        for f in state_dir.iterdir():
-            f.unlink()
-        state_dir.rmdir()
+    clear_state(state_dir)  # finished: the saved model supersedes the training state
     return {
         "out": str(out),
         "device": device.type,

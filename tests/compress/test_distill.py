@@ -1,4 +1,12 @@
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,7 +109,8 @@ def test_supernet_training_resumes_to_the_same_weights(tmp_path):
     assert (tmp_path / "state" / "progress.json").exists()
     model = tiny(seed=1)  # a new process: only what was saved survives
     res = train_supernet(SuperNet(model, space), windows, cfg, tmp_path / "state", resume=True, progress=False)
-    assert res["steps"] == 6 and not (tmp_path / "state").exists()
+    # the final state stays until the caller has saved the weights (then finetune.clear_state)
+    assert res["steps"] == 6 and json.loads((tmp_path / "state" / "progress.json").read_text())["step"] == 6
     model2 = tiny(seed=1)
     train_supernet(SuperNet(model2, space), windows, cfg, tmp_path / "state2", progress=False)
     for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
@@ -145,3 +154,65 @@ def test_progressive_shrinking_follows_the_schedule_a_time_budget_fitted(tmp_pat
     res = train_supernet(SuperNet(tiny(seed=1), space), windows, replace(cfg, time_budget_s=1e-9), tmp_path / "t",
                          progress=False)
     assert res["steps"] == 11 and seen[-1] == (10, 11)
+
+
+# a phase-2 run in its own process, resumed after every kill; prints "ready" once it starts training
+_KILLED_RUN = r"""
+import sys
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[2])
+from test_distill import tiny, windows_of
+
+from canao.compress.distill import DistillConfig, distill_student
+from canao.compress.supernet import copy_teacher
+from canao.fileio import atomic_save_tensors
+
+out = Path(sys.argv[1])
+teacher = copy_teacher(tiny(seed=2).eval())
+windows = windows_of(teacher)
+student = tiny(seed=3, heads=2, ffn=16, layers=2)
+cfg = DistillConfig(steps=60, batch_size=8, lr=3e-3, bf16=False, save_every=1, eval_every=20)
+print("ready", flush=True)
+# a score that depends on the weights only, so a resumed run keeps the same "best" as an uninterrupted one
+score = lambda: float(sum(p.sum() for p in student.parameters()))
+distill_student(student, windows, cfg, out / "state", resume=True, progress=False, evaluate=score)
+atomic_save_tensors(student.state_dict(), out / "final.safetensors")
+"""
+
+
+def _killed_run(out: Path, kill_after: float | None) -> tuple[bool, float]:
+    """Run _KILLED_RUN into `out`; with kill_after, SIGKILL it that long after it starts training.
+    (ran to the end, seconds after it started training)."""
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(out), str(Path(__file__).parent)],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.stdout.readline().strip() == "ready"
+    t0 = time.perf_counter()
+    if kill_after is not None:
+        time.sleep(kill_after)
+        proc.send_signal(signal.SIGKILL)
+    return proc.wait(timeout=120) == 0, time.perf_counter() - t0
+
+
+def test_phase2_killed_twenty_times_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    """SIGKILL at random moments (mid-step, mid-checkpoint, mid-swap), resumed each time: the same weights."""
+    from safetensors.torch import load_file
+
+    finished, span = _killed_run(tmp_path / "whole", None)
+    assert finished
+    rng = random.Random(0)
+    kills = 0
+    while kills < 20:  # short kill windows: each run gets a little further
+        finished, _ = _killed_run(tmp_path / "killed", rng.uniform(0.0, span / 10))
+        if finished:
+            break
+        kills += 1
+    if not finished:
+        assert _killed_run(tmp_path / "killed", None)[0]
+    want, got = (load_file(str(tmp_path / d / "final.safetensors")) for d in ("whole", "killed"))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5, msg=k)
+    assert kills == 20 or kills >= 10, kills
