@@ -11,7 +11,7 @@ from canao.tasks import squad
 
 # F1 floors on the first 200 dev questions (PyTorch, fp16 weights): the measured figure minus 2
 # points of slack for numeric differences between machines; the teacher scores 74.1 there.
-FLOORS = {"minilm-squad-4x": 77.2, "minilm-squad-8x": 67.8}  # measured 79.20 and 69.81
+FLOORS = {"minilm-squad-4x": 77.2, "minilm-squad-8x": 72.6}  # measured 79.20 and 74.62
 
 
 @pytest.mark.parametrize("name", STUDENTS)

