@@ -41,3 +41,31 @@ def test_eval_refuses_windows_longer_than_the_artifact(artifact, data_dir):
 
     with pytest.raises(CanaoError, match="at most 128 tokens"):
         _squad_eval(str(artifact), data_dir / "squad" / "dev-v1.1.json", 2, 384, 128, 8)
+
+
+def test_threads_flag_reaches_the_compiled_runtime(artifact, data_dir, capsys, monkeypatch):
+    """`--threads` of canao qa / eval / serve opens the artifact's thread pool with that many threads
+    (it used to be dropped on the way: the artifact's own setting applied)."""
+    import json
+
+    from canao.compiler.runtime import CompiledModel
+
+    opened = []
+    real_init = CompiledModel.__init__
+
+    def spy(self, folder, threads=None, check=True):
+        real_init(self, folder, threads, check)
+        opened.append(self.threads)
+
+    monkeypatch.setattr(CompiledModel, "__init__", spy)
+    for threads in ("1", "2"):
+        assert main(["qa", "--model", str(artifact), "--context", "Paris is in France.", "--question",
+                     "Where is Paris?", "--threads", threads, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["model"]["threads"] == int(threads)
+    assert main(["eval", "--model", str(artifact), "--task", "squad", "--data", str(data_dir), "--limit", "2",
+                 "--max-len", "128", "--threads", "2", "--json"]) == 0
+    capsys.readouterr()
+    from canao.serve.command import load_models
+
+    qa, _ = load_models([str(artifact)], [], threads=1, quiet=True)
+    assert opened == [1, 2, 2, 1] and next(iter(qa.values())).info["threads"] == 1

@@ -93,11 +93,12 @@ def cmd_finetune(args) -> dict:
     return result
 
 
-def _squad_eval(model: str, path, limit, max_len: int, stride: int, batch_size: int) -> dict:
+def _squad_eval(model: str, path, limit, max_len: int, stride: int, batch_size: int,
+                threads: int | None = None) -> dict:
     from ..tasks import squad
     from .engine import load_qa_engine
 
-    engine = load_qa_engine(model)
+    engine = load_qa_engine(model, threads)
     if max_len > engine.info["max_seq"]:
         raise CanaoError(f"{model} runs at most {engine.info['max_seq']} tokens; pass --max-len {engine.info['max_seq']} "
                          "or compile it with a larger --max-seq")
@@ -111,7 +112,7 @@ def _squad_eval(model: str, path, limit, max_len: int, stride: int, batch_size: 
 def cmd_eval(args) -> dict:
     if args.task == "squad":
         result = _squad_eval(args.model, data_file(args.data, SQUAD_DEV), args.limit, args.max_len,
-                             args.stride or 128, args.batch_size)
+                             args.stride or 128, args.batch_size, args.threads)
         if not args.json:
             print(f"SQuAD {result['questions']} questions: EM {result['em']:.2f}  F1 {result['f1']:.2f}")
         return result
@@ -128,7 +129,7 @@ def cmd_qa(args) -> dict:
     from .qa import QAPipeline
 
     t0 = time.perf_counter()
-    pipeline = QAPipeline.load(args.model)
+    pipeline = QAPipeline.load(args.model, threads=args.threads)
     load_ms = (time.perf_counter() - t0) * 1e3
     result = {**pipeline.answer(args.context, args.question), "load_ms": load_ms, "model": pipeline.info}
     if not args.json:

@@ -61,6 +61,7 @@ class ArtifactQAEngine:
             "size_mb": round(weight_bytes / 2**20, 1),
             "max_seq": m["max_seq"],
             "target": m["target"]["name"] if isinstance(m.get("target"), dict) else m.get("target"),
+            "threads": self.compiled.threads,  # what the runtime's thread pool was opened with
         }
 
     def run(self, input_ids: np.ndarray, token_type_ids: np.ndarray, attention_mask: np.ndarray):

@@ -18,8 +18,9 @@ class QAPipeline:
         self.max_len, self.stride, self.max_answer_len = max_len, stride, max_answer_len
 
     @classmethod
-    def load(cls, spec: str, **kw) -> "QAPipeline":
-        engine = load_qa_engine(spec)
+    def load(cls, spec: str, threads: int | None = None, **kw) -> "QAPipeline":
+        """threads: the compiled runtime's thread count (default: the artifact's; PyTorch keeps its own)."""
+        engine = load_qa_engine(spec, threads)
         kw.setdefault("max_len", min(384, int(engine.info["max_seq"])))  # an artifact may be built for less
         kw.setdefault("stride", min(128, kw["max_len"] // 4))
         pipeline = cls(engine, **kw)

@@ -15,6 +15,7 @@ Nothing here knows about models; every failure is a CanaoError that names the pr
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -163,6 +164,17 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+def remote_limited(command: str, timeout: float | None) -> str:
+    """`command` under the device's own `timeout` (coreutils, busybox, toybox) where it has one: stopping
+    the local ssh/adb client when the time is up does not stop what it started on the device. The
+    device's limit is 2 s longer, so the local time-out, with its message, comes first."""
+    if timeout is None:
+        return command
+    q = shlex.quote(command)
+    return (f"if command -v timeout >/dev/null 2>&1; then exec timeout {math.ceil(timeout) + 2} sh -c {q}; "
+            f"else exec sh -c {q}; fi")
+
+
 def _timeout_error(spec: str, what, timeout: float) -> CanaoError:
     what = what if isinstance(what, str) else " ".join(what[:2])
     if len(what) > 60:
@@ -245,6 +257,12 @@ class SSHTransport(Transport):
             raise CanaoError(f"device '{spec}': the port is not a number; write ssh://user@host[:port]") from None
         self.user = unquote(url.username) if url.username else None
         self.host = url.hostname
+        # ssh parses a destination that starts with '-' as an option (-oProxyCommand=... runs a command)
+        if not re.fullmatch(r"[A-Za-z0-9_.:%\[\]][A-Za-z0-9_.:%\[\]-]*", self.host):
+            raise CanaoError(f"device '{spec}': '{self.host}' is not a host name or address")
+        if self.user is not None and not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*", self.user):
+            raise CanaoError(f"device '{spec}': '{self.user}' is not a user name (letters, digits, . _ -, "
+                             "not starting with -)")
         self.dest = f"{self.user}@{self.host}" if self.user else self.host
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         unknown = sorted(set(query) - {"key", "known_hosts"})
@@ -348,7 +366,7 @@ class SSHTransport(Transport):
         command = " ".join(shlex.quote(a) for a in argv)
         if cwd:
             command = f"cd {shlex.quote(cwd)} && {command}"
-        return self._ssh(command, timeout)
+        return self._ssh(remote_limited(command, timeout), timeout)
 
     def _remove(self, path):
         try:
@@ -456,7 +474,7 @@ class ADBTransport(Transport):
         command = " ".join(shlex.quote(a) for a in argv)
         if cwd:
             command = f"cd {shlex.quote(cwd)} && {command}"
-        return self._shell(command, timeout)
+        return self._shell(remote_limited(command, timeout), timeout)
 
     def _remove(self, path):
         try:

@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -86,7 +87,15 @@ class JSON(JSONResponse):
 
 
 def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSON:
-    return JSON({"error": code, "message": message}, status_code=status, headers=dict(headers or {}))
+    return JSON({"error": code, "message": public_text(message)}, status_code=status, headers=dict(headers or {}))
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])(?:/[^\s/:'\",;()]+)+/([^\s/:'\",;()]+)")
+
+
+def public_text(text: str) -> str:
+    """`text` with every absolute path cut to its last part: the server's folders are nobody's business."""
+    return _ABSOLUTE_PATH.sub(r"\1", text)
 
 
 def _sse(event: str, data: Any) -> str:
@@ -113,9 +122,27 @@ async def read_json(request: Request, limits: Limits) -> dict:
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON ({str(exc).splitlines()[0]})") from None
+    except RecursionError:  # "[[[[...": a few kilobytes nest deeper than the parser's stack
+        raise ApiError(400, "invalid_json", "the request body nests too deeply; send a flat JSON object") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_json", "the request body must be a JSON object")
     return data
+
+
+class ClientGone(Exception):
+    """The client closed its connection while its request waited: nobody reads the answer."""
+
+
+async def while_connected(request: Request, future: "asyncio.Future") -> Any:
+    """Await a worker's job unless the client goes away first; then cancel it (a queued job never
+    runs, so a client that gives up costs nothing) and raise ClientGone."""
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=0.1)
+        if done:
+            return future.result()
+        if await request.is_disconnected():
+            future.cancel()
+            raise ClientGone()
 
 
 def _only(data: dict, allowed: Sequence[str]) -> None:
@@ -229,7 +256,8 @@ def _info(model: Any) -> dict:
             info["size_mb"] = round(Path(info["path"]).stat().st_size / 2**20, 1)
         except OSError:
             pass
-    return info
+    # clients see a model's name, not where it lives on the server
+    return {k: public_text(v) if isinstance(v, str) else v for k, v in info.items()}
 
 
 def create_app(
@@ -296,7 +324,7 @@ def create_app(
         question = _text(data, "question", limit=limits.max_question_chars, what="a question about the passage")
         worker.admit()
         try:
-            result, queue_ms = await worker.submit(lambda model: model.answer(context, question))
+            result, queue_ms = await while_connected(request, worker.submit(lambda model: model.answer(context, question)))
         except CanaoError as exc:
             raise ApiError(400, "bad_input", str(exc).splitlines()[0]) from None
         return JSON({"model": name, **result, "queue_ms": queue_ms})
@@ -339,11 +367,11 @@ def create_app(
 
             worker.admit()
             try:
-                result, queue_ms = await worker.submit(call, prompt, on_token, **settings)
+                result, queue_ms = await while_connected(request, worker.submit(call, prompt, on_token, **settings))
             except CanaoError as exc:
                 raise ApiError(400, "bad_input", str(exc).splitlines()[0]) from None
-            except asyncio.CancelledError:
-                cancel.set()
+            except (asyncio.CancelledError, ClientGone):
+                cancel.set()  # a running generation stops at its next token
                 raise
             return JSON({"model": name, **result, "queue_ms": queue_ms})
 
@@ -365,7 +393,7 @@ def create_app(
             try:
                 push("done", call(model, prompt, on_token, **settings))
             except CanaoError as exc:
-                push("error", {"error": "bad_input", "message": str(exc).splitlines()[0]})
+                push("error", {"error": "bad_input", "message": public_text(str(exc).splitlines()[0])})
             except Cancelled:
                 raise
             except Exception:  # noqa: BLE001 - logged here, never shown to the client
@@ -404,6 +432,9 @@ def create_app(
     async def api_error(request: Request, exc: ApiError) -> Response:
         return error_response(exc.status, exc.code, exc.message, exc.headers)
 
+    async def gone(request: Request, exc: ClientGone) -> Response:  # nobody reads it; for the access log
+        return error_response(499, "client_closed", "the client closed the connection before the answer")
+
     async def busy(request: Request, exc: Busy) -> Response:
         return error_response(503, "busy", str(exc), {"retry-after": "1"})
 
@@ -433,7 +464,7 @@ def create_app(
     ]
     app = Starlette(
         routes=routes,
-        exception_handlers={ApiError: api_error, Busy: busy, HTTPException: http_error, Exception: internal},
+        exception_handlers={ApiError: api_error, ClientGone: gone, Busy: busy, HTTPException: http_error, Exception: internal},
         lifespan=lifespan,
     )
     app.add_middleware(_Guard, allowed_hosts=allowed_hosts)

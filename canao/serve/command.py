@@ -67,7 +67,7 @@ def load_models(qa_specs: list[str], lm_specs: list[str], threads: int | None = 
         for spec in qa_specs:
             name, path = split_spec(spec)
             t0 = time.perf_counter()
-            model = QAPipeline.load(path)
+            model = QAPipeline.load(path, threads=threads)
             key = _unique(name or Path(path.rstrip("/")).name or "qa", qa)
             qa[key] = model
             say(f"canao serve: QA model '{key}' loaded from {path} in {time.perf_counter() - t0:.1f} s")

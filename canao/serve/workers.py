@@ -77,6 +77,13 @@ class ModelWorker:
         except BaseException:
             self.release()
             raise
+
+        def dropped(f) -> None:  # cancelled while queued (its client left): job() never runs to release
+            if f.cancelled():
+                self.cancelled += 1
+                self.release()
+
+        future.add_done_callback(dropped)
         return asyncio.wrap_future(future)
 
     def shutdown(self) -> None:

@@ -220,6 +220,36 @@ def test_ssh_errors(sshd):
         SSHTransport("ssh://root@127.0.0.1?key=/nonexistent/key")
     with pytest.raises(CanaoError, match="unknown option password"):
         SSHTransport("ssh://root@127.0.0.1?password=x")
+    # a user or host that ssh would read as an option (-oProxyCommand=... runs a local command)
+    with pytest.raises(CanaoError, match="is not a user name"):
+        SSHTransport("ssh://-oProxyCommand=touch%20pwned@127.0.0.1")
+    with pytest.raises(CanaoError, match="is not a host name"):
+        SSHTransport("ssh://root@-oproxycommand=x")
+
+
+def test_a_remote_run_past_its_time_is_stopped_on_the_device_too(sshd):
+    t = open_transport(sshd["spec"])
+    marker = f"sleep {4242 + os.getpid() % 1000}"
+    try:
+        with pytest.raises(CanaoError, match="did not finish within 2 s"):
+            t.run(["sh", "-c", marker], timeout=2)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _running(marker):
+            time.sleep(0.5)
+        assert not _running(marker), "the command outlived its time limit on the device"
+    finally:
+        t.cleanup()
+
+
+def _running(pattern: str) -> bool:
+    """A process whose command line contains `pattern` (the sshd here is on this machine)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if pattern in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                return True
+        except OSError:  # it ended meanwhile
+            pass
+    return False
 
 
 @pytest.fixture

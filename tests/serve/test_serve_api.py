@@ -88,6 +88,10 @@ def test_body_format_limits(client):
                               headers={"content-type": "text/plain"}), 415, "unsupported_media_type")
     big = json.dumps({"context": "x" * (2 << 20), "question": QUESTION})
     _assert_error(client.post("/api/qa", content=big, headers={"content-type": "application/json"}), 413, "too_large")
+    deep = b"[" * 100_000 + b"]" * 100_000  # 200 kB: deeper than the JSON parser's stack (a 500 before)
+    body = _assert_error(client.post("/api/qa", content=deep, headers={"content-type": "application/json"}),
+                         400, "invalid_json")
+    assert "nests too deeply" in body["message"]
 
 
 def test_unknown_routes_and_methods_are_json(client):
@@ -162,6 +166,15 @@ def test_models_lists_both_kinds_with_size_and_precision(client):
     assert info["precision"] == "fp32" and info["size_mb"] > 1 and info["layers"] == 6
     assert r["lm"][0]["info"]["size_mb"] > 1  # the GGUF file's size
     assert r["limits"]["max_new_tokens"] == 64
+    assert "/" not in json.dumps([m["info"] for m in r["qa"] + r["lm"]])  # no server paths, only names
+
+
+def test_error_messages_name_files_without_server_paths():
+    from canao.serve.app import error_response
+
+    res = error_response(400, "bad_input", "model not found: /srv/secret/models/x.gguf (give a checkpoint folder)")
+    body = json.loads(res.body)
+    assert body["message"] == "model not found: x.gguf (give a checkpoint folder)"
 
 
 def test_openapi_describes_every_api_route(client, app):
@@ -277,3 +290,30 @@ def test_client_that_leaves_stops_the_generation(app, live_url):
     assert worker.load == 0, "the generation kept running after its client left"
     assert time.monotonic() - t0 < 20  # 62 more tokens would take far longer than a token or two
     assert worker.served == served and worker.cancelled == cancelled + 1  # stopped, not completed
+
+
+def test_a_queued_question_whose_client_left_is_never_computed(app, live_url):
+    """Over a real socket: a QA request waits behind a busy worker, its client hangs up; the queued job
+    is dropped (never runs) and its place in the queue is given back."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    worker = app.state.qa_workers["teacher"]
+    served, cancelled = worker.served, worker.cancelled
+    blocker = worker._executor.submit(time.sleep, 2.0)  # the worker's only thread is busy for 2 s
+    url = urlsplit(live_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=5)
+    conn.request("POST", "/api/qa", body=json.dumps({"context": CONTEXT, "question": QUESTION}),
+                 headers={"content-type": "application/json"})
+    deadline = time.monotonic() + 5
+    while worker.load == 0 and time.monotonic() < deadline:  # the request is queued
+        time.sleep(0.02)
+    assert worker.load == 1
+    conn.sock.close()  # the client gives up while it waits
+    blocker.result()
+    deadline = time.monotonic() + 5
+    while worker.load and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert worker.load == 0 and worker.cancelled == cancelled + 1
+    time.sleep(0.3)
+    assert worker.served == served  # dropped, not answered for nobody
