@@ -63,7 +63,7 @@ def test_threads_flag_reaches_the_compiled_runtime(artifact, data_dir, capsys, m
                      "Where is Paris?", "--threads", threads, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["model"]["threads"] == int(threads)
     assert main(["eval", "--model", str(artifact), "--task", "squad", "--data", str(data_dir), "--limit", "2",
-                 "--max-len", "128", "--threads", "2", "--json"]) == 0
+                 "--max-len", "128", "--stride", "32", "--threads", "2", "--json"]) == 0
     capsys.readouterr()
     from canao.serve.command import load_models
 
