@@ -51,3 +51,58 @@ def test_interrupted_run_resumes_to_identical_weights(data_dir, tmp_path):
     b, _ = load_encoder(tmp_path / "resumed")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
+
+
+# `canao finetune` in its own process, resumed (when a state is there) after every kill
+_FINETUNE = r"""
+import sys
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+from canao.paths import builtin_model
+from canao.train.finetune import CHECKPOINT, FinetuneConfig, finetune_squad, recover_state
+
+train, out = sys.argv[1], Path(sys.argv[2])
+cfg = FinetuneConfig(epochs=2, lr=3e-4, batch_size=8, max_len=128, stride=32, limit=24, warmup=0.1, save_every=1)
+resume = recover_state(out / CHECKPOINT)
+print("ready", flush=True)
+finetune_squad(builtin_model("minilm"), train, out, cfg, resume=resume, progress=False)
+"""
+
+
+def _finetune_process(train, out, kill_after=None) -> tuple[bool, float]:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", _FINETUNE, str(train), str(out)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.stdout.readline().strip() == "ready"
+    t0 = time.perf_counter()
+    if kill_after is not None:
+        time.sleep(kill_after)
+        proc.send_signal(signal.SIGKILL)
+    return proc.wait(timeout=300) == 0, time.perf_counter() - t0
+
+
+def test_finetune_killed_at_random_moments_ends_with_the_uninterrupted_weights(data_dir, tmp_path):
+    import random
+
+    train = data_dir / "squad" / "train-subset-v1.1.json"
+    finished, span = _finetune_process(train, tmp_path / "straight")
+    assert finished
+    rng, kills, finished = random.Random(1), 0, False
+    while kills < 3 and not finished:  # mid-load, mid-step, mid-checkpoint: wherever the kill lands
+        finished, _ = _finetune_process(train, tmp_path / "killed", rng.uniform(0.3, 0.6) * span)
+        kills += not finished
+    if not finished:
+        assert _finetune_process(train, tmp_path / "killed")[0]
+    a, _ = load_encoder(tmp_path / "straight")
+    b, _ = load_encoder(tmp_path / "killed")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(y, x, atol=1e-6, rtol=1e-5, msg=name)
+    assert kills >= 1  # the first run, killed before 60 % of its time, never finishes
