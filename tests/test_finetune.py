@@ -73,20 +73,9 @@ finetune_squad(builtin_model("minilm"), train, out, cfg, resume=resume, progress
 
 
 def _finetune_process(train, out, kill_after=None) -> tuple[bool, float]:
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+    from kill_helpers import run_killed
 
-    proc = subprocess.Popen([sys.executable, "-c", _FINETUNE, str(train), str(out)], stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.stdout.readline().strip() == "ready"
-    t0 = time.perf_counter()
-    if kill_after is not None:
-        time.sleep(kill_after)
-        proc.send_signal(signal.SIGKILL)
-    return proc.wait(timeout=300) == 0, time.perf_counter() - t0
+    return run_killed(_FINETUNE, [train, out], kill_after)
 
 
 def test_finetune_killed_at_random_moments_ends_with_the_uninterrupted_weights(data_dir, tmp_path):

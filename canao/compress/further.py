@@ -165,10 +165,8 @@ def run(job: FurtherJob, resume: bool = False, progress: bool = True) -> dict:
 def _importance(job: FurtherJob, teacher, windows, spre) -> dict:
     """The teacher's head / FFN-neuron / hidden-channel order: a supernet's (checked to be this teacher's),
     or computed on original training windows as `canao supernet train` does."""
-    import numpy as np
-
     from .augment import teacher_digest
-    from .importance import compute_importance, reorder
+    from .supernet_train import importance_order
 
     if job.supernet is not None:
         path = Path(job.supernet) / "supernet.json"
@@ -181,12 +179,8 @@ def _importance(job: FurtherJob, teacher, windows, spre) -> dict:
     import copy
 
     _log("head/neuron/channel importance on original training windows")
-    originals = np.flatnonzero(windows.original)
-    pick = np.random.default_rng(job.seed).choice(originals, min(len(originals), spre.importance_batches * 16),
-                                                  replace=False)
-    model = copy.deepcopy(teacher)
-    imp = compute_importance(model, windows.features(pick), batches=spre.importance_batches, batch_size=16)
-    return {"from": "computed", "perms": reorder(model, imp)}
+    perms = importance_order(copy.deepcopy(teacher), windows, spre.importance_batches, job.seed)
+    return {"from": "computed", "perms": perms}
 
 
 def _check_fits(arch, cfg) -> None:

@@ -167,12 +167,7 @@ def _train(job: SupernetJob, resume: bool, progress: bool) -> dict:
     model = copy.deepcopy(teacher)
     if "importance" not in meta:
         _log("head/neuron/channel importance on original training windows")
-        originals = np.flatnonzero(windows.original)
-        rng = np.random.default_rng(job.seed)
-        pick = rng.choice(originals, min(len(originals), pre.importance_batches * 16), replace=False)
-        imp = compute_importance(model, windows.features(pick), batches=pre.importance_batches, batch_size=16)
-        perms = reorder(model, imp)
-        save_meta(importance={"perms": perms})
+        save_meta(importance={"perms": importance_order(model, windows, pre.importance_batches, job.seed)})
     else:
         from .pipeline import _apply_perms
 
@@ -200,6 +195,15 @@ def _train(job: SupernetJob, resume: bool, progress: bool) -> dict:
         save_meta(reference=meta["reference"])
     save_meta(wall_s_last_run=time.perf_counter() - t_start)
     return {"out": str(out), **{k: meta[k] for k in ("teacher_digest", "data", "training", "reference")}}
+
+
+def importance_order(model, windows, batches: int, seed: int) -> dict:
+    """Head / FFN-neuron / hidden-channel importance on `batches` x 16 original training windows (drawn
+    with `seed`); reorders `model` so that "the first k" are the best k and returns the permutations."""
+    originals = np.flatnonzero(windows.original)
+    pick = np.random.default_rng(seed).choice(originals, min(len(originals), batches * 16), replace=False)
+    imp = compute_importance(model, windows.features(pick), batches=batches, batch_size=16)
+    return reorder(model, imp)
 
 
 def reference_f1(net: SuperNet, tok, data: Path, n: int) -> dict:

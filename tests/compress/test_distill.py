@@ -1,10 +1,5 @@
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -185,16 +180,10 @@ atomic_save_tensors(student.state_dict(), out / "final.safetensors")
 
 
 def _killed_run(out: Path, kill_after: float | None) -> tuple[bool, float]:
-    """Run _KILLED_RUN into `out`; with kill_after, SIGKILL it that long after it starts training.
-    (ran to the end, seconds after it started training)."""
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(out), str(Path(__file__).parent)],
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.stdout.readline().strip() == "ready"
-    t0 = time.perf_counter()
-    if kill_after is not None:
-        time.sleep(kill_after)
-        proc.send_signal(signal.SIGKILL)
-    return proc.wait(timeout=120) == 0, time.perf_counter() - t0
+    """Run _KILLED_RUN into `out`; with kill_after, SIGKILL it that long after it starts training."""
+    from kill_helpers import run_killed
+
+    return run_killed(_KILLED_RUN, [out, Path(__file__).parent], kill_after, timeout=120)
 
 
 def test_phase2_killed_twenty_times_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
