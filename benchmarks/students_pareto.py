@@ -2,7 +2,8 @@
 whole dev file, a Pareto plot and the paper's table (speedup over TFLite fp32 and F1 loss per budget).
 
     python benchmarks/students_pareto.py --teacher ../shared/models/minilm-l6-h384-squad --data ../shared/data \
-        --searches runs/search-standard-2x,runs/search-standard-4x,runs/search-standard-8x,runs/search-standard-12x \
+        --searches runs/search-standard-2x,docs/results/search-standard-4x,docs/results/search-standard-8x,runs/search-standard-12x \
+        --students minilm-squad-4x,minilm-squad-8x --distilled docs/results/distill-8x-width-shrunk@8x \
         --threads 1 --runs 30 --out benchmarks/results/students_pareto
 
 Engines, all at batch 1 with the input padded to 384 tokens (as TFLite QA apps run), on the same
@@ -13,6 +14,12 @@ returned instead, and its width-shrunk and layer-dropped baselines, each through
 artifact. Speedups are ratios of medians from this run. F1: the searches' figures on the whole dev
 file (compiled models); the teacher's int8 points on TFLite and ONNX Runtime are scored here on the
 same file (TFLite fp32 equals the PyTorch teacher to 1e-5, so its F1 is the teacher's).
+
+A search folder whose artifacts are gone (the records kept in docs/results hold state.json only) is
+timed from its architectures: each is compiled with random weights at its precision, which times the
+same code (dense kernels: the time does not depend on the weights' values); such rows say "timed
+from the architecture". `--students` adds shipped students (compiled from their files, F1 from their
+export records) and `--distilled` runs of `canao distill` (F1 from their eval-int8.json).
 """
 
 from __future__ import annotations
@@ -30,9 +37,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+
 from canao.compiler import compile_model, load_artifact  # noqa: E402
 from canao.compiler.bench import _Ort, _TFLite  # noqa: E402
 from canao.compiler.targets import cpu_model  # noqa: E402
+from canao.compress.space import Arch  # noqa: E402
+from canao.models.bert import BertForQuestionAnswering  # noqa: E402
 from canao.models.encoders import load_encoder  # noqa: E402
 
 SEQ = 384
@@ -50,22 +61,69 @@ def p95(ts):
     return float(np.percentile(ts, 95))
 
 
-def models_of(search: Path) -> list[dict]:
+def models_of(search: Path) -> tuple[list[dict], dict]:
     st = json.loads((search / "state.json").read_text())
     budget = st["job"]["budget_ms"]
-    label = f"{st['job']['speedup']}x" if st["job"].get("speedup") else f"{budget} ms"
-    ret = st["returned"]
+    label = f"{st['job']['speedup']:g}x" if st["job"].get("speedup") else f"{budget} ms"
+    returned = (st.get("returned") or {}).get("name")
+    base = {"search": str(search), "budget": label, "budget_ms": budget}
     out = []
-    fin = st["final"]
-    out.append({"search": str(search), "budget": label, "budget_ms": budget, "kind": "CANAO",
-                "returned": ret["name"] == "canao", "key": fin["key"], "f1": fin["f1"],
-                "f1_heldout": fin.get("f1_heldout"), "artifact": fin["artifact"]})
+    fin = st.get("final")
+    if fin and fin.get("f1") is not None:
+        out.append({**base, "kind": "CANAO", "returned": returned == "canao", "key": fin["key"], "f1": fin["f1"],
+                    "f1_heldout": fin.get("f1_heldout"), "artifact": fin.get("artifact")})
     for name, b in st.get("baselines", {}).items():
-        if b.get("artifact") and b.get("f1") is not None:
-            out.append({"search": str(search), "budget": label, "budget_ms": budget, "kind": name,
-                        "returned": ret["name"] == name, "key": b["key"], "f1": b["f1"],
-                        "f1_heldout": b.get("f1_heldout"), "artifact": b["artifact"]})
+        if b.get("key") and b.get("f1") is not None:
+            out.append({**base, "kind": name, "returned": returned == name, "key": b["key"], "f1": b["f1"],
+                        "f1_heldout": b.get("f1_heldout"), "artifact": b.get("artifact")})
     return out, st
+
+
+def shipped_students(names: list[str]) -> list[dict]:
+    from canao.paths import resolve_model_path
+
+    out = []
+    for name in names:
+        folder = resolve_model_path(name)
+        rec = json.loads((folder / "canao-student.json").read_text())
+        arch = Arch.from_dict(rec["arch"])
+        label = f"{rec['speedup']:g}x" if rec.get("speedup") else f"{rec['budget_ms']} ms"
+        out.append({"search": rec.get("search"), "budget": label, "budget_ms": rec.get("budget_ms"),
+                    "kind": f"shipped {name}", "returned": False, "key": arch.key(),
+                    "f1": rec["f1_compiled"]["f1"], "f1_heldout": rec["f1_compiled"].get("f1_heldout"),
+                    "weights": str(folder)})
+    return out
+
+
+def distilled_runs(folders: list[str]) -> list[dict]:
+    """Each item is FOLDER or FOLDER@LABEL (the budget it is compared at, e.g. 8x)."""
+    out = []
+    for item in folders:
+        folder, _, label = item.partition("@")
+        folder = Path(folder)
+        rec = json.loads((folder / "distill.json").read_text())
+        scored = json.loads((folder / "eval-int8.json").read_text())
+        out.append({"search": str(folder), "budget": label or folder.name, "budget_ms": None,
+                    "kind": f"distilled {folder.name}", "returned": False, "key": rec["arch"],
+                    "f1": scored["f1"], "f1_heldout": scored.get("f1_heldout"), "artifact": None})
+    return out
+
+
+def artifact_for(entry: dict, teacher, tmp: Path, threads: int) -> Path:
+    """The entry's own artifact if it still exists; else its weights, else its architecture with
+    random weights, compiled at the architecture's precision."""
+    if entry.get("artifact") and (Path(entry["artifact"]) / "manifest.json").exists():
+        return Path(entry["artifact"])
+    arch = Arch.parse(entry["key"])
+    if entry.get("weights"):
+        model, _ = load_encoder(entry["weights"])
+    else:
+        torch.manual_seed(0)
+        model = BertForQuestionAnswering(arch.bert_config(teacher.config)).eval()
+        entry["timed_from"] = "the architecture (random weights)"
+    out = tmp / f"student-{len(list(tmp.iterdir()))}"
+    compile_model(model, out, precision=arch.precision, max_seq=SEQ, threads=threads)
+    return out
 
 
 def main() -> None:
@@ -73,6 +131,8 @@ def main() -> None:
     ap.add_argument("--teacher", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--searches", required=True, help="comma-separated search output folders")
+    ap.add_argument("--students", default="", help="comma-separated shipped students (zoo names)")
+    ap.add_argument("--distilled", default="", help="comma-separated canao distill folders with eval-int8.json, each FOLDER[@BUDGET-LABEL]")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
@@ -87,6 +147,8 @@ def main() -> None:
         models, st = models_of(Path(folder))
         entries += models
         states.append(st)
+    entries += shipped_students([n for n in args.students.split(",") if n])
+    entries += distilled_runs([d for d in args.distilled.split(",") if d])
     teacher_f1 = states[0]["teacher"]["f1"]
     tmp = Path(tempfile.mkdtemp(prefix="canao-pareto-"))
     engines = {}
@@ -106,7 +168,7 @@ def main() -> None:
             eng.prepare(args.threads)
             engines["teacher ONNX Runtime int8"] = eng
         for e in entries:
-            engines[f"{e['budget']} {e['kind']}"] = Artifact(Path(e["artifact"]), args.threads)
+            engines[f"{e['budget']} {e['kind']}"] = Artifact(artifact_for(e, teacher, tmp, args.threads), args.threads)
         rng = np.random.default_rng(0)
         ids = rng.integers(1000, teacher.config.vocab_size, (1, SEQ)).astype(np.int64)
         tt = np.zeros_like(ids)
@@ -134,13 +196,23 @@ def main() -> None:
         feats = squad.make_features(tok, dev, SEQ, eval_stride(SEQ))
         points = int8_teacher_points(teacher, dev, feats, SEQ, args.threads, engines=tuple(others), runs=20,
                                      log=lambda m: print(m, file=sys.stderr))
+        canao_int8_f1 = next((st["baselines"]["teacher-int8"]["f1"] for st in states
+                              if st.get("baselines", {}).get("teacher-int8", {}).get("f1") is not None), None)
+        if canao_int8_f1 is None:  # no search scored it (over their budgets): score it here
+            from canao.compress.latency import artifact_runner
+
+            run, close = artifact_runner(tmp / "teacher-int8", args.threads)
+            try:
+                canao_int8_f1 = squad.score(run, dev, feats)[0]["f1"]
+            finally:
+                close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ref = lat["teacher TFLite fp32"]["median_ms"] if "teacher TFLite fp32" in lat else None
     canao_fp32 = lat["teacher canao fp32"]["median_ms"]
     rows = []
     f1_of = {"teacher canao fp32": teacher_f1, "teacher TFLite fp32": teacher_f1,
-             "teacher canao int8": states[0]["baselines"].get("teacher-int8", {}).get("f1"),
+             "teacher canao int8": canao_int8_f1,
              "teacher TFLite int8": points.get("teacher-int8-tflite", {}).get("f1"),
              "teacher ONNX Runtime int8": points.get("teacher-int8-onnxruntime", {}).get("f1")}
     for k in lat:
@@ -170,9 +242,12 @@ def markdown(r: dict) -> str:
         f1 = "-" if row["f1"] is None else f"{row['f1']:.2f}"
         loss = "-" if row["f1_loss"] is None else f"{row['f1_loss']:+.2f}"
         sp = "-" if row["speedup_vs_tflite_fp32"] is None else f"{row['speedup_vs_tflite_fp32']:.2f}x"
-        name = row["name"] + (" (returned)" if row.get("returned") else "")
+        name = row["name"] + (" (returned)" if row.get("returned") else "") + (" ¹" if row.get("timed_from") else "")
         lines.append(f"| {name} | {row.get('key', '-')} | {f1} | {loss} | {row['median_ms']:.2f} | {row['p95_ms']:.2f} | "
                      f"{sp} | {row['speedup_vs_canao_fp32_teacher']:.2f}x |")
+    if any(row.get("timed_from") for row in r["rows"]):
+        lines += ["", "¹ Timed from the architecture: compiled with random weights at its precision (the search's "
+                  "artifact is gone; dense kernels take the same time whatever the weights' values)."]
     return "\n".join(lines) + "\n"
 
 
