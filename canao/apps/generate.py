@@ -72,7 +72,7 @@ class Generator:
             torch.set_num_threads(threads)
         if dtype not in DTYPES:
             raise CanaoError(f"dtype must be one of {sorted(DTYPES)}, got '{dtype}'")
-        model, tokenizer, info = load_causal_lm(model_spec)
+        model, tokenizer, info = load_causal_lm(model_spec, threads=threads)
         model.to(DTYPES[dtype])
         info["dtype"] = dtype
         return cls(model, tokenizer, info)

@@ -33,20 +33,23 @@ def load_decoder(spec: str | Path) -> tuple[torch.nn.Module, dict]:
     return model, info
 
 
-def load_causal_lm(spec: str | Path) -> tuple[torch.nn.Module, BPETokenizer, dict]:
-    """(model, tokenizer, info) from a .gguf file, a HF folder, or a built-in name ('smollm2').
+def load_causal_lm(spec: str | Path, threads: int | None = None) -> tuple[torch.nn.Module, BPETokenizer, dict]:
+    """(model, tokenizer, info) from a .gguf file, a HF folder, a compiled artifact folder, or a
+    built-in name ('smollm2').
 
-    info: path, format ('gguf' | 'hf'), architecture, params, context_length, config (dict),
-    weight_types (GGUF tensor type counts; the model itself always runs in float32), load_ms.
+    threads: the compiled runtime's thread pool size (an artifact only; default: the artifact's
+    own setting, else all cores). PyTorch models use PyTorch's setting.
+    info: path, format ('gguf' | 'hf' | 'canao-artifact'), architecture, params, context_length,
+    config (dict), weight_types (GGUF tensor type counts; the model itself always runs in float32), load_ms.
     """
-    return _load(spec, with_tokenizer=True)
+    return _load(spec, with_tokenizer=True, threads=threads)
 
 
-def _load(spec, with_tokenizer: bool):
+def _load(spec, with_tokenizer: bool, threads: int | None = None):
     start = time.perf_counter()
     path = resolve_model_path(spec)
     if path.is_dir() and (path / "manifest.json").exists():
-        model, tokenizer, info = _from_artifact(path, with_tokenizer)
+        model, tokenizer, info = _from_artifact(path, with_tokenizer, threads)
         info.update(path=str(path), load_ms=(time.perf_counter() - start) * 1000.0)
         return model, tokenizer, info
     if path.is_file():
@@ -80,16 +83,16 @@ def _from_gguf(path: Path, with_tokenizer: bool):
     return model, tokenizer, info
 
 
-def _from_artifact(folder: Path, with_tokenizer: bool):
+def _from_artifact(folder: Path, with_tokenizer: bool, threads: int | None = None):
     """A decoder compiled by `canao compile` (native code; the tokenizer travels with it)."""
     from ..compiler.decoder.runtime import CompiledCausalLM, CompiledDecoder
 
-    decoder = CompiledDecoder(folder)
+    decoder = CompiledDecoder(folder, threads=threads)
     tokenizer = BPETokenizer.from_folder(folder) if with_tokenizer else None
     m = decoder.manifest
     info = {"format": "canao-artifact", "architecture": m["model"]["architecture"], "name": folder.name,
             "precision": m["precision"], "target": m["target"]["name"], "weight_types": {}, "params": 0,
-            "context_length": decoder.max_ctx, "config": m["model"]}
+            "context_length": decoder.max_ctx, "config": m["model"], "threads": decoder.threads}
     return CompiledCausalLM(decoder), tokenizer, info
 
 

@@ -144,6 +144,31 @@ def test_sampling_in_c_is_seeded_and_top_k_1_is_greedy(artifacts):
     assert gen.generate(PROMPTS[1], max_new_tokens=8, temperature=0.7, top_k=1, seed=9)["text"] == greedy
 
 
+def test_threads_flag_reaches_the_compiled_decoder(artifacts, capsys, monkeypatch):
+    """`--threads` of canao generate / serve opens a compiled decoder's thread pool with that many
+    threads (it used to be dropped: the artifact's own setting, then PyTorch's, applied)."""
+    from canao.cli import main
+    from canao.serve.command import load_models
+
+    opened = []
+    real_init = CompiledDecoder.__init__
+
+    def spy(self, folder, threads=None, check=True):
+        real_init(self, folder, threads, check)
+        opened.append(self.threads)
+
+    monkeypatch.setattr(CompiledDecoder, "__init__", spy)
+    folder = str(artifacts["q4_1"]["artifact"])
+    for threads in ("1", "2"):
+        assert main(["generate", "--model", folder, "--prompt", "Hello", "--max-new-tokens", "2",
+                     "--threads", threads, "--json"]) == 0
+        capsys.readouterr()
+    _, lm = load_models([], [folder], threads=1, quiet=True)
+    assert opened == [1, 2, 1] and next(iter(lm.values())).info["threads"] == 1
+    with pytest.raises(CanaoError, match="at least 1"):
+        CompiledDecoder(folder, threads=-1)
+
+
 def test_errors_name_the_problem(artifacts, tmp_path):
     decoder = CompiledDecoder(artifacts["q4_1"]["artifact"], threads=1)
     with pytest.raises(CanaoError, match="context of 256 tokens"):

@@ -15,15 +15,6 @@ from ..artifact import MANIFEST, WEIGHTS, load_library, read_manifest
 _ERR = 512
 
 
-def _process_threads() -> int:
-    try:
-        import torch
-
-        return torch.get_num_threads()
-    except ImportError:
-        return os.cpu_count() or 1
-
-
 def is_decoder_artifact(folder) -> bool:
     path = Path(folder) / MANIFEST
     if not path.is_file():
@@ -60,8 +51,10 @@ class CompiledDecoder:
         lib.canao_lm_set_threads.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.canao_lm_close.argtypes = [ctypes.c_void_p]
         self.vocab = ctypes.c_long.in_dll(lib, "canao_lm_vocab").value
-        # default: the manifest's, else the process's setting (the CLI's --threads sets torch's)
-        self.threads = threads or int(self.manifest.get("threads") or _process_threads())
+        # as the encoder runtime: the caller's count, else the artifact's own setting, else all cores
+        if threads is not None and threads < 1:
+            raise CanaoError(f"threads must be at least 1, got {threads}")
+        self.threads = threads or int(self.manifest.get("threads") or os.cpu_count() or 1)
         err = ctypes.create_string_buffer(_ERR)
         self._handle = lib.canao_lm_open(str(self.path / WEIGHTS).encode(), self.threads, err, _ERR)
         if not self._handle:
