@@ -25,6 +25,7 @@ def compiled_student(name: str, precision: str = "int8", max_seq: int = 384, thr
                      log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> Path:
     from ..compiler import compile_model
     from ..compiler.artifact import FORMAT, add_files
+    from ..compiler.build import compiler_fingerprint
     from ..compiler.targets import host_target
     from ..models.checkpoint import weight_files
     from ..models.encoders import load_encoder
@@ -32,7 +33,9 @@ def compiled_student(name: str, precision: str = "int8", max_seq: int = 384, thr
 
     source = resolve_model_path(name)
     digest = file_digest(weight_files(source)[0])[:12]
-    out = cache_root() / "artifacts" / f"{name}-{digest}-{precision}-s{max_seq}-{host_target().name}-f{FORMAT}"
+    # keyed by the compiler's own fingerprint too: a canao with other kernels builds afresh
+    out = cache_root() / "artifacts" / (f"{name}-{digest}-{precision}-s{max_seq}-{host_target().name}-f{FORMAT}"
+                                        f"-c{compiler_fingerprint()}")
     if (out / "manifest.json").exists():
         return out
     log(f"canao: compiling {name} ({precision}, max length {max_seq}) once into {out}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -17,6 +18,19 @@ SUPPORT_FILES = ("canao.h", "canao_kernels.h", "canao_runtime.c", "canao_run.c",
                  "vec_neon.h")
 BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-std=gnu11",
               "-Werror=incompatible-pointer-types", "-Werror=int-conversion")
+
+
+@functools.lru_cache(maxsize=1)
+def compiler_fingerprint() -> str:
+    """A digest of what decides the code canao generates (kernels, code generator, passes, targets):
+    timings and builds stored under another fingerprint came from other code and are not reused."""
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for path in sorted([*KERNEL_DIR.iterdir(), *(root / "codegen").glob("*.py"), *(root / "passes").glob("*.py"),
+                        root / "targets.py"]):
+        if path.is_file():
+            h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def cache_dir() -> Path:

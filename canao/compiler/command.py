@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="artifact folder to write")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "int8", "q8_0", "q4_1"],
                    help="encoders: fp32 (default), bf16, int8; decoders: q4_1 (default), q8_0, fp32")
+    p.add_argument("--attention", default=None, choices=["fp32", "int8"],
+                   help="encoders: precision of the attention's two products (default: int8 for an int8 model, "
+                        "fp32 otherwise); the softmax is fp32 either way")
     p.add_argument("--target", default="host",
                    help="host, avx512, avx512_vnni, avx2, or aarch64 (ARMv8.2-A + dotprod: cross-compiled with "
                         "aarch64-linux-gnu-gcc into a static canao-run; default: host)")
@@ -69,6 +72,8 @@ def _is_decoder_source(spec: str) -> bool:
 def cmd_compile_decoder(args) -> dict:
     from .decoder import compile_decoder
 
+    if args.attention:
+        raise CanaoError("--attention applies to encoders; a decoder's attention runs in fp32")
     if args.verify or args.tune:
         raise CanaoError("--verify and --tune apply to encoders; a decoder is checked by `pytest tests/compiler/"
                          "test_decoder.py` (greedy tokens equal PyTorch's) and measured by `canao device measure` and benchmarks/decode_baselines.py")
@@ -106,7 +111,7 @@ def cmd_compile(args) -> dict:
     tune = False if args.no_tuning_db else (True if args.tune else None)
     summary = compile_model(model, args.out, precision=args.precision, max_seq=args.max_seq,
                             target=args.target, threads=args.threads, tune=tune,
-                            log=lambda line: print(line, file=sys.stderr))
+                            log=lambda line: print(line, file=sys.stderr), attention=args.attention)
     # The apps tokenize before they run the artifact: it carries the model's tokenizer.
     add_files(Path(summary["artifact"]), tokenizer_files(source))
     if args.verify:
@@ -149,7 +154,8 @@ def cmd_compile(args) -> dict:
                                  f"on {f1['questions']} questions (allowed drop {f1['tolerance']})")
     if not args.json:
         f = summary["fusion"]
-        print(f"wrote {summary['artifact']} ({summary['target']['name']}, {summary['precision']}, max seq {summary['max_seq']})")
+        print(f"wrote {summary['artifact']} ({summary['target']['name']}, {summary['precision']}, attention "
+              f"{summary['attention']}, max seq {summary['max_seq']})")
         print(f"  fusion: {f['ops_before']} ops -> {f['kernels_after']} kernels, "
               f"{f['intermediate_bytes_avoided'] / 1e6:.1f} MB of intermediates avoided at seq {f['at_seq']}")
         print(f"  arena peak {summary['memory']['arena_peak_bytes'] / 1e6:.2f} MB, "

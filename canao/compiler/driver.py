@@ -19,12 +19,14 @@ from .codegen.c import PRECISIONS
 
 def compile_model(model, out: str | Path, precision: str = "fp32", max_seq: int = 384,
                   target: str = "host", threads: int | None = None, tune: bool | None = None,
-                  log=None) -> dict:
+                  log=None, attention: str | None = None) -> dict:
     """Compile a BertForQuestionAnswering-style model into the artifact folder `out`; returns a summary.
 
     tune: True measures the GEMM signatures the tuning database lacks (canao.compiler.tuner),
     None (default) uses the schedules the database already has and measures nothing,
-    False ignores the database (the target's default schedule everywhere)."""
+    False ignores the database (the target's default schedule everywhere).
+    attention: precision of the attention's two products, fp32 or int8 (default: int8 for int8
+    models, fp32 otherwise; codegen.c.default_attention)."""
     if precision not in PRECISIONS:
         raise CanaoError(f"precision '{precision}' is not implemented yet; available: {', '.join(PRECISIONS)}")
     limit = model.config.max_position_embeddings
@@ -48,7 +50,7 @@ def compile_model(model, out: str | Path, precision: str = "fp32", max_seq: int 
         tuning["enabled"] = bool(tune)
         times["tune_ms"] = (time.perf_counter() - t0) * 1e3
     t0 = time.perf_counter()
-    program = generate(graph, tgt, max_seq, schedules, precision=precision)
+    program = generate(graph, tgt, max_seq, schedules, precision=precision, attention=attention)
     times["codegen_ms"] = (time.perf_counter() - t0) * 1e3
     final, out = artifact.begin_folder(out)
     (out / "model.c").write_text(program.source)
@@ -62,6 +64,7 @@ def compile_model(model, out: str | Path, precision: str = "fp32", max_seq: int 
         "target": {"name": tgt.name, "arch": tgt.arch, "features": list(tgt.features), "cflags": list(tgt.cflags)},
         "runner": artifact.RUNNER,
         "precision": precision,
+        "attention": program.attention,
         "max_seq": max_seq,
         "threads": threads,
         "model": {"hidden_size": cfg.hidden_size, "layer_heads": list(cfg.layer_heads),
@@ -76,5 +79,5 @@ def compile_model(model, out: str | Path, precision: str = "fp32", max_seq: int 
         "phases": program.phases,
     }
     manifest = artifact.finish_folder(out, final, info)
-    return {"artifact": str(final), **{k: manifest[k] for k in ("target", "precision", "max_seq", "memory")},
+    return {"artifact": str(final), **{k: manifest[k] for k in ("target", "precision", "attention", "max_seq", "memory")},
             "fusion": report, "tuning": tuning, "times": times}

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..compiler.build import compiler_fingerprint
 from ..errors import CanaoError
 from ..fileio import locked, read_json_object, update_json_object
 from .space import Arch
@@ -97,7 +98,11 @@ class LatencyOracle:
 
     def _key(self, arch: Arch, threads: int) -> str:
         t = self.teacher
-        return f"{self.backend}|{self.host}|H{t.hidden_size}d{t.head_dim}v{t.vocab_size}|{arch.key()}|t{threads}"
+        return f"{self.backend}|{self.host}|H{t.hidden_size}d{t.head_dim}v{t.vocab_size}|{arch.key()}|t{threads}{self._code()}"
+
+    def _code(self) -> str:
+        # canao timings are of the code this compiler generates: another compiler's are not reused
+        return f"|c{compiler_fingerprint()}" if self.backend == "canao" else ""
 
     def _fresh(self, entry: dict | None) -> bool:
         return entry is not None and (self.max_age_s is None or time.time() - entry.get("when", 0) <= self.max_age_s)
@@ -110,7 +115,7 @@ class LatencyOracle:
         prefix = f"{self.backend}|{self.host}|"
         t = threads or self.threads
         return [(Arch.from_dict(v["arch"]), v) for k, v in self.db.items()
-                if k.startswith(prefix) and v.get("threads") == t and self._fresh(v)]
+                if k.startswith(prefix) and k.endswith(self._code()) and v.get("threads") == t and self._fresh(v)]
 
     def _save(self, key: str, entry: dict) -> None:
         if not self.db_path:

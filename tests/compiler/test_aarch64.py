@@ -69,6 +69,7 @@ def test_reduced_precision_under_qemu(model, tmp_path, precision):
     if precision == "int8":
         # s8 activations (no +128 offset, no column-sum correction), full-range weights, sdot in the binary
         assert "activations per row (s8, no offset)" in source and "[-127, 127]" in source
+        assert "attention_rows_i8(" in source  # the int8 attention's s8 x s8 path (ATT_PMAX 127)
         objdump = shutil.which("aarch64-linux-gnu-objdump")
         if objdump:
             asm = subprocess.run([objdump, "-d", str(out / "canao-run")], capture_output=True, text=True).stdout

@@ -128,6 +128,38 @@ def test_reduced_precision_runs_here_close_to_pytorch(model, tmp_path, precision
     cm.close()
 
 
+@pytest.mark.parametrize("seq,pad,threads", [(7, 0, 1), (33, 5, 2), (64, 10, 2)])
+def test_int8_attention_alone_stays_close_to_pytorch(model, tmp_path_factory, seq, pad, threads):
+    """fp32 GEMMs with the int8 attention (quantized Q, K, V and probabilities, fp32 softmax): the
+    error is the attention's own, at lengths that end inside a vector and a key panel."""
+    out = tmp_path_factory.getbasetemp() / "fp32-int8-attention"
+    if not (out / "manifest.json").exists():
+        summary = compile_model(model, out, max_seq=64, precision="fp32", attention="int8", tune=False)
+        assert summary["attention"] == "int8"
+    cm = load_artifact(out, threads=threads)
+    assert cm.manifest["attention"] == "int8" and "attention_rows_i8(" in (out / "model.c").read_text()
+    ids, tt, mask = random_inputs(seq, pad=pad, seed=seq)
+    with torch.no_grad():
+        want = model(ids, tt, mask)
+    err = _max_err(cm.run(ids, tt, mask), want)
+    assert 1e-5 < err <= 5e-3 * max(1.0, max(w.abs().max().item() for w in want)), err
+    cm.close()
+
+
+def test_int8_models_default_to_int8_attention_and_fp32_attention_is_a_choice(model, tmp_path):
+    from canao.compiler.codegen.c import generate
+    from canao.compiler.frontend import capture
+    from canao.compiler.passes import optimize
+
+    g, _ = optimize(capture(model, 32), 32)
+    assert generate(g, host_target(), 32, precision="int8").attention == "int8"
+    assert generate(g, host_target(), 32, precision="bf16").attention == "fp32"
+    fp32_att = generate(g, host_target(), 32, precision="int8", attention="fp32")
+    assert fp32_att.attention == "fp32" and "attention_rows_i8(" not in fp32_att.source
+    with pytest.raises(CanaoError, match="attention precision 'int4'"):
+        generate(g, host_target(), 32, precision="int8", attention="int4")
+
+
 def test_int8_packing_layout_and_column_sums():
     from canao.compiler.codegen.c import quantize_int8
 

@@ -94,6 +94,23 @@ def test_compiler_oracle_measures_compiled_code(tmp_path):
     assert m["backend"] == "canao" and m["compile_s"] > 0 and 0 < m["median_ms"] <= m["p95_ms"]
 
 
+def test_timings_of_another_compiler_are_not_reused(tmp_path, monkeypatch):
+    """A changed kernel or code generator makes the stored timings stale: the database keys them by
+    the compiler's fingerprint, so a search after the change measures again."""
+    import canao.compress.latency as latency
+
+    small = BertConfig(vocab_size=200, hidden_size=64, layer_heads=[4] * 2, layer_ffn=[128] * 2, head_dim=16)
+    arch = Arch((2,), (64,), 32)
+    oracle = LatencyOracle(small, threads=1, backend="canao", db_path=tmp_path / "db.json", runs=3, warmup=1, rounds=1)
+    oracle.measure(arch)
+    again = LatencyOracle(small, threads=1, backend="canao", db_path=tmp_path / "db.json", runs=3, warmup=1, rounds=1)
+    assert again.cached(arch) is not None and len(again.all_cached()) == 1
+    monkeypatch.setattr(latency, "compiler_fingerprint", lambda: "0123456789ab")
+    assert again.cached(arch) is None and again.all_cached() == []
+    again.measure(arch)
+    assert again.measured_now == 1 and len(json.loads((tmp_path / "db.json").read_text())) == 2
+
+
 def test_precision_scale_factor_with_few_measurements():
     space = SearchSpace.from_teacher(TEACHER, precisions=["fp32", "int8"])
     coef = np.array([0.3, 0.02, 12.0, 9.0, 11.0])

@@ -33,6 +33,13 @@ ARGS = "const float *W, char *arena, float *scratch, long S, long r0, long r1, c
        "const int64_t *token_type_ids, const int64_t *attention_mask"
 CALL_ARGS = "W, arena, scratch, S, r0, r1, input_ids, token_type_ids, attention_mask"
 PRECISIONS = ("fp32", "bf16", "int8")
+ATTENTION_PRECISIONS = ("fp32", "int8")
+ATT_MAX_HEAD_DIM = 256  # ATT_MAX_D in canao_kernels.h
+
+
+def default_attention(precision: str) -> str:
+    """int8 products in the attention of int8 models (canao_kernels.h: attention_rows_i8), fp32 otherwise."""
+    return "int8" if precision == "int8" else "fp32"
 
 VEC_FN = {"add": "vadd", "sub": "vsub", "mul": "vmul", "div": "vdiv", "gelu": "vgelu"}
 SCALAR_OP = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
@@ -69,6 +76,7 @@ class Program:
     scratch_floats: int  # per thread
     kernels: list[str] = field(default_factory=list)
     phases: int = 1
+    attention: str = "fp32"  # precision of the attention's products
 
 
 def cexpr(e) -> str:
@@ -90,14 +98,20 @@ def pack_panels(w: np.ndarray, nr: int) -> np.ndarray:
 
 class _Gen:
     def __init__(self, g: Graph, target: Target, max_seq: int, schedules: dict[str, Schedule], block_rows: int,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", attention: str | None = None):
         if precision not in PRECISIONS:
             raise CanaoError(f"codegen: unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
+        attention = attention or default_attention(precision)
+        if attention not in ATTENTION_PRECISIONS:
+            raise CanaoError(f"codegen: unknown attention precision '{attention}'; choose one of "
+                             f"{', '.join(ATTENTION_PRECISIONS)}")
         self.g, self.t, self.max_seq, self.schedules, self.block_rows = g, target, max_seq, schedules, block_rows
-        self.precision = precision
+        self.precision, self.attention_precision = precision, attention
         self.q_scratch_floats = 0  # per-thread room for a row block's quantized activations
         self.views = assign_layouts(g)
         self.kernel_ops = [op for op in g.compute_ops() if not op.attrs.get("inline")]
+        if any(self.attention_dims(op)[1] > ATT_MAX_HEAD_DIM for op in self.kernel_ops if op.kind == "attention"):
+            self.attention_precision = "fp32"  # the int8 attention's per-key buffers stop at ATT_MAX_D
         self.blob = bytearray()
         self.const_off: dict[str, int] = {}  # const name (or name@packed) -> float offset in W
         self.tiles: set[tuple[str, int, int]] = set()  # (kind, mr, nr)
@@ -347,23 +361,56 @@ static void {k.name}({ARGS}) {{
         kp = 2 * self.t.vl
         return -(-self.max_seq // kp) * kp
 
+    def value_keys_i8(self) -> int:
+        """Keys rounded up to whole integer vectors (ATT_KB = 4 vectors of bytes): int8 V^T rows."""
+        kb = 4 * self.t.vl
+        return -(-self.max_seq // kb) * kb
+
     def attention_scratch_floats(self) -> int:
-        """ATT_ROWS query rows of scores and the same rows packed for the score tiles (canao_kernels.h)."""
+        """ATT_ROWS query rows of scores and the same rows packed for the score tiles (canao_kernels.h);
+        int8: also ATT_ROWS rows of quantized probabilities and the quantized queries (bytes)."""
         dims = [self.attention_dims(op)[1] for op in self.kernel_ops if op.kind == "attention"]
-        return ATT_ROWS * (self.key_panel_floats() + max(dims, default=0)) + 16
+        if not dims:
+            return 16
+        if self.attention_precision == "int8":
+            d4 = -(-max(dims) // 4) * 4
+            extra_bytes = ATT_ROWS * self.value_keys_i8() + (ATT_ROWS + 1) * d4
+            return ATT_ROWS * self.key_panel_floats() + -(-extra_bytes // 4) + 16
+        return ATT_ROWS * (self.key_panel_floats() + max(dims)) + 16
+
+    def attention_buffer_bytes(self, op: Op, which: str) -> int:
+        """K^T / V^T buffer of one attention at the maximum length (canao_kernels.h layouts)."""
+        heads, d = self.attention_dims(op)
+        sp = self.key_panel_floats()
+        if self.attention_precision == "fp32":
+            return heads * d * sp * 4
+        def round64(n: int) -> int:
+            return -(-n // 64) * 64
+        if which == "kt":  # int8 panels, then a scale and a sum per key
+            return round64(heads * sp * (-(-d // 4) * 4)) + heads * sp * 8
+        sv4 = self.value_keys_i8()  # int8 V^T rows, then a scale per key
+        return round64(heads * d * sv4) + heads * sv4 * 4
 
     def pack_kt(self, k: Kernel, plan: Plan) -> str:
         op = k.op
         heads, d = self.attention_dims(op)
         kh, ks = self.head_strides(op, op.inputs[1])
         vh, vs = self.head_strides(op, op.inputs[2])
+        kp, vp = self.ptr(self.views[op.inputs[1]], plan), self.ptr(self.views[op.inputs[2]], plan)
+        if self.attention_precision == "int8":
+            kb, vb = (f"(arena + {plan.offsets[b]})" for b in (self.kt_buffer(op), self.vt_buffer(op)))
+            return f"""/* int8 K^T panels of {op.inputs[1]} and V^T of {op.inputs[2]} (a scale per key) for the
+ * attention {op.output} (next phase), rows r0..r1 */
+static void {k.name}({ARGS}) {{
+    attention_pack_kv_i8(S, {heads}, {d}, {kp}, {kh}, {ks}, {vp}, {vh}, {vs}, {kb}, {vb}, {self.t.int8_wmax}.0f, r0, r1);
+}}"""
         kt = f"((float *)(arena + {plan.offsets[self.kt_buffer(op)]}))"
         vt = f"((float *)(arena + {plan.offsets[self.vt_buffer(op)]}))"
         return f"""/* K^T panels of {op.inputs[1]} and V^T of {op.inputs[2]} for the attention {op.output}
  * (next phase), rows r0..r1 */
 static void {k.name}({ARGS}) {{
-    attention_pack_kv(S, {heads}, {d}, {self.ptr(self.views[op.inputs[1]], plan)}, {kh}, {ks}, {kt},
-                      {self.ptr(self.views[op.inputs[2]], plan)}, {vh}, {vs}, {vt}, r0, r1);
+    attention_pack_kv(S, {heads}, {d}, {kp}, {kh}, {ks}, {kt},
+                      {vp}, {vh}, {vs}, {vt}, r0, r1);
 }}"""
 
     def attention(self, k: Kernel, plan: Plan) -> str:
@@ -383,6 +430,14 @@ static void {k.name}({ARGS}) {{
             hs[name], ss[name] = self.head_strides(op, name)
         heads, d = self.attention_dims(op)
         p = {name: self.ptr(self.views[name], plan) for name in (q, op.output)}
+        if self.attention_precision == "int8":
+            kb, vb = (f"(arena + {plan.offsets[b]})" for b in (self.kt_buffer(op), self.vt_buffer(op)))
+            return f"""/* {op.output}: fused attention with int8 products, {heads} heads of {d}, score {score},
+ * query rows r0..r1 from {op.source} */
+static void {k.name}({ARGS}) {{
+    attention_rows_i8(S, {heads}, {d}, {p[q]}, {hs[q]}, {ss[q]}, {kb}, {vb},
+                      {p[op.output]}, {hs[op.output]}, {ss[op.output]}, {bias}, scratch, r0, r1);
+}}"""
         kt = f"((float *)(arena + {plan.offsets[self.kt_buffer(op)]}))"
         vt = f"((float *)(arena + {plan.offsets[self.vt_buffer(op)]}))"
         return f"""/* {op.output}: fused attention, {heads} heads of {d}, score {score}, query rows r0..r1
@@ -511,8 +566,7 @@ static void {k.name}({ARGS}) {{
     def buffer_bytes(self, name: str) -> int:
         if name.endswith(("__kt", "__vt")):
             op = next(o for o in self.kernel_ops if name in (self.kt_buffer(o), self.vt_buffer(o)))
-            heads, d = self.attention_dims(op)
-            return heads * d * self.key_panel_floats() * 4
+            return self.attention_buffer_bytes(op, name[-2:])
         return self.g.tensors[name].nbytes(self.max_seq)
 
     def program(self) -> Program:
@@ -546,7 +600,8 @@ static void {k.name}({ARGS}) {{
         # BERT-base at sequence 128 ran 8 % slower in two blocks)
         block_rows = -(-self.block_rows // quantum) * quantum
         barriers = sum(1 for kn in kernels[1:] if kn.phase != kernels[kernels.index(kn) - 1].phase)
-        src = f"""/* Generated by canao for target {self.t.name}: {len(kernels)} kernels in {phases} phases, max sequence {self.max_seq}.
+        src = f"""/* Generated by canao for target {self.t.name}: {len(kernels)} kernels in {phases} phases, max sequence {self.max_seq},
+ * precision {self.precision}, attention products {self.attention_precision}.
  * W: packed weights (weights.bin); arena: activations, placed by liveness ({plan.peak_bytes} bytes peak).
  * The runtime (canao_runtime.c) runs each phase's kernels on row blocks [r0, r1) taken by the
  * threads in any order, with one barrier between phases ({barriers} per forward pass). */
@@ -584,7 +639,8 @@ void canao_phase(int phase, const float *W, char *arena, float *scratch, long S,
     }}
 }}
 """
-        return Program(src, bytes(self.blob), plan, scratch, [kn.name for kn in kernels], phases)
+        return Program(src, bytes(self.blob), plan, scratch, [kn.name for kn in kernels], phases,
+                       self.attention_precision)
 
 
 def tile_source(mr: int, nr: int, vl: int, bf16: bool = False) -> str:
@@ -846,5 +902,6 @@ def gemm_loop(sch: Schedule, k: int, n: int, pre_code: str = "", expr: str = "x"
 
 
 def generate(g: Graph, target: Target, max_seq: int, schedules: dict[str, Schedule] | None = None,
-             block_rows: int = 128, precision: str = "fp32") -> Program:
-    return _Gen(g, target, max_seq, schedules or {}, block_rows, precision).program()
+             block_rows: int = 128, precision: str = "fp32", attention: str | None = None) -> Program:
+    """attention: precision of the attention's two products (ATTENTION_PRECISIONS; default: default_attention)."""
+    return _Gen(g, target, max_seq, schedules or {}, block_rows, precision, attention).program()

@@ -254,3 +254,224 @@ static inline void convert_row_bf16(const float *x, int K, uint16_t *q, int kp) 
     }
     for (; c < kp; c++) q[c] = 0;
 }
+
+
+/* ---- int8 attention (int8 models): Q.K^T and P.V as u8 x s8 dot products (vpdpbusd on VNNI,
+ * vpmaddubsw + vpmaddwd on AVX2/AVX-512, sdot on NEON), the softmax in fp32. The products are 2
+ * of every 3 attention FLOPs... and, at 384 tokens, a third of a small int8 student's time in fp32.
+ * Layouts per head, derived from S (the buffers are sized for the maximum length):
+ *  - K: int8 panels of ATT_KP keys with 4 head columns per 32-bit lane,
+ *    k8[((h*np + p)*D4 + g)*ATT_KP*4 + l*4 + c] = round(k[p*ATT_KP + l][4g + c] / ksc[key]),
+ *    one scale per key (ksc[h*sp + key]) and its quantized sum times the queries' offset
+ *    (ksum[h*sp + key], taken off after the dot product, as the GEMMs' column sums);
+ *  - V^T: int8 rows per head column over the keys, v8[(h*D + d)*sv4 + j], one scale per key
+ *    (vsc[h*sv4 + j]), folded into the probabilities before they are quantized (per row), so
+ *    each key keeps its own range although the keys are packed by different row blocks;
+ *    sv4 = S rounded up to whole integer vectors (ATT_KB keys), lanes past S zero.
+ * Queries are quantized per row and head (u8, quantize_row_u8); probabilities to [0, ATT_PMAX]
+ * with no offset (they are never negative). */
+#define ATT_KB (4 * VL)
+#define ATT_PMAX (CANAO_ACT_OFFSET ? 255.0f : 127.0f) /* u8 where the dot product is u8 x s8, else s8 */
+static inline long att_sv4(long S) { return (S + ATT_KB - 1) / ATT_KB * ATT_KB; }
+static inline int att_d4(int D) { return (D + 3) / 4; }
+static inline long att_round64(long n) { return (n + 63) / 64 * 64; }
+
+typedef struct { int8_t *k8; float *ksc; int32_t *ksum; } att_keys_i8;
+typedef struct { int8_t *v8; float *vsc; } att_values_i8;
+static inline att_keys_i8 att_keys_layout(char *base, long S, int H, int D) {
+    const long sp = att_panels(S) * ATT_KP;
+    att_keys_i8 r;
+    r.k8 = (int8_t *)base;
+    r.ksc = (float *)(base + att_round64((long)H * sp * att_d4(D) * 4));
+    r.ksum = (int32_t *)(r.ksc + (long)H * sp);
+    return r;
+}
+static inline att_values_i8 att_values_layout(char *base, long S, int H, int D) {
+    att_values_i8 r;
+    r.v8 = (int8_t *)base;
+    r.vsc = (float *)(base + att_round64((long)H * D * att_sv4(S)));
+    return r;
+}
+#define ATT_MAX_D 256 /* head size limit of the int8 attention (codegen falls back to fp32 above it) */
+
+/* q[0..n) = round(x[c] * inv) as s8 (0 past D); returns their sum. n: D rounded up to whole vectors. */
+static inline int32_t att_quantize_s8(const float *x, int D, int n, float inv, int8_t *q) {
+    const vf s = vset1(inv);
+    for (int c = 0; c < n; c += VL) vstore_u8((uint8_t *)q + c, vmul(vload_n(x + c, D - c), s));
+    int32_t sum = 0;
+    for (int c = 0; c < n; c++) {  /* vstore_u8 added CANAO_ACT_OFFSET: flipping the top bit takes 128 off */
+        q[c] = (int8_t)((uint8_t)q[c] ^ (uint8_t)CANAO_ACT_OFFSET);
+        sum += q[c];
+    }
+    return sum;
+}
+
+/* Keys and values of rows [r0, r1) into the int8 layouts above; wmax: the target's int8 range.
+ * VL keys at a time, so V^T is written VL contiguous bytes per head column. */
+static void attention_pack_kv_i8(long S, int H, int D, const float *k, long kh, long ks, const float *v, long vh,
+                                 long vs, char *kbuf, char *vbuf, float wmax, long r0, long r1) {
+    const long np = att_panels(S), sp = np * ATT_KP, sv4 = att_sv4(S);
+    const int D4 = att_d4(D), n = (D + VL - 1) / VL * VL;
+    const att_keys_i8 K = att_keys_layout(kbuf, S, H, D);
+    const att_values_i8 V = att_values_layout(vbuf, S, H, D);
+    int8_t kq[ATT_MAX_D], vq[VL][ATT_MAX_D];
+    for (int h = 0; h < H; h++) {
+        int8_t *vth = V.v8 + (long)h * D * sv4;
+        for (long j0 = r0; j0 < r1; j0 += VL) {
+            const int nk = (int)MIN(VL, r1 - j0);
+            for (int l = 0; l < nk; l++) {
+                const long j = j0 + l;
+                const float *kr = k + h * kh + j * ks, *vr = v + h * vh + j * vs;
+                vf km = vzero(), vm = vzero();
+                for (int c = 0; c < D; c += VL) {
+                    km = vmax(km, vabs(vload_n(kr + c, D - c)));
+                    vm = vmax(vm, vabs(vload_n(vr + c, D - c)));
+                }
+                const float ka = vhmax(km), va = vhmax(vm);
+                const int32_t sum = att_quantize_s8(kr, D, n, ka > 0 ? wmax / ka : 0.0f, kq);
+                int8_t *panel = K.k8 + ((long)h * np + j / ATT_KP) * D4 * ATT_KP * 4 + (j % ATT_KP) * 4;
+                for (int g = 0; g < D4; g++) memcpy(panel + (long)g * ATT_KP * 4, kq + 4 * g, 4);
+                K.ksc[h * sp + j] = ka / wmax;
+                K.ksum[h * sp + j] = CANAO_ACT_OFFSET * sum;
+                att_quantize_s8(vr, D, n, va > 0 ? wmax / va : 0.0f, vq[l]);
+                V.vsc[h * sv4 + j] = va / wmax;
+            }
+            for (int d = 0; d < D; d++) {
+                int8_t *dst = vth + (long)d * sv4 + j0;
+                for (int l = 0; l < nk; l++) dst[l] = vq[l][d];
+            }
+        }
+        if (r1 == S) {  /* keys past S: zero weight (their scores are set to -inf, their values to 0) */
+            for (long j = S; j < sp; j++) K.ksc[h * sp + j] = 0.0f, K.ksum[h * sp + j] = 0;
+            for (long j = S; j < sv4; j++) {
+                V.vsc[h * sv4 + j] = 0.0f;
+                for (int d = 0; d < D; d++) vth[(long)d * sv4 + j] = 0;
+            }
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void att_score_tile_i8(const uint8_t *qp, const int8_t *panel, int D4,
+                                                                    const float *qsc, const float *ksc,
+                                                                    const int32_t *ksum, const float *key_bias,
+                                                                    long S, long j, float *sc, long sp, vf *rmax) {
+    vi c00 = vizero(), c01 = vizero(), c10 = vizero(), c11 = vizero(), c20 = vizero(), c21 = vizero();
+    vi c30 = vizero(), c31 = vizero(), c40 = vizero(), c41 = vizero(), c50 = vizero(), c51 = vizero();
+#pragma GCC unroll 4
+    for (int g = 0; g < D4; g++, qp += ATT_QB * 4, panel += ATT_KP * 4) {
+        const vi k0 = viload(panel), k1 = viload(panel + 4 * VL);
+        vi x = vibcast4(qp); c00 = vdot_u8s8(c00, x, k0); c01 = vdot_u8s8(c01, x, k1);
+        x = vibcast4(qp + 4); c10 = vdot_u8s8(c10, x, k0); c11 = vdot_u8s8(c11, x, k1);
+        x = vibcast4(qp + 8); c20 = vdot_u8s8(c20, x, k0); c21 = vdot_u8s8(c21, x, k1);
+        x = vibcast4(qp + 12); c30 = vdot_u8s8(c30, x, k0); c31 = vdot_u8s8(c31, x, k1);
+        x = vibcast4(qp + 16); c40 = vdot_u8s8(c40, x, k0); c41 = vdot_u8s8(c41, x, k1);
+        x = vibcast4(qp + 20); c50 = vdot_u8s8(c50, x, k0); c51 = vdot_u8s8(c51, x, k1);
+    }
+    const vi cs[ATT_QB][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    const vf s0 = vload(ksc + j), s1 = vload(ksc + j + VL);
+    const vi z0 = viload(ksum + j), z1 = viload(ksum + j + VL);
+    const vf b0 = key_bias ? vload_n(key_bias + j, (int)(S - j)) : vzero();
+    const vf b1 = key_bias ? vload_n(key_bias + j + VL, (int)(S - j - VL)) : vzero();
+    const int full0 = j + VL <= S, full1 = j + 2 * VL <= S;
+#pragma GCC unroll 8
+    for (int r = 0; r < ATT_QB; r++) {
+        const vf qs = vset1(qsc[r]);
+        const vf t0 = vfma(vcvt_i32(visub(cs[r][0], z0)), vmul(s0, qs), b0);
+        const vf t1 = vfma(vcvt_i32(visub(cs[r][1], z1)), vmul(s1, qs), b1);
+        vstore(sc + r * sp + j, t0);
+        vstore(sc + r * sp + j + VL, t1);
+        if (full0) rmax[r] = vmax(rmax[r], t0);
+        if (full1) rmax[r] = vmax(rmax[r], t1);
+    }
+}
+
+/* out[r][c] = p_r . v_c over n keys (whole integer vectors), ATT_PR probability rows x 4 rows of V^T */
+static inline __attribute__((always_inline)) void att_pv_tile_i8(const uint8_t *p0, const uint8_t *p1,
+                                                                 const int8_t *v0, const int8_t *v1,
+                                                                 const int8_t *v2, const int8_t *v3, long n,
+                                                                 float out[ATT_PR][4]) {
+    vi a00 = vizero(), a01 = vizero(), a02 = vizero(), a03 = vizero();
+    vi a10 = vizero(), a11 = vizero(), a12 = vizero(), a13 = vizero();
+#pragma GCC unroll 2
+    for (long j = 0; j < n; j += ATT_KB) {
+        const vi x0 = viload(p0 + j), x1 = viload(p1 + j);
+        vi w = viload(v0 + j); a00 = vdot_u8s8(a00, x0, w); a10 = vdot_u8s8(a10, x1, w);
+        w = viload(v1 + j); a01 = vdot_u8s8(a01, x0, w); a11 = vdot_u8s8(a11, x1, w);
+        w = viload(v2 + j); a02 = vdot_u8s8(a02, x0, w); a12 = vdot_u8s8(a12, x1, w);
+        w = viload(v3 + j); a03 = vdot_u8s8(a03, x0, w); a13 = vdot_u8s8(a13, x1, w);
+    }
+    vhsum4(vcvt_i32(a00), vcvt_i32(a01), vcvt_i32(a02), vcvt_i32(a03), out[0]);
+    vhsum4(vcvt_i32(a10), vcvt_i32(a11), vcvt_i32(a12), vcvt_i32(a13), out[1]);
+}
+
+/* attention_rows with int8 products; kbuf / vbuf: attention_pack_kv_i8's buffers. Scratch: the
+ * fp32 scores (ATT_ROWS x sp), then ATT_ROWS rows of quantized probabilities (sv4 bytes each),
+ * the packed quantized queries ([group][D4][ATT_QB][4] bytes) and one row of them unpacked. */
+static void attention_rows_i8(long S, int H, int D, const float *q, long qh, long qs, const char *kbuf,
+                              const char *vbuf, float *out, long oh, long os, const float *key_bias,
+                              float *scratch, long r0, long r1) {
+    const long np = att_panels(S), sp = np * ATT_KP, sv = (S + VL - 1) / VL * VL, sv4 = att_sv4(S);
+    const int D4 = att_d4(D);
+    const att_keys_i8 K = att_keys_layout((char *)kbuf, S, H, D);
+    const att_values_i8 V = att_values_layout((char *)vbuf, S, H, D);
+    float *sc = scratch;
+    uint8_t *pr = (uint8_t *)(sc + (long)ATT_ROWS * sp);
+    uint8_t *qp = pr + (long)ATT_ROWS * sv4, *qrow = qp + (long)ATT_ROWS * D4 * 4;
+    const vf offset = vset1((float)CANAO_ACT_OFFSET);
+    for (int h = 0; h < H; h++) {
+        const int8_t *kth = K.k8 + (long)h * np * D4 * ATT_KP * 4, *vth = V.v8 + (long)h * D * sv4;
+        const float *ksc = K.ksc + (long)h * sp, *vsc = V.vsc + (long)h * sv4;
+        const int32_t *ksum = K.ksum + (long)h * sp;
+        for (long i0 = r0; i0 < r1; i0 += ATT_ROWS) {
+            const int m = (int)MIN(ATT_ROWS, r1 - i0), groups = (m + ATT_QB - 1) / ATT_QB;
+            float qsc[ATT_ROWS];
+            /* query rows quantized and packed [group][D4][ATT_QB][4]; rows past m repeat the last */
+            for (int r = 0; r < groups * ATT_QB; r++) {
+                qsc[r] = quantize_row_u8(q + h * qh + (i0 + MIN(r, m - 1)) * qs, D, qrow, D4 * 4);
+                uint8_t *dst = qp + (long)(r / ATT_QB) * D4 * ATT_QB * 4 + (r % ATT_QB) * 4;
+                for (int g = 0; g < D4; g++) memcpy(dst + (long)g * ATT_QB * 4, qrow + 4 * g, 4);
+            }
+            vf rmax[ATT_ROWS];
+            for (int r = 0; r < ATT_ROWS; r++) rmax[r] = vset1(-INFINITY);
+            for (long p = 0; p < np; p++)
+                for (int g = 0; g < groups; g++)
+                    att_score_tile_i8(qp + (long)g * D4 * ATT_QB * 4, kth + p * D4 * ATT_KP * 4, D4,
+                                      qsc + g * ATT_QB, ksc, ksum, key_bias, S, p * ATT_KP,
+                                      sc + (long)g * ATT_QB * sp, sp, rmax + g * ATT_QB);
+            float scale[ATT_ROWS];
+            for (int r = 0; r < m; r++) {
+                float *row = sc + r * sp;
+                for (long jj = S; jj < sv; jj++) row[jj] = -INFINITY;
+                vf mx = rmax[r];
+                if (S % VL) mx = vmax(mx, vload(row + S / VL * VL));
+                const vf nm = vset1(-vhmax(mx) * 1.44269504088896341f);
+                vf sum = vzero(), pm = vzero();
+                for (long jj = 0; jj < sv; jj += VL) {  /* exp, and the probability times its value scale */
+                    const vf e = vexp_shifted(vload(row + jj), nm);
+                    sum = vadd(sum, e);
+                    const vf t = vmul(e, vload(vsc + jj));
+                    vstore(row + jj, t);
+                    pm = vmax(pm, t);
+                }
+                const float top = vhmax(pm), ps = top > 0 ? top / ATT_PMAX : 1.0f;
+                const vf inv = vset1(1.0f / ps);
+                uint8_t *pq = pr + r * sv4;
+                for (long jj = 0; jj < sv; jj += VL) vstore_u8(pq + jj, vsub(vmul(vload(row + jj), inv), offset));
+                memset(pq + sv, 0, (size_t)(sv4 - sv));
+                scale[r] = ps / vhsum(sum);
+            }
+            for (int c0 = 0; c0 < D; c0 += 4) {
+                const int8_t *vc[4];
+                for (int c = 0; c < 4; c++) vc[c] = vth + (long)MIN(c0 + c, D - 1) * sv4;
+                for (int r = 0; r < m; r += ATT_PR) {
+                    float o[ATT_PR][4];
+                    att_pv_tile_i8(pr + r * sv4, pr + MIN(r + 1, m - 1) * sv4, vc[0], vc[1], vc[2], vc[3], sv4, o);
+                    for (int i = 0; i < ATT_PR && r + i < m; i++) {
+                        float *dst = out + h * oh + (i0 + r + i) * os + c0;
+                        for (int c = 0; c < 4 && c0 + c < D; c++) dst[c] = o[i][c] * scale[r + i];
+                    }
+                }
+            }
+        }
+    }
+}
