@@ -69,3 +69,22 @@ def test_threads_flag_reaches_the_compiled_runtime(artifact, data_dir, capsys, m
 
     qa, _ = load_models([str(artifact)], [], threads=1, quiet=True)
     assert opened == [1, 2, 2, 1] and next(iter(qa.values())).info["threads"] == 1
+
+
+def test_cli_x86_64_int8_artifact_answers_and_reports_the_build_it_runs(teacher_dir, tmp_path, capsys):
+    """`canao compile --target x86-64` ships every x86 build in one folder (tokenizer once, at the top);
+    `canao qa` on it runs the build this CPU picks, with the int8 attention the int8 model defaults to."""
+    import json
+
+    from canao.compiler.targets import host_target
+
+    out = tmp_path / "teacher-x86-64"
+    assert main(["compile", "--model", str(teacher_dir), "--out", str(out), "--max-seq", "128", "--precision", "int8",
+                 "--target", "x86-64", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["target"]["name"] == "x86-64" and summary["attention"] == "int8"
+    assert (out / "vocab.txt").is_file() and not (out / host_target().name / "vocab.txt").exists()
+    assert main(["qa", "--model", str(out), "--context", "The Eiffel Tower was completed in 1889 and stands in Paris.",
+                 "--question", "When was the Eiffel Tower completed?", "--threads", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["answer"] == "1889" and result["model"]["target"] == host_target().name

@@ -83,3 +83,11 @@ def test_wrong_format_names_the_field(tmp_path, content, match):
     path.write_text(content)
     with pytest.raises(CanaoError, match=match):
         squad.read_squad(path)
+
+
+def test_window_settings_that_cannot_fit_a_context_are_named(teacher):
+    _, tok = teacher
+    with pytest.raises(CanaoError, match="max length 64 leaves no room for the context"):
+        squad.make_features(tok, [], max_len=64, stride=16)
+    with pytest.raises(CanaoError, match="doc stride 100 must be below 61"):
+        squad.make_features(tok, [], max_len=128, stride=100)

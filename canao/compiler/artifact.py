@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import CanaoError
 from ..fileio import atomic_write_bytes, atomic_write_text, file_digest
-from .targets import TARGETS, host_arch, is_cross, missing_features
+from .targets import TARGETS, X86_64, X86_VARIANTS, host_arch, is_cross, missing_features
 
 MANIFEST = "manifest.json"
 LIBRARY = "libcanao_model.so"
@@ -62,6 +62,9 @@ def write_weights(path: Path, blob: bytes) -> None:
 
 def write_manifest(folder: Path, info: dict) -> dict:
     files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    # a multi-target artifact lists its builds (sub-folders) by the checksum of their manifests,
+    # which checksum everything in them
+    files += sorted(f"{p.name}/{MANIFEST}" for p in folder.iterdir() if p.is_dir() and p.name in X86_VARIANTS)
     manifest = {"format": FORMAT, "canao_version": __version__, **info,
                 "checksums": {name: sha256(folder / name) for name in files}}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -79,6 +82,12 @@ def read_manifest(folder: Path, check: bool = True, here: bool = True) -> dict:
         raise CanaoError(f"{path} is corrupted (not valid JSON); rebuild the artifact with `canao compile`") from None
     if manifest.get("format") != FORMAT:
         raise CanaoError(f"{folder}: artifact format {manifest.get('format')} is not {FORMAT}; rebuild it")
+    if manifest.get("target", {}).get("name") == X86_64:
+        if here and host_arch() != "x86_64":
+            raise CanaoError(f"{folder} holds x86-64 builds, and this machine is {host_arch()}")
+        if check:
+            check_files(folder, manifest, None)
+        return manifest
     target = TARGETS.get(manifest.get("target", {}).get("name"))
     if target is None:
         raise CanaoError(f"{folder}: unknown target in manifest; rebuild the artifact")
@@ -100,18 +109,60 @@ def check_files(folder: Path, manifest: dict, target) -> None:
     if not isinstance(sums, dict) or not sums:
         raise CanaoError(f"{folder}: the manifest has no checksums, so its native code cannot be checked; rebuild "
                          f"the artifact with `canao compile` (an artifact is code: load only ones you trust)")
-    needed = [WEIGHTS, RUNNER] + ([] if is_cross(target) else [LIBRARY])
+    if target is None:  # multi-target: its builds' manifests, each checked when that build is loaded
+        needed = [f"{v}/{MANIFEST}" for v in manifest["target"].get("variants", [])]
+        listed = {n.split("/")[0] for n in sums}
+    else:
+        needed = [WEIGHTS, RUNNER] + ([] if is_cross(target) else [LIBRARY])
+        listed = set(sums)
     unlisted = [n for n in needed if n not in sums]
-    unlisted += sorted(p.name for p in folder.iterdir() if p.name != MANIFEST and p.name not in sums)
+    unlisted += sorted(p.name for p in folder.iterdir() if p.name != MANIFEST and p.name not in listed)
     if unlisted:
         raise CanaoError(f"{folder}: {', '.join(unlisted)} not covered by the manifest's checksums; the artifact was "
                          f"changed after it was built: rebuild it with `canao compile`")
     for name, digest in sums.items():
         file = folder / name
-        if Path(name).name != name or not file.is_file():
+        nested = target is None and name.count("/") == 1 and name.split("/")[0] in X86_VARIANTS \
+            and name.endswith("/" + MANIFEST)
+        if (Path(name).name != name and not nested) or not file.is_file():
             raise CanaoError(f"{folder}: {name} is missing; the artifact is incomplete")
         if sha256(file) != digest:
             raise CanaoError(f"{folder}: {name} does not match its checksum; the artifact is corrupted, rebuild it")
+
+
+def pick_build(folder: Path) -> Path:
+    """The folder whose code runs: the artifact itself, or, for a multi-target (x86-64) artifact, the
+    widest of its builds this CPU runs ($CANAO_X86_VARIANT picks one by name)."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return folder  # read_manifest names the problem
+    if not isinstance(manifest, dict) or manifest.get("target", {}).get("name") != X86_64:
+        return folder
+    variants = [v for v in manifest["target"].get("variants", []) if v in X86_VARIANTS]
+    forced = os.environ.get("CANAO_X86_VARIANT")
+    if forced:
+        if forced not in variants:
+            raise CanaoError(f"CANAO_X86_VARIANT={forced}: {folder} has builds for {', '.join(variants)}")
+        lacking = missing_features(TARGETS[forced])
+        if lacking:
+            raise CanaoError(f"CANAO_X86_VARIANT={forced}: this CPU lacks {', '.join(lacking)}")
+        return folder / forced
+    for name in variants:
+        if not missing_features(TARGETS[name]):
+            return folder / name
+    raise CanaoError(f"{folder}: this CPU runs none of its builds ({', '.join(variants)}); it needs at least AVX2 + FMA")
+
+
+def open_build(folder: Path, check: bool = True) -> tuple[Path, dict]:
+    """(folder of the build that runs here, its manifest), after checking the artifact (and, for a
+    multi-target one, its own manifest as well as the picked build's)."""
+    folder = Path(folder)
+    build = pick_build(folder)
+    if build != folder:
+        read_manifest(folder, check=check)
+    return build, read_manifest(build, check=check)
 
 
 def add_files(folder: Path, files: dict) -> dict:

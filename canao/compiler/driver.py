@@ -11,7 +11,7 @@ from .build import build_artifact, copy_support_files
 from .codegen.c import generate
 from .frontend import capture
 from .passes import optimize
-from .targets import get_target, is_cross
+from .targets import TARGETS, X86_64, X86_VARIANTS, get_target, is_cross, missing_features
 from .tuner import tune_graph
 
 from .codegen.c import PRECISIONS
@@ -29,6 +29,8 @@ def compile_model(model, out: str | Path, precision: str = "fp32", max_seq: int 
     models, fp32 otherwise; codegen.c.default_attention)."""
     if precision not in PRECISIONS:
         raise CanaoError(f"precision '{precision}' is not implemented yet; available: {', '.join(PRECISIONS)}")
+    if target == X86_64:
+        return _compile_x86_64(model, out, precision, max_seq, threads, tune, log, attention)
     limit = model.config.max_position_embeddings
     if not 2 <= max_seq <= limit:
         raise CanaoError(f"--max-seq {max_seq} must be between 2 and the model's {limit} positions")
@@ -81,3 +83,24 @@ def compile_model(model, out: str | Path, precision: str = "fp32", max_seq: int 
     manifest = artifact.finish_folder(out, final, info)
     return {"artifact": str(final), **{k: manifest[k] for k in ("target", "precision", "attention", "max_seq", "memory")},
             "fusion": report, "tuning": tuning, "times": times}
+
+
+def _compile_x86_64(model, out, precision, max_seq, threads, tune, log, attention) -> dict:
+    """One artifact with a build per x86 target (X86_VARIANTS), each a complete artifact in its own
+    sub-folder (its weights are packed for its vector width and int8 range); loading picks the widest
+    build the CPU runs (artifact.pick_build), so an artifact compiled on one x86 machine runs at full
+    speed on another. Builds this CPU cannot run are compiled with default schedules (nothing to time)."""
+    final, partial = artifact.begin_folder(out)
+    builds = {}
+    for name in X86_VARIANTS:
+        here = not missing_features(TARGETS[name])
+        builds[name] = compile_model(model, partial / name, precision, max_seq, target=name, threads=threads,
+                                     tune=tune if here else False, log=log, attention=attention)
+    first = artifact.read_manifest(partial / X86_VARIANTS[0], here=False)
+    info = {"target": {"name": X86_64, "arch": "x86_64", "variants": list(X86_VARIANTS)},
+            **{k: first[k] for k in ("precision", "attention", "max_seq", "threads", "model", "outputs")}}
+    artifact.finish_folder(partial, final, info)
+    host = next((b for name, b in builds.items() if not missing_features(TARGETS[name])), builds[X86_VARIANTS[-1]])
+    return {"artifact": str(final), "target": info["target"], "precision": precision, "attention": info["attention"],
+            "max_seq": max_seq, "memory": host["memory"], "builds": {name: str(final / name) for name in builds},
+            "fusion": host["fusion"], "tuning": host["tuning"], "times": host["times"]}

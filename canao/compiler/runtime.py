@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CanaoError
-from .artifact import WEIGHTS, load_library, read_manifest
+from .artifact import WEIGHTS, load_library, open_build
 
 _ERR = 512
 
@@ -18,8 +18,7 @@ class CompiledModel:
     """A loaded artifact. `run` has the PyTorch model's signature and returns float32 arrays."""
 
     def __init__(self, folder: str | Path, threads: int | None = None, check: bool = True):
-        self.path = Path(folder)
-        self.manifest = read_manifest(self.path, check=check)
+        self.path, self.manifest = open_build(Path(folder), check=check)  # x86-64 artifacts: this CPU's build
         self.max_seq = int(self.manifest["max_seq"])
         self._lib = load_library(self.path)
         lib = self._lib

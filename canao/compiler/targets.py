@@ -44,6 +44,12 @@ TARGETS = {
 }
 
 
+# `--target x86-64`: one artifact carrying a build for each of these, the first this CPU runs picked at
+# load time (widest first); $CANAO_X86_VARIANT forces one of them
+X86_64 = "x86-64"
+X86_VARIANTS = ("avx512_vnni", "avx512", "avx2")
+
+
 def host_arch() -> str:
     machine = platform.machine().lower()
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
@@ -92,7 +98,8 @@ def get_target(name: str) -> Target:
     if name == "host":
         return host_target()
     if name not in TARGETS:
-        raise CanaoError(f"unknown target '{name}'; choose host or one of {sorted(TARGETS)}")
+        raise CanaoError(f"unknown target '{name}'; choose host, {X86_64} (every x86 build, picked at load) "
+                         f"or one of {sorted(TARGETS)}")
     return TARGETS[name]
 
 

@@ -123,6 +123,27 @@ def check_compatible(folder: Path, manifest: dict, info: dict) -> None:
         raise CanaoError(f"{folder} was built for {name}, but the CPU of {info['spec']} lacks {', '.join(missing)}; {fix}")
 
 
+def device_build(folder: Path, spec: str) -> Path:
+    """The build a device runs: the artifact itself, or the build of an x86-64 (multi-target) artifact
+    that the device's CPU flags pick, as loading picks on this machine."""
+    from ..compiler.artifact import sha256
+    from ..compiler.targets import X86_64
+
+    manifest = read_manifest(folder)
+    if (manifest.get("target") or {}).get("name") != X86_64:
+        return folder
+    info = get_device(spec).probe()
+    if _ARCH_ALIASES.get(info["arch"], info["arch"]) != "x86_64":
+        raise CanaoError(f"{folder} holds x86-64 builds, but {info['spec']} is {info['arch']}; recompile it with "
+                         f"the target of that device")
+    name = best_x86_target(info.get("flags") or [])
+    build = folder / name
+    digest = (manifest.get("checksums") or {}).get(f"{name}/{MANIFEST}")
+    if not (build / MANIFEST).is_file() or sha256(build / MANIFEST) != digest:
+        raise CanaoError(f"{folder}: its {name} build is missing or changed; recompile the artifact")
+    return build
+
+
 def best_x86_target(flags) -> str:
     """The widest x86 target whose features a device's flags include (what to recompile for)."""
     from ..compiler.targets import TARGETS
@@ -184,7 +205,7 @@ def _verify(path: Path, digest: str | None) -> None:
 def stage(artifact_dir, spec: str = "local", files: list[str] | None = None) -> tuple[Transport, str]:
     """Check the artifact against the device and copy its runner files there (once per process).
     Returns the transport and the folder on the device that holds them."""
-    folder = Path(artifact_dir)
+    folder = device_build(Path(artifact_dir), spec)
     manifest = read_manifest(folder)
     if not (folder / RUNNER).is_file():
         raise CanaoError(f"{folder} has no {RUNNER} (the standalone runner); it was compiled by an older canao: "
@@ -236,7 +257,7 @@ def measure(artifact_dir, device: str = "local", seq: int = 128, threads: int = 
     """Latency of one batch-1 inference at `seq` tokens on `device`, timed on the device by canao-run:
     {"seq", "threads", "runs", "warmup", "median_ms", "p90_ms", "p95_ms", "min_ms", "mean_ms", "target",
      "device": {"spec", "transport", "arch", "cpu_model", "cores", "product"}, "artifact", "precision"}."""
-    folder = Path(artifact_dir)
+    folder = device_build(Path(artifact_dir), device)
     manifest = read_manifest(folder)
     max_seq = manifest.get("max_seq")
     if seq < 1 or (max_seq and seq > max_seq):
@@ -269,7 +290,7 @@ def measure_decode(artifact_dir, device: str = "local", context: int = 64, threa
                    warmup: int = 4, ttft_prompt: int = 128, timeout: float = DEFAULT_TIMEOUT) -> dict:
     """Decode speed of a decoder artifact on `device`, timed there by its canao-run --bench-decode:
     per-token milliseconds after a `context`-token prefill, tokens/s, and time to first token."""
-    folder = Path(artifact_dir)
+    folder = device_build(Path(artifact_dir), device)
     manifest = read_manifest(folder)
     if manifest.get("kind") != "decoder":
         raise CanaoError(f"{folder} is an encoder artifact; measure it with --seq, not as a decoder")

@@ -84,6 +84,10 @@ def _configure(tok: Tokenizer, max_len: int, stride: int, max_query_tokens: int)
     if max_len > 512:
         raise CanaoError(f"max length {max_len} exceeds the encoder's 512 positions")
     room = max_len - max_query_tokens - 3  # [CLS] question [SEP] context [SEP]
+    if room < 2:
+        raise CanaoError(f"max length {max_len} leaves no room for the context beside a question of up to "
+                         f"{max_query_tokens} tokens; use a model or artifact with a max length of at least "
+                         f"{max_query_tokens + 5}")
     if not 0 <= stride < room:
         raise CanaoError(f"doc stride {stride} must be below {room} for max length {max_len} "
                          f"(the windows must advance past a {max_query_tokens}-token question)")

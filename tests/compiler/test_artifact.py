@@ -146,3 +146,81 @@ def test_the_build_cache_holds_whole_files_or_none(tmp_path, monkeypatch):
     path = build._cached("lib", "cc", [], [src], ".so", lambda out: out.write_bytes(b"whole"))
     assert path.read_bytes() == b"whole" and len(moves) == 1
     assert Path(moves[0][0]).parent.parent == path.parent  # renamed within one filesystem, not copied
+
+
+@pytest.fixture(scope="module")
+def fat_artifact(tmp_path_factory):
+    """One x86-64 artifact with a build per x86 target (fp32, so every build can be held to 1e-4)."""
+    from canao.compiler import compile_model
+    from compiler_helpers import small_model
+
+    out = tmp_path_factory.mktemp("fat") / "model.art"
+    summary = compile_model(small_model(), out, max_seq=48, target="x86-64", tune=False)
+    return out, summary
+
+
+def _parity(folder, model, **kw):
+    import torch
+
+    from compiler_helpers import random_inputs
+
+    cm = load_artifact(folder, threads=2, **kw)
+    ids, tt, mask = random_inputs(30, pad=3, seed=4)
+    with torch.no_grad():
+        want = model(ids, tt, mask)
+    err = max((torch.as_tensor(a) - b).abs().max().item() for a, b in zip(cm.run(ids, tt, mask), want))
+    name = cm.manifest["target"]["name"]
+    cm.close()
+    return name, err
+
+
+def test_an_x86_64_artifact_runs_the_widest_build_this_cpu_has_and_any_other_on_request(fat_artifact, monkeypatch):
+    """Runtime dispatch: the artifact carries AVX2, AVX-512 and AVX-512 VNNI builds; loading picks the first
+    the CPU runs (whichever that is on this host), and CANAO_X86_VARIANT runs any other the CPU supports."""
+    from canao.compiler.targets import X86_VARIANTS, host_target
+    from compiler_helpers import small_model
+
+    folder, summary = fat_artifact
+    top = json.loads((folder / "manifest.json").read_text())
+    assert top["target"]["variants"] == list(X86_VARIANTS) and sorted(summary["builds"]) == sorted(X86_VARIANTS)
+    assert {p.name for p in folder.iterdir()} == {"manifest.json", *X86_VARIANTS}
+    model = small_model()
+    runnable = [v for v in X86_VARIANTS if not missing_features(TARGETS[v])]
+    picked, err = _parity(folder, model)
+    assert picked == runnable[0] == host_target().name and err < 1e-4
+    for name in X86_VARIANTS:
+        monkeypatch.setenv("CANAO_X86_VARIANT", name)
+        if name in runnable:
+            picked, err = _parity(folder, model)
+            assert picked == name and err < 1e-4
+        else:  # only on a host without AVX-512: the build is there but this CPU cannot run it
+            with pytest.raises(CanaoError, match=f"CANAO_X86_VARIANT={name}: this CPU lacks"):
+                load_artifact(folder)
+    print(f"x86-64 artifact: ran {', '.join(runnable)}; this CPU cannot run "
+          f"{', '.join(sorted(set(X86_VARIANTS) - set(runnable))) or 'none'}")
+    monkeypatch.setenv("CANAO_X86_VARIANT", "sse2")
+    with pytest.raises(CanaoError, match="has builds for avx512_vnni, avx512, avx2"):
+        load_artifact(folder)
+
+
+def test_a_changed_build_of_an_x86_64_artifact_is_refused(fat_artifact, tmp_path):
+    from canao.compiler.targets import host_target
+
+    folder = tmp_path / "fat.art"
+    shutil.copytree(fat_artifact[0], folder)
+    build = folder / host_target().name
+    weights = build / "weights.bin"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\1\2\3\4")
+    with pytest.raises(CanaoError, match="weights.bin does not match its checksum"):
+        load_artifact(folder)
+    # a build whose manifest was rewritten to bless the change: the top manifest's checksum catches it
+    manifest = json.loads((build / "manifest.json").read_text())
+    from canao.compiler.artifact import sha256
+
+    manifest["checksums"]["weights.bin"] = sha256(weights)
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CanaoError, match=f"{host_target().name}/manifest.json does not match its checksum"):
+        load_artifact(folder)
+    shutil.rmtree(build)
+    with pytest.raises(CanaoError, match="missing"):
+        load_artifact(folder)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import CanaoError
-from ..artifact import MANIFEST, WEIGHTS, load_library, read_manifest
+from ..artifact import MANIFEST, WEIGHTS, load_library, open_build
 
 _ERR = 512
 
@@ -29,8 +29,7 @@ class CompiledDecoder:
     """A loaded decoder artifact: forward(ids, pos) fills the KV cache and the last token's logits."""
 
     def __init__(self, folder, threads: int | None = None, check: bool = True):
-        self.path = Path(folder)
-        self.manifest = read_manifest(self.path, check=check)
+        self.path, self.manifest = open_build(Path(folder), check=check)
         if self.manifest.get("kind") != "decoder":
             raise CanaoError(f"{self.path} is an encoder artifact; use it with `canao qa`, not for generation")
         self.max_ctx = int(self.manifest["max_seq"])
