@@ -81,8 +81,19 @@ class Generator:
     def context_length(self) -> int:
         return self.model.max_seq_len
 
-    def prompt_ids(self, prompt: str, chat: bool = True) -> list[int]:
-        """Token ids fed to the model: the chat template applied (instruct models), or raw text."""
+    def prompt_ids(self, prompt: str | list[dict], chat: bool = True) -> list[int]:
+        """Token ids fed to the model: the chat template applied (instruct models), or raw text.
+        A list of {"role", "content"} messages is a conversation (OpenAI's form), put through the
+        chat template with the assistant's turn opened."""
+        if isinstance(prompt, list):
+            messages = check_messages(prompt)
+            if self.tokenizer.has_chat_template:
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+            else:  # a base model: the conversation as plain text, ending where the assistant speaks
+                text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+                ids = self.tokenizer.encode(text, add_special_tokens=True)
+            return self._fits(ids)
         if not isinstance(prompt, str) or not prompt.strip():
             raise CanaoError("the prompt is empty; give some text to continue or a question to answer")
         if chat and self.tokenizer.has_chat_template:
@@ -91,6 +102,9 @@ class Generator:
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         else:
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        return self._fits(ids)
+
+    def _fits(self, ids: list[int]) -> list[int]:
         window = self.context_length
         if len(ids) >= window:
             raise CanaoError(
@@ -99,7 +113,7 @@ class Generator:
             )
         return ids
 
-    def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+    def generate(self, prompt: str | list[dict], max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, chat: bool = True, stop: str | list[str] | None = None,
                  on_token: Callable[[str], None] | None = None) -> dict:
         """Generate a reply. Returns text, prompt_tokens, generated_tokens, ttft_ms,
@@ -111,7 +125,7 @@ class Generator:
                 on_token(piece)
         return run.result()
 
-    def stream(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+    def stream(self, prompt: str | list[dict], max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, chat: bool = True, stop: str | list[str] | None = None,
                stats: dict | None = None) -> Iterator[str]:
         """Yield text pieces as they are decoded (whole UTF-8 characters, stop strings withheld).
@@ -220,6 +234,31 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, 
         logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=rng))
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages: list) -> list[dict]:
+    """A conversation as {"role", "content"} dicts (content: a string, or OpenAI's list of text parts)."""
+    if not messages:
+        raise CanaoError("the conversation is empty; give at least one message")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+            raise CanaoError(f"message {i} needs a role, one of {', '.join(CHAT_ROLES)}")
+        content = m.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise CanaoError(f"message {i}: only text parts are supported")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise CanaoError(f"message {i}: content must be text")
+        out.append({"role": m["role"], "content": content})
+    if not any(m["content"].strip() for m in out):
+        raise CanaoError("every message is empty; give some text to answer")
+    return out
 
 
 def _partial_stop_suffix(text: str, stops: list[str]) -> int:

@@ -2,6 +2,7 @@
 
     POST /api/qa         {"context", "question", "model"?}           -> answer, span, stage timings
     POST /api/generate   {"prompt", "max_new_tokens"?, ..., "stream"?} -> server-sent events (or JSON)
+    POST /v1/chat/completions, /v1/completions, GET /v1/models   OpenAI's API (openai_api.py)
     GET  /api/models     the loaded models, their size/precision, and the request limits
     GET  /api/health     liveness and queue depths
     GET  /openapi.json   an OpenAPI 3.1 description of the above
@@ -22,6 +23,7 @@ import re
 import threading
 import time
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -33,7 +35,9 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from .. import __version__
 from ..errors import CanaoError
+from .openai_api import openai_error, openai_routes
 from .openapi import openapi_schema
 from .workers import Busy, Cancelled, ModelWorker, generation_call
 
@@ -179,11 +183,98 @@ def _number(data: dict, name: str, default, lo, hi, *, integer: bool):
     return value
 
 
+def _stop(data: dict, limits: Limits) -> list[str] | None:
+    stop = data.get("stop")
+    if stop is None:
+        return None
+    if isinstance(stop, str):
+        stop = [stop]
+    if (not isinstance(stop, list) or len(stop) > limits.max_stop_strings
+            or not all(isinstance(s, str) and 0 < len(s) <= limits.max_stop_chars for s in stop)):
+        raise ApiError(400, "invalid_stop", f"'stop' must be up to {limits.max_stop_strings} non-empty strings "
+                                            f"of at most {limits.max_stop_chars} characters")
+    return stop
+
+
 def _bool(data: dict, name: str, default: bool) -> bool:
     value = data.get(name, default)
     if not isinstance(value, bool):
         raise ApiError(400, "invalid_field", f"'{name}' must be true or false")
     return value
+
+
+# ----------------------------------------------------------------------------- generation on a worker
+
+
+async def run_to_end(request: Request, worker: ModelWorker, call, prompt, settings: dict) -> tuple[dict, float]:
+    """(the generator's result, ms queued): one whole generation, stopped at its next token (or never
+    started, when queued) if the client goes away."""
+    cancel = threading.Event()
+
+    def on_token(piece: str) -> None:
+        if cancel.is_set():
+            raise Cancelled()
+
+    worker.admit()
+    try:
+        return await while_connected(request, worker.submit(call, prompt, on_token, **settings))
+    except CanaoError as exc:
+        raise ApiError(400, "bad_input", str(exc).splitlines()[0]) from None
+    except (asyncio.CancelledError, ClientGone):
+        cancel.set()
+        raise
+
+
+def stream_pieces(worker: ModelWorker, call, prompt, settings: dict):
+    """(events, cancel): an async iterator of ("token", (piece, ms since the request)), then one
+    ("done", (result, ms queued)) or ("error", {"error", "message"}); and the function that stops the
+    generation at its next token (a response calls it when it closes, so a client that leaves stops it)."""
+    cancel = threading.Event()
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    t0 = time.perf_counter()
+
+    def push(kind: str, payload: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+        except RuntimeError:  # the event loop has closed: nobody is listening
+            cancel.set()
+
+    def on_token(piece: str) -> None:
+        if cancel.is_set():
+            raise Cancelled()
+        if piece:
+            push("token", (piece, (time.perf_counter() - t0) * 1e3))
+
+    def job(model):
+        try:
+            push("done", call(model, prompt, on_token, **settings))
+        except CanaoError as exc:
+            push("error", {"error": "bad_input", "message": public_text(str(exc).splitlines()[0])})
+        except Cancelled:
+            raise
+        except Exception:  # noqa: BLE001 - logged here, never shown to the client
+            log.exception("generation failed")
+            push("error", {"error": "internal", "message": "generation failed on the server; see its log"})
+
+    worker.admit()
+    future = worker.submit(job)
+
+    async def events():
+        try:
+            while True:
+                kind, payload = await queue.get()
+                if kind == "done":
+                    _, queue_ms = await future
+                    yield kind, (payload, queue_ms)
+                    return
+                yield kind, payload
+                if kind == "error":
+                    return
+        finally:
+            cancel.set()  # a no-op once finished; stops the worker if the client went away
+
+    return events(), cancel.set
 
 
 # ----------------------------------------------------------------------------- the app
@@ -346,106 +437,68 @@ def create_app(
         }
         if settings["top_p"] <= 0.0:
             raise ApiError(400, "invalid_top_p", "'top_p' must be above 0 (1 keeps every token)")
-        stop = data.get("stop")
-        if stop is not None:
-            if isinstance(stop, str):
-                stop = [stop]
-            if (not isinstance(stop, list) or len(stop) > limits.max_stop_strings
-                    or not all(isinstance(s, str) and 0 < len(s) <= limits.max_stop_chars for s in stop)):
-                raise ApiError(400, "invalid_stop", f"'stop' must be up to {limits.max_stop_strings} non-empty strings "
-                                                    f"of at most {limits.max_stop_chars} characters")
+        stop = _stop(data, limits)
+        if stop:
             settings["stop"] = stop
         stream = _bool(data, "stream", True)
-        call = calls[name]
-        cancel = threading.Event()
-        loop = asyncio.get_running_loop()
-
         if not stream:
-            def on_token(piece: str) -> None:
-                if cancel.is_set():
-                    raise Cancelled()
-
-            worker.admit()
-            try:
-                result, queue_ms = await while_connected(request, worker.submit(call, prompt, on_token, **settings))
-            except CanaoError as exc:
-                raise ApiError(400, "bad_input", str(exc).splitlines()[0]) from None
-            except (asyncio.CancelledError, ClientGone):
-                cancel.set()  # a running generation stops at its next token
-                raise
+            result, queue_ms = await run_to_end(request, worker, calls[name], prompt, settings)
             return JSON({"model": name, **result, "queue_ms": queue_ms})
-
-        events: asyncio.Queue = asyncio.Queue()
-
-        def push(kind: str, payload: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
-            except RuntimeError:  # the event loop has closed: nobody is listening
-                cancel.set()
-
-        def on_token(piece: str) -> None:
-            if cancel.is_set():
-                raise Cancelled()
-            if piece:
-                push("token", (piece, time.perf_counter()))
-
-        def job(model):
-            try:
-                push("done", call(model, prompt, on_token, **settings))
-            except CanaoError as exc:
-                push("error", {"error": "bad_input", "message": public_text(str(exc).splitlines()[0])})
-            except Cancelled:
-                raise
-            except Exception:  # noqa: BLE001 - logged here, never shown to the client
-                log.exception("generation failed")
-                push("error", {"error": "internal", "message": "generation failed on the server; see its log"})
-
-        t0 = time.perf_counter()
-        worker.admit()
-        future = worker.submit(job)
+        events, cancel = stream_pieces(worker, calls[name], prompt, settings)
 
         async def stream_events():
             n = 0
-            try:
-                yield _sse("start", {"model": name, "queued": worker.load - 1, **settings})
-                while True:
-                    kind, payload = await events.get()
-                    if kind == "token":
-                        n += 1
-                        piece, at = payload  # t_ms: when the model produced it, from the request's arrival
-                        yield _sse("token", {"text": piece, "n": n, "t_ms": (at - t0) * 1e3})
-                    elif kind == "done":
-                        _result, queue_ms = await future
-                        yield _sse("done", {"model": name, **payload, "queue_ms": queue_ms})
-                        return
-                    else:
-                        yield _sse("error", payload)
-                        return
-            finally:
-                cancel.set()  # a no-op once finished; stops the worker if the client went away
+            yield _sse("start", {"model": name, "queued": worker.load - 1, **settings})
+            async for kind, payload in events:
+                if kind == "token":
+                    n += 1
+                    piece, t_ms = payload  # t_ms: when the model produced it, from the request's arrival
+                    yield _sse("token", {"text": piece, "n": n, "t_ms": t_ms})
+                elif kind == "done":
+                    result, queue_ms = payload
+                    yield _sse("done", {"model": name, **result, "queue_ms": queue_ms})
+                else:
+                    yield _sse("error", payload)
 
         response = _EventStream(stream_events(), media_type="text/event-stream",
                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
-        response.on_close = cancel.set
+        response.on_close = cancel
         return response
 
+    def error(request: Request, status: int, code: str, message: str, headers=None) -> Response:
+        if request.url.path.startswith("/v1/"):  # OpenAI's clients read OpenAI's error shape
+            return JSON(openai_error(status, code, public_text(message)), status_code=status, headers=headers)
+        return error_response(status, code, message, headers)
+
     async def api_error(request: Request, exc: ApiError) -> Response:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        return error(request, exc.status, exc.code, exc.message, exc.headers)
 
     async def gone(request: Request, exc: ClientGone) -> Response:  # nobody reads it; for the access log
-        return error_response(499, "client_closed", "the client closed the connection before the answer")
+        return error(request, 499, "client_closed", "the client closed the connection before the answer")
 
     async def busy(request: Request, exc: Busy) -> Response:
-        return error_response(503, "busy", str(exc), {"retry-after": "1"})
+        return error(request, 503, "busy", str(exc), {"retry-after": "1"})
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         messages = {404: "no such page or API endpoint", 405: "method not allowed here"}
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, messages.get(exc.status_code, str(exc.detail)), exc.headers)
+        return error(request, exc.status_code, code, messages.get(exc.status_code, str(exc.detail)), exc.headers)
 
     async def internal(request: Request, exc: Exception) -> Response:
         log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(500, "internal", "internal server error; see the server's log")
+        return error(request, 500, "internal", "internal server error; see the server's log")
+
+    def event_stream(lines, cancel) -> Response:
+        response = _EventStream(lines, media_type="text/event-stream",
+                                headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        response.on_close = cancel
+        return response
+
+    shared_parts = SimpleNamespace(
+        lm=lm, calls=calls, limits=limits, ApiError=ApiError, run_to_end=run_to_end, stream_pieces=stream_pieces,
+        read_json=lambda request: read_json(request, limits), number=_number, boolean=_bool, text=_text,
+        stop=lambda data: _stop(data, limits), json=JSON, event_stream=event_stream,
+        fingerprint=lambda name: f"canao-{__version__}-{infos[('lm', name)].get('precision') or 'fp32'}")
 
     @asynccontextmanager
     async def lifespan(app):
@@ -460,6 +513,7 @@ def create_app(
         Route("/api/qa", answer, methods=["POST"]),
         Route("/api/generate", generate, methods=["POST"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        *openai_routes(shared_parts),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     app = Starlette(

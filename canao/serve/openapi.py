@@ -80,6 +80,26 @@ def openapi_schema(limits: "Limits", qa_ids: list[str], lm_ids: list[str]) -> di
                 "get": {"summary": "Liveness and queue depths", "operationId": "health",
                         "responses": {"200": {"description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}}}}
             },
+            **{path: {method: {
+                "summary": summary + " (OpenAI's API: see its reference; n = 1, no tools, logprobs or penalties)",
+                "operationId": op,
+                **({"requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": [field], "properties": {
+                        field: {"type": "array" if field == "messages" else "string"},
+                        "model": model_field(lm_ids),
+                        "max_tokens": {"type": "integer", "minimum": 1, "maximum": limits.max_new_tokens},
+                        "temperature": {"type": "number", "minimum": 0, "maximum": 2, "default": 1},
+                        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1},
+                        "seed": {"type": "integer"}, "stop": {"type": ["string", "array"]},
+                        "stream": {"type": "boolean", "default": False}}}}}}} if method == "post" else {}),
+                "responses": {"200": {"description": "OpenAI's response object (JSON), or its chunks as server-sent "
+                                                     "`data:` lines ending with `data: [DONE]`",
+                                      "content": {"application/json": {"schema": {"type": "object"}},
+                                                  "text/event-stream": {"schema": {"type": "string"}}}}},
+            }} for path, method, summary, op, field in (
+                ("/v1/chat/completions", "post", "Chat completion", "openaiChatCompletions", "messages"),
+                ("/v1/completions", "post", "Text completion", "openaiCompletions", "prompt"),
+                ("/v1/models", "get", "The generation models", "openaiModels", ""))},
             "/openapi.json": {
                 "get": {"summary": "This description", "operationId": "openapi",
                         "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}}}

@@ -180,7 +180,7 @@ def test_error_messages_name_files_without_server_paths():
 def test_openapi_describes_every_api_route(client, app):
     schema = client.get("/openapi.json").json()
     assert schema["openapi"].startswith("3.")
-    api_routes = {r.path for r in app.routes if getattr(r, "path", "").startswith(("/api/", "/openapi"))}
+    api_routes = {r.path for r in app.routes if getattr(r, "path", "").startswith(("/api/", "/openapi", "/v1/"))}
     assert api_routes <= set(schema["paths"])
     assert schema["components"]["schemas"]["QARequest"]["properties"]["context"]["maxLength"] == 5_000
     assert schema["components"]["schemas"]["GenerateRequest"]["properties"]["max_new_tokens"]["maximum"] == 64
