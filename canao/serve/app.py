@@ -5,17 +5,21 @@
     POST /v1/chat/completions, /v1/completions, GET /v1/models   OpenAI's API (openai_api.py)
     GET  /api/models     the loaded models, their size/precision, and the request limits
     GET  /api/health     liveness and queue depths
+    GET  /health         200 once the models are loaded (`canao serve` answers 503 "loading" before)
+    GET  /metrics        Prometheus text format (metrics.py)
     GET  /openapi.json   an OpenAPI 3.1 description of the above
     GET  /               the page (static/index.html, app.js, style.css)
 
 Every error is JSON, `{"error": code, "message": one line}`, with a 4xx status for
-a bad request (400 invalid, 404 unknown model, 413 too large, 415 not JSON),
-503 when the model's bounded queue is full, and 500 (no trace) otherwise.
+a bad request (400 invalid, 401 without the API key where one is set, 404 unknown model, 413 too
+large, 415 not JSON), 503 when the model's bounded queue is full, 504 when a generation runs past
+the time limit, and 500 (no trace) otherwise; under /v1/ in OpenAI's shape.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import math
@@ -38,6 +42,7 @@ from starlette.staticfiles import StaticFiles
 from .. import __version__
 from ..errors import CanaoError
 from .openai_api import openai_error, openai_routes
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, RequestMetrics, ServerMetrics
 from .openapi import openapi_schema
 from .workers import Busy, Cancelled, ModelWorker, generation_call
 
@@ -59,6 +64,7 @@ class Limits:
     max_stop_strings: int = 4
     max_stop_chars: int = 32
     max_queue: int = 8  # per model, beyond the request it is running
+    max_request_s: float = 300.0  # a generation still running this long after its request arrived is stopped
 
 
 class ApiError(Exception):
@@ -206,30 +212,49 @@ def _bool(data: dict, name: str, default: bool) -> bool:
 # ----------------------------------------------------------------------------- generation on a worker
 
 
-async def run_to_end(request: Request, worker: ModelWorker, call, prompt, settings: dict) -> tuple[dict, float]:
+class TimeLimit(Cancelled):
+    """Raised inside a generation that ran past Limits.max_request_s."""
+
+
+def _time_limit_message(limit_s: float) -> str:
+    return f"the generation ran past this server's limit of {limit_s:g} s per request; ask for fewer tokens"
+
+
+async def run_to_end(request: Request, worker: ModelWorker, call, prompt, settings: dict,
+                     limit_s: float | None = None) -> tuple[dict, float]:
     """(the generator's result, ms queued): one whole generation, stopped at its next token (or never
-    started, when queued) if the client goes away."""
-    cancel = threading.Event()
+    started, when queued) if the client goes away, and with a 504 once it runs past limit_s (counted
+    from now, queueing included)."""
+    cancel, timed_out = threading.Event(), threading.Event()
+    deadline = time.perf_counter() + limit_s if limit_s else None
 
     def on_token(piece: str) -> None:
         if cancel.is_set():
             raise Cancelled()
+        if deadline is not None and time.perf_counter() > deadline:
+            timed_out.set()
+            raise TimeLimit()
 
     worker.admit()
     try:
-        return await while_connected(request, worker.submit(call, prompt, on_token, **settings))
+        result = await while_connected(request, worker.submit(call, prompt, on_token, **settings))
     except CanaoError as exc:
         raise ApiError(400, "bad_input", str(exc).splitlines()[0]) from None
     except (asyncio.CancelledError, ClientGone):
         cancel.set()
         raise
+    if timed_out.is_set():
+        raise ApiError(504, "time_limit", _time_limit_message(limit_s))
+    return result
 
 
-def stream_pieces(worker: ModelWorker, call, prompt, settings: dict):
+def stream_pieces(worker: ModelWorker, call, prompt, settings: dict, limit_s: float | None = None):
     """(events, cancel): an async iterator of ("token", (piece, ms since the request)), then one
     ("done", (result, ms queued)) or ("error", {"error", "message"}); and the function that stops the
-    generation at its next token (a response calls it when it closes, so a client that leaves stops it)."""
+    generation at its next token (a response calls it when it closes, so a client that leaves stops it).
+    A generation still running limit_s after now ends with a "time_limit" error."""
     cancel = threading.Event()
+    deadline = time.perf_counter() + limit_s if limit_s else None
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     t0 = time.perf_counter()
@@ -243,12 +268,17 @@ def stream_pieces(worker: ModelWorker, call, prompt, settings: dict):
     def on_token(piece: str) -> None:
         if cancel.is_set():
             raise Cancelled()
+        if deadline is not None and time.perf_counter() > deadline:
+            raise TimeLimit()
         if piece:
             push("token", (piece, (time.perf_counter() - t0) * 1e3))
 
     def job(model):
         try:
             push("done", call(model, prompt, on_token, **settings))
+        except TimeLimit:
+            push("error", {"error": "time_limit", "message": _time_limit_message(limit_s)})
+            raise
         except CanaoError as exc:
             push("error", {"error": "bad_input", "message": public_text(str(exc).splitlines()[0])})
         except Cancelled:
@@ -292,9 +322,12 @@ class _Guard:
          b"connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"),
     ]
 
-    def __init__(self, app, allowed_hosts: Sequence[str] | None):
+    PROTECTED = ("/api/", "/v1/", "/metrics")  # what an API key guards (the page, its files and /health stay open)
+
+    def __init__(self, app, allowed_hosts: Sequence[str] | None, api_key: str | None = None):
         self.app = app
         self.allowed = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
+        self.api_key = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -309,6 +342,12 @@ class _Guard:
             if name.lower() not in self.allowed:
                 response = error_response(400, "invalid_host", f"host '{host}' is not served here")
                 return await response(scope, receive, send)
+        if self.api_key and scope.get("path", "").startswith(self.PROTECTED) and not self._authorized(scope):
+            message = "a valid API key is required: send it as 'Authorization: Bearer KEY'"
+            body = (openai_error(401, "invalid_api_key", message) if scope["path"].startswith("/v1/")
+                    else {"error": "invalid_api_key", "message": message})
+            response = JSON(body, status_code=401, headers={"www-authenticate": "Bearer"})
+            return await response(scope, receive, send)
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -316,6 +355,14 @@ class _Guard:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    def _authorized(self, scope) -> bool:
+        for key, value in scope.get("headers", []):
+            if key == b"authorization" and value[:7].lower() == b"bearer ":
+                return hmac.compare_digest(value[7:].strip(), self.api_key)
+            if key == b"x-api-key":
+                return hmac.compare_digest(value.strip(), self.api_key)
+        return False
 
 
 def _name_models(models, kind: str) -> dict[str, Any]:
@@ -356,13 +403,15 @@ def create_app(
     lm_models: Mapping[str, Any] | Sequence[Any] | None = None,
     limits: Limits | None = None,
     allowed_hosts: Sequence[str] | None = None,
+    api_key: str | None = None,
 ) -> Starlette:
     """The demo app over loaded models.
 
     qa_models: QAPipeline-like objects (`answer(context, question)`, `info`);
     lm_models: Generator-like objects (`generate(..., on_token=)` or `stream(...)`, `info`).
     Either may be a {id: model} mapping or a list (ids from the model paths); the
-    first of each is the default. allowed_hosts: Host names to answer (None = any).
+    first of each is the default. allowed_hosts: Host names to answer (None = any). api_key: when
+    set, the API (/api/, /v1/, /metrics) answers only requests that send it (Bearer or X-API-Key).
     """
     limits = limits or Limits()
     shared: dict[int, ModelWorker] = {}  # one worker (one lock) per model object, however many ids name it
@@ -376,7 +425,16 @@ def create_app(
     lm = {k: worker("lm", k, m) for k, m in _name_models(lm_models, "lm").items()}
     if not qa and not lm:
         raise CanaoError("nothing to serve: give at least one QA model or one generation model")
-    calls = {k: generation_call(w.model) for k, w in lm.items()}
+    metrics = ServerMetrics(shared.values())
+
+    def counted(call, name: str):
+        def run(*args, **kwargs):
+            result = call(*args, **kwargs)
+            metrics.generation(name, result)
+            return result
+        return run
+
+    calls = {k: counted(generation_call(w.model), k) for k, w in lm.items()}
     infos = {("qa", k): _info(w.model) for k, w in qa.items()} | {("lm", k): _info(w.model) for k, w in lm.items()}
     schema = openapi_schema(limits, list(qa), list(lm))
 
@@ -406,6 +464,12 @@ def create_app(
 
     async def openapi(request: Request) -> Response:
         return JSON(schema)
+
+    async def ready(request: Request) -> Response:  # for supervisors: 200 once the models are loaded
+        return JSON({"status": "ok", "models": {"qa": list(qa), "lm": list(lm)}})
+
+    async def prometheus(request: Request) -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     async def answer(request: Request) -> Response:
         data = await read_json(request, limits)
@@ -442,9 +506,9 @@ def create_app(
             settings["stop"] = stop
         stream = _bool(data, "stream", True)
         if not stream:
-            result, queue_ms = await run_to_end(request, worker, calls[name], prompt, settings)
+            result, queue_ms = await run_to_end(request, worker, calls[name], prompt, settings, limits.max_request_s)
             return JSON({"model": name, **result, "queue_ms": queue_ms})
-        events, cancel = stream_pieces(worker, calls[name], prompt, settings)
+        events, cancel = stream_pieces(worker, calls[name], prompt, settings, limits.max_request_s)
 
         async def stream_events():
             n = 0
@@ -513,6 +577,8 @@ def create_app(
         Route("/api/qa", answer, methods=["POST"]),
         Route("/api/generate", generate, methods=["POST"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/health", ready, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
         *openai_routes(shared_parts),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
@@ -521,7 +587,8 @@ def create_app(
         exception_handlers={ApiError: api_error, ClientGone: gone, Busy: busy, HTTPException: http_error, Exception: internal},
         lifespan=lifespan,
     )
-    app.add_middleware(_Guard, allowed_hosts=allowed_hosts)
+    app.add_middleware(RequestMetrics, metrics=metrics, routes=[r.path for r in routes if isinstance(r, Route)])
+    app.add_middleware(_Guard, allowed_hosts=allowed_hosts, api_key=api_key)
     app.state.qa_workers, app.state.lm_workers, app.state.limits = qa, lm, limits
     app.state.workers = list(shared.values())
     return app

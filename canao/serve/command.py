@@ -1,12 +1,16 @@
-"""`canao serve`: load the models once, then run the demo app under uvicorn."""
+"""`canao serve`: bind at once (GET /health answers 503 "loading"), load the models once, then serve the
+demo app, its JSON API and OpenAI's API under uvicorn."""
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import re
 import sys
+import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import CanaoError
@@ -33,6 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the most tokens one generation request may ask for")
     p.add_argument("--max-context-chars", type=int, default=Limits.max_context_chars,
                    help="the longest passage a QA request may send")
+    p.add_argument("--request-timeout", type=float, default=Limits.max_request_s,
+                   help="seconds after which a generation still running is stopped (504 / an error event)")
+    p.add_argument("--api-key", default=None,
+                   help="require this key (Authorization: Bearer KEY) on the API, /v1 and /metrics; default "
+                        "$CANAO_API_KEY. Recommended with a --host other than this machine")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_common(p)
     p.set_defaults(func=cmd_serve)
@@ -100,6 +109,34 @@ def default_models(threads: int | None = None) -> tuple[list[str], list[str]]:
     return [f"{DEFAULT_QA}={compiled_student(DEFAULT_QA, threads=threads)}"], ["smollm2"]
 
 
+class _Loading:
+    """The ASGI app uvicorn serves from the start: until the models are loaded, GET /health answers 503
+    {"status": "loading"} and every other request 503 with Retry-After; then everything goes to the app."""
+
+    def __init__(self):
+        self.app = None
+
+    async def __call__(self, scope, receive, send):
+        from starlette.responses import JSONResponse
+
+        if scope["type"] == "lifespan":  # the app is not there at startup: its workers are shut down here
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    for w in getattr(getattr(self.app, "state", None), "workers", []):
+                        w.shutdown()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if self.app is not None:
+            return await self.app(scope, receive, send)
+        if scope["type"] == "http":
+            body = ({"status": "loading"} if scope.get("path") == "/health" else
+                    {"error": "loading", "message": "the server is still loading its models; retry shortly"})
+            await JSONResponse(body, status_code=503, headers={"retry-after": "5"})(scope, receive, send)
+
+
 def cmd_serve(args) -> dict:
     if not args.qa_model and not args.lm_model:
         args.qa_model, args.lm_model = default_models(args.threads)
@@ -107,33 +144,54 @@ def cmd_serve(args) -> dict:
         raise CanaoError(f"--port {args.port} is not a TCP port (0-65535)")
     if args.max_queue < 0 or args.max_new_tokens < 1 or args.max_context_chars < 1:
         raise CanaoError("--max-queue must be >= 0, --max-new-tokens and --max-context-chars >= 1")
+    if not args.request_timeout > 0:
+        raise CanaoError(f"--request-timeout {args.request_timeout} must be above 0 seconds")
     try:
         import uvicorn
     except ImportError:
         raise CanaoError("canao serve needs starlette and uvicorn: pip install 'canao[serve]'") from None
 
-    qa, lm = load_models(args.qa_model, args.lm_model, threads=args.threads)
     limits = Limits(max_queue=args.max_queue, max_new_tokens=args.max_new_tokens,
-                    max_context_chars=args.max_context_chars)
+                    max_context_chars=args.max_context_chars, max_request_s=args.request_timeout)
+    api_key = args.api_key or os.environ.get("CANAO_API_KEY") or None
     local = is_loopback(args.host)
     allowed = [*LOOPBACK_HOSTS, args.host] if local else None
-    if not local:
-        print(f"canao serve: warning: binding {args.host} makes the demo reachable from other machines; "
-              "it has no authentication", file=sys.stderr)
-    app = create_app(qa, lm, limits, allowed_hosts=allowed)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    if not local and not api_key:
+        print(f"canao serve: warning: binding {args.host} makes the server reachable from other machines and it "
+              "has no API key: anyone there can use it (set --api-key or $CANAO_API_KEY)", file=sys.stderr)
+    # graceful: on Ctrl+C / SIGTERM uvicorn stops accepting and lets running requests finish (up to 30 s)
+    front = _Loading()
+    server = uvicorn.Server(uvicorn.Config(front, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=30, lifespan="on"))
+    loaded: dict = {}
+
+    def load() -> None:
+        try:
+            qa, lm = load_models(args.qa_model, args.lm_model, threads=args.threads)
+            front.app = create_app(qa, lm, limits, allowed_hosts=allowed, api_key=api_key)
+            loaded.update(qa=list(qa), lm=list(lm))
+            print("canao serve: ready", file=sys.stderr, flush=True)
+        except Exception as exc:  # noqa: BLE001 - reported after the server has stopped
+            loaded["error"] = exc
+            server.should_exit = True
+
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"canao serve: open http://{shown}:{args.port}/  (Ctrl+C stops)", file=sys.stderr, flush=True)
+    print(f"canao serve: open http://{shown}:{args.port}/ once ready (GET /health: 503 while loading; "
+          f"Ctrl+C stops)", file=sys.stderr, flush=True)
+    threading.Thread(target=load, name="canao-serve-load", daemon=True).start()
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after its graceful shutdown: a normal stop here
         pass
+    if "error" in loaded:
+        exc = loaded["error"]
+        raise exc if isinstance(exc, CanaoError) else CanaoError(f"loading the models failed: {exc}")
+    workers = getattr(getattr(front.app, "state", None), "workers", [])
     return {
         "url": f"http://{shown}:{args.port}/",
-        "qa_models": list(qa),
-        "lm_models": list(lm),
-        "served": {f"{w.kind}/{w.id}": w.served for w in app.state.workers},
-        "rejected_busy": sum(w.rejected for w in app.state.workers),
+        "qa_models": loaded.get("qa", []),
+        "lm_models": loaded.get("lm", []),
+        "limits": asdict(limits),
+        "served": {f"{w.kind}/{w.id}": w.served for w in workers},
+        "rejected_busy": sum(w.rejected for w in workers),
     }

@@ -109,13 +109,13 @@ def openai_routes(ctx) -> list[Route]:
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": name, "system_fingerprint": ctx.fingerprint(name)}
         if not stream:
-            result, _ = await ctx.run_to_end(request, worker, call, prompt, settings)
+            result, _ = await ctx.run_to_end(request, worker, call, prompt, settings, ctx.limits.max_request_s)
             reason = FINISH.get(result.get("stop_reason"), "stop")
             choice = ({"index": 0, "message": {"role": "assistant", "content": result["text"]}, "logprobs": None,
                        "finish_reason": reason} if chat else
                       {"index": 0, "text": result["text"], "logprobs": None, "finish_reason": reason})
             return ctx.json({**head, "choices": [choice], "usage": usage(result)})
-        events, cancel = ctx.stream_pieces(worker, call, prompt, settings)
+        events, cancel = ctx.stream_pieces(worker, call, prompt, settings, ctx.limits.max_request_s)
         chunk_head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
 
         def chunk(delta: str | None, reason: str | None = None, first: bool = False) -> str:

@@ -4,6 +4,19 @@
 
 const $ = (id) => document.getElementById(id);
 
+// A server started with --api-key answers 401 until the key is sent: ask for it once per tab.
+async function api(url, options = {}) {
+  for (let attempt = 0; attempt < 2; attempt++) {
+    const key = sessionStorage.getItem("canao-api-key");
+    const headers = { ...(options.headers || {}), ...(key ? { Authorization: `Bearer ${key}` } : {}) };
+    const res = await fetch(url, { ...options, headers });
+    if (res.status !== 401 || attempt === 1) return res;
+    const given = window.prompt("This canao server needs its API key:");
+    if (!given) return res;
+    sessionStorage.setItem("canao-api-key", given.trim());
+  }
+}
+
 const EXAMPLES = [
   {
     title: "Eiffel Tower",
@@ -159,7 +172,7 @@ function renderTimings(r) {
 }
 
 async function askOne(modelId, context, question) {
-  const res = await fetch("/api/qa", {
+  const res = await api("/api/qa", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ model: modelId, context, question }),
@@ -279,7 +292,7 @@ async function generate() {
   const t0 = performance.now();
   let first = null, lastT = null, n = 0;
   try {
-    const res = await fetch("/api/generate", {
+    const res = await api("/api/generate", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal: abort.signal,
     });
     if (!res.ok) throw new Error(await errorMessage(res));
@@ -456,7 +469,7 @@ async function init() {
   $("gen-prompt").value = GEN_PROMPT;
 
   try {
-    const res = await fetch("/api/models");
+    const res = await api("/api/models");
     if (!res.ok) throw new Error(await errorMessage(res));
     const data = await res.json();
     state.models = { qa: data.qa, lm: data.lm };
