@@ -44,7 +44,7 @@ from ..errors import CanaoError
 from .openai_api import openai_error, openai_routes
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, RequestMetrics, ServerMetrics
 from .openapi import openapi_schema
-from .workers import Busy, Cancelled, ModelWorker, generation_call
+from .workers import BatchingWorker, Busy, Cancelled, ModelWorker, generation_call
 
 log = logging.getLogger("canao.serve")
 
@@ -65,6 +65,8 @@ class Limits:
     max_stop_chars: int = 32
     max_queue: int = 8  # per model, beyond the request it is running
     max_request_s: float = 300.0  # a generation still running this long after its request arrived is stopped
+    max_wait_s: float = 10.0  # refuse (503 + Retry-After) a request whose estimated wait in the queue is longer
+    max_batch: int = 16  # QA requests answered together in one batch
 
 
 class ApiError(Exception):
@@ -418,7 +420,11 @@ def create_app(
 
     def worker(kind: str, key: str, model: Any) -> ModelWorker:
         if id(model) not in shared:
-            shared[id(model)] = ModelWorker(kind, key, model, limits.max_queue)
+            if kind == "qa" and callable(getattr(model, "answer_batch", None)):
+                shared[id(model)] = BatchingWorker(kind, key, model, limits.max_queue, limits.max_wait_s,
+                                                   limits.max_batch, lambda n, k=key: metrics.batch.labels(k).observe(n))
+            else:
+                shared[id(model)] = ModelWorker(kind, key, model, limits.max_queue, limits.max_wait_s)
         return shared[id(model)]
 
     qa = {k: worker("qa", k, m) for k, m in _name_models(qa_models, "qa").items()}
@@ -479,7 +485,9 @@ def create_app(
         question = _text(data, "question", limit=limits.max_question_chars, what="a question about the passage")
         worker.admit()
         try:
-            result, queue_ms = await while_connected(request, worker.submit(lambda model: model.answer(context, question)))
+            job = worker.submit_item((context, question)) if isinstance(worker, BatchingWorker) else \
+                worker.submit(lambda model: model.answer(context, question))
+            result, queue_ms = await while_connected(request, job)
         except CanaoError as exc:
             raise ApiError(400, "bad_input", str(exc).splitlines()[0]) from None
         return JSON({"model": name, **result, "queue_ms": queue_ms})
@@ -541,7 +549,7 @@ def create_app(
         return error(request, 499, "client_closed", "the client closed the connection before the answer")
 
     async def busy(request: Request, exc: Busy) -> Response:
-        return error(request, 503, "busy", str(exc), {"retry-after": "1"})
+        return error(request, 503, "busy", str(exc), {"retry-after": str(exc.retry_after)})
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         messages = {404: "no such page or API endpoint", 405: "method not allowed here"}

@@ -6,6 +6,7 @@
     canao_model_calls_total{kind, model, outcome}  served / rejected (busy) / cancelled (client left)
     canao_generated_tokens_total{model}            tokens generated
     canao_decode_tokens_per_second{model}          each generation's decode rate
+    canao_batch_size{model}                        QA requests answered together (dynamic batching)
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class ServerMetrics:
         self.tokens = Counter("canao_generated_tokens", "tokens generated", ["model"], registry=self.registry)
         self.rate = Histogram("canao_decode_tokens_per_second", "decode rate of each generation", ["model"],
                               buckets=RATE_BUCKETS, registry=self.registry)
+        self.batch = Histogram("canao_batch_size", "QA requests answered together", ["model"],
+                               buckets=(1, 2, 4, 8, 16, 32), registry=self.registry)
         self.registry.register(_Workers(workers))
 
     def generation(self, model: str, result: dict) -> None:

@@ -3,15 +3,22 @@
 A model instance is not safe to call from two threads at once (KV caches,
 scratch buffers, torch's own thread pool), so every call to it runs on that
 model's single worker thread, under its lock. Requests that arrive while the
-worker is busy wait in its queue; once `1 + max_queue` calls are admitted
-(running or waiting), further requests are turned away at once with `Busy`,
-so memory stays bounded however many clients pile on.
+worker is busy wait in its queue; a request is turned away at once with `Busy`
+(and a Retry-After) when `1 + max_queue` calls are already admitted (running or
+waiting), so memory stays bounded however many clients pile on, or when its
+estimated wait (calls ahead x the recent time per call) would exceed `max_wait_s`.
+
+QA models that answer batches (`answer_batch`) get a BatchingWorker: the requests
+that queue up while one batch computes run together as the next batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import inspect
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +26,11 @@ from typing import Any, Callable
 
 
 class Busy(Exception):
-    """The model's queue is full; the client should retry later."""
+    """The model's queue is full; the client should retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Cancelled(Exception):
@@ -27,9 +38,11 @@ class Cancelled(Exception):
 
 
 class ModelWorker:
-    def __init__(self, kind: str, model_id: str, model: Any, max_queue: int):
+    def __init__(self, kind: str, model_id: str, model: Any, max_queue: int, max_wait_s: float | None = None):
         self.kind, self.id, self.model = kind, model_id, model
         self.capacity = 1 + max(0, int(max_queue))
+        self.max_wait_s = max_wait_s
+        self.call_s = 0.0  # recent time per call (exponential average), for the wait estimate
         self.lock = threading.Lock()  # held while the model computes
         self._count_lock = threading.Lock()
         self._admitted = 0  # calls running or waiting
@@ -42,13 +55,22 @@ class ModelWorker:
     def load(self) -> int:
         return self._admitted
 
+    def expected_wait_s(self) -> float:
+        return self._admitted * self.call_s
+
     def admit(self) -> None:
         """Reserve a place in the queue, or raise Busy. Pair with `submit` (which releases it)."""
         with self._count_lock:
-            if self._admitted >= self.capacity:
+            wait = self.expected_wait_s()
+            if self._admitted >= self.capacity or (self.max_wait_s is not None and wait > self.max_wait_s):
                 self.rejected += 1
-                raise Busy(f"the {self.kind} model '{self.id}' is busy ({self._admitted} requests queued): retry shortly")
+                raise Busy(f"the {self.kind} model '{self.id}' is busy ({self._admitted} requests queued, about "
+                           f"{wait:.1f} s of work): retry shortly", retry_after=max(1, math.ceil(wait)))
             self._admitted += 1
+
+    def _timed(self, seconds: float, calls: int = 1) -> None:
+        per_call = seconds / max(1, calls)
+        self.call_s = per_call if self.call_s == 0 else 0.8 * self.call_s + 0.2 * per_call
 
     def release(self) -> None:
         with self._count_lock:
@@ -62,8 +84,10 @@ class ModelWorker:
             queue_ms = 0.0
             try:
                 with self.lock:
-                    queue_ms = (time.perf_counter() - submitted) * 1e3
+                    started = time.perf_counter()
+                    queue_ms = (started - submitted) * 1e3
                     result = fn(self.model, *args, **kwargs)
+                    self._timed(time.perf_counter() - started)
                 self.served += 1
                 return result, queue_ms
             except Cancelled:  # its client went away; nobody waits for a result
@@ -88,6 +112,69 @@ class ModelWorker:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class BatchingWorker(ModelWorker):
+    """A QA worker that runs waiting requests together: `model.answer_batch(items)` -> one result (or
+    exception) per item. There is no collection window: a lone request runs at once, and the requests
+    that arrive while a batch computes are taken together (up to max_batch) by the worker's next turn.
+    on_batch(n) is called with each batch's size (metrics)."""
+
+    def __init__(self, kind: str, model_id: str, model: Any, max_queue: int, max_wait_s: float | None = None,
+                 max_batch: int = 16, on_batch: Callable[[int], None] | None = None):
+        super().__init__(kind, model_id, model, max_queue, max_wait_s)
+        self.max_batch = max(1, int(max_batch))
+        self.on_batch = on_batch
+        self._pending: collections.deque = collections.deque()
+
+    def submit_item(self, item: Any) -> "asyncio.Future[tuple[Any, float]]":
+        """After `admit`: answer `item` in the next batch; resolves to (result, queue_ms)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        entry = (item, future, time.perf_counter())
+        with self._count_lock:
+            self._pending.append(entry)
+        try:
+            self._executor.submit(self._turn)
+        except BaseException:  # shut down: the request never runs
+            with self._count_lock:
+                self._pending.remove(entry)
+            self.release()
+            raise
+
+        def dropped(f) -> None:  # cancelled while waiting (its client left): never taken, so release here
+            if f.cancelled():
+                self.cancelled += 1
+                self.release()
+
+        future.add_done_callback(dropped)
+        return asyncio.wrap_future(future)
+
+    def _turn(self) -> None:
+        with self._count_lock:
+            batch = []
+            while self._pending and len(batch) < self.max_batch:
+                entry = self._pending.popleft()
+                if entry[1].set_running_or_notify_cancel():  # False: cancelled while waiting
+                    batch.append(entry)
+        if not batch:
+            return  # an earlier turn took this turn's request
+        try:
+            with self.lock:
+                started = time.perf_counter()
+                results = self.model.answer_batch([item for item, _, _ in batch])
+                self._timed(time.perf_counter() - started, len(batch))
+        except BaseException as exc:  # noqa: BLE001 - every waiting client gets it
+            results = [exc] * len(batch)
+            started = time.perf_counter()
+        for (_, future, submitted), result in zip(batch, results):
+            self.served += not isinstance(result, BaseException)
+            self.release()  # before the client hears back, as ModelWorker.submit's jobs do
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result((result, (started - submitted) * 1e3))
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
 
 
 def generation_call(gen: Any) -> Callable[..., dict]:

@@ -133,10 +133,11 @@ def test_internal_errors_hide_the_trace(qa_pipeline, monkeypatch):
 
     from canao.serve import create_app
 
-    def boom(context, question):
+    def boom(*args):
         raise RuntimeError("secret internal detail /etc/passwd")
 
     monkeypatch.setattr(qa_pipeline, "answer", boom)
+    monkeypatch.setattr(qa_pipeline, "answer_batch", boom)  # the server's batching path
     client = TestClient(create_app({"teacher": qa_pipeline}, None), raise_server_exceptions=False)
     res = client.post("/api/qa", json={"context": CONTEXT, "question": QUESTION})
     body = _assert_error(res, 500, "internal")

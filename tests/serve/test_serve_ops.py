@@ -89,3 +89,75 @@ def test_health_is_503_while_the_models_load_then_200(app):
         front.app = app  # the loader thread's hand-over
         res = client.get("/health")
         assert res.status_code == 200 and json.loads(res.text)["models"]["qa"] == ["teacher", "teacher-b"]
+
+
+def test_answer_batch_equals_one_at_a_time_and_keeps_bad_items_apart(qa_pipeline):
+    from canao.errors import CanaoError
+
+    items = [(CONTEXT, QUESTION), (CONTEXT, ""), ("Paris is the capital of France.", "What is the capital of France?"),
+             (CONTEXT * 3, "When was the tower built?")]
+    batch = qa_pipeline.answer_batch(items)
+    assert isinstance(batch[1], CanaoError) and "question is empty" in str(batch[1])
+    for i in (0, 2, 3):
+        one = qa_pipeline.answer(*items[i])
+        assert batch[i]["answer"] == one["answer"] and abs(batch[i]["score"] - one["score"]) < 1e-3
+        assert batch[i]["windows"] == one["windows"] and batch[i]["batch"] == 3
+
+
+def test_requests_that_wait_together_run_as_one_batch(qa_pipeline, monkeypatch):
+    """While one batch computes, the requests that arrive queue up and run together as the next batch."""
+    import threading
+    import time
+
+    from canao.serve import create_app
+
+    gate, real = threading.Event(), qa_pipeline.answer_batch
+
+    def slow_first(items):  # the first batch holds the model until the others have queued
+        gate.wait(10)
+        return real(items)
+
+    monkeypatch.setattr(qa_pipeline, "answer_batch", slow_first)
+    client = TestClient(create_app({"teacher": qa_pipeline}, None), raise_server_exceptions=False)
+    results = []
+
+    def ask():
+        results.append(client.post("/api/qa", json={"context": CONTEXT, "question": QUESTION}).json())
+
+    threads = [threading.Thread(target=ask) for _ in range(5)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    gate.set()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 5 and {r["answer"] for r in results} == {qa_pipeline.answer(CONTEXT, QUESTION)["answer"]}
+    assert sorted(r["batch"] for r in results) == [1, 4, 4, 4, 4]  # one alone, then the four that waited
+    text = client.get("/metrics").text
+    assert _metric(text, "canao_batch_size_count", model="teacher") == 2
+    assert _metric(text, "canao_batch_size_sum", model="teacher") == 5
+
+
+def test_a_request_whose_wait_would_exceed_the_limit_is_refused_with_retry_after(qa_pipeline):
+    import asyncio
+
+    from canao.serve.workers import BatchingWorker, Busy
+
+    worker = BatchingWorker("qa", "teacher", qa_pipeline, max_queue=100, max_wait_s=2.0)
+    worker.call_s = 0.9  # as measured on earlier calls
+    worker.admit()
+    worker.admit()
+    worker.admit()  # 2 ahead: 1.8 s
+    with pytest.raises(Busy, match="3 requests queued, about 2.7 s of work") as info:
+        worker.admit()
+    assert info.value.retry_after == 3 and worker.rejected == 1
+
+    async def one():
+        return await worker.submit_item((CONTEXT, QUESTION))
+
+    for _ in range(3):
+        worker.release()
+    worker.admit()
+    result, queue_ms = asyncio.run(one())
+    assert result["answer"] and worker.load == 0 and worker.served == 1 and worker.call_s != 0.9
+    worker.shutdown()
