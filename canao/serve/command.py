@@ -37,6 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the most tokens one generation request may ask for")
     p.add_argument("--max-context-chars", type=int, default=Limits.max_context_chars,
                    help="the longest passage a QA request may send")
+    p.add_argument("--max-wait", type=float, default=Limits.max_wait_s,
+                   help="refuse (503 + Retry-After) a request whose estimated wait in its model's queue is longer "
+                        "(seconds)")
+    p.add_argument("--max-batch", type=int, default=Limits.max_batch,
+                   help="the most QA requests answered together in one batch")
     p.add_argument("--request-timeout", type=float, default=Limits.max_request_s,
                    help="seconds after which a generation still running is stopped (504 / an error event)")
     p.add_argument("--api-key", default=None,
@@ -144,15 +149,16 @@ def cmd_serve(args) -> dict:
         raise CanaoError(f"--port {args.port} is not a TCP port (0-65535)")
     if args.max_queue < 0 or args.max_new_tokens < 1 or args.max_context_chars < 1:
         raise CanaoError("--max-queue must be >= 0, --max-new-tokens and --max-context-chars >= 1")
-    if not args.request_timeout > 0:
-        raise CanaoError(f"--request-timeout {args.request_timeout} must be above 0 seconds")
+    if not args.request_timeout > 0 or not args.max_wait > 0 or args.max_batch < 1:
+        raise CanaoError("--request-timeout and --max-wait must be above 0 seconds, --max-batch at least 1")
     try:
         import uvicorn
     except ImportError:
         raise CanaoError("canao serve needs starlette and uvicorn: pip install 'canao[serve]'") from None
 
     limits = Limits(max_queue=args.max_queue, max_new_tokens=args.max_new_tokens,
-                    max_context_chars=args.max_context_chars, max_request_s=args.request_timeout)
+                    max_context_chars=args.max_context_chars, max_request_s=args.request_timeout,
+                    max_wait_s=args.max_wait, max_batch=args.max_batch)
     api_key = args.api_key or os.environ.get("CANAO_API_KEY") or None
     local = is_loopback(args.host)
     allowed = [*LOOPBACK_HOSTS, args.host] if local else None
