@@ -61,7 +61,12 @@ def test_serve_default_is_the_compiled_4x_student(tmp_path, monkeypatch, data_di
     from canao.serve.command import default_models
 
     qa, lm = default_models(threads=1)
-    assert lm == ["smollm2"] and qa[0].startswith("minilm-squad-4x=")
+    assert qa[0].startswith("minilm-squad-4x=") and lm[0].startswith("smollm2=")
+    from canao.apps.generate import Generator
+
+    gen = Generator.load(lm[0].split("=", 1)[1], threads=1)  # SmolLM2 compiled from its Q4_1 GGUF, cached
+    assert gen.info["format"] == "canao-artifact" and gen.info["precision"] == "q4_1"
+    assert gen.generate("Say hi.", max_new_tokens=3)["generated_tokens"] >= 1
     path = qa[0].split("=", 1)[1]
     assert compiled_student("minilm-squad-4x", threads=1) == type(compiled_student("minilm-squad-4x"))(path)  # cached
     pipe = QAPipeline.load(path)

@@ -19,13 +19,13 @@ from ..paths import cache_root, resolve_model_path
 
 STUDENTS = ("minilm-squad-4x", "minilm-squad-8x")
 DEFAULT_QA = "minilm-squad-4x"
+DEFAULT_LM = "smollm2"
 
 
 def compiled_student(name: str, precision: str = "int8", max_seq: int = 384, threads: int | None = None,
                      log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> Path:
     from ..compiler import compile_model
     from ..compiler.artifact import FORMAT, add_files
-    from ..compiler.build import compiler_fingerprint
     from ..compiler.targets import host_target
     from ..models.checkpoint import weight_files
     from ..models.encoders import load_encoder
@@ -33,18 +33,47 @@ def compiled_student(name: str, precision: str = "int8", max_seq: int = 384, thr
 
     source = resolve_model_path(name)
     digest = file_digest(weight_files(source)[0])[:12]
-    # keyed by the compiler's own fingerprint too: a canao with other kernels builds afresh
-    out = cache_root() / "artifacts" / (f"{name}-{digest}-{precision}-s{max_seq}-{host_target().name}-f{FORMAT}"
-                                        f"-c{compiler_fingerprint()}")
+    key = f"{name}-{digest}-{precision}-s{max_seq}-{host_target().name}-f{FORMAT}"
+
+    def build(folder: Path) -> None:
+        log(f"canao: compiling {name} ({precision}, max length {max_seq}) once into the cache")
+        model, _ = load_encoder(source, task="qa")
+        compile_model(model, folder, precision=precision, max_seq=max_seq, threads=threads)
+        add_files(folder, tokenizer_files(source))
+
+    return _cached_build(key, build)
+
+
+def compiled_decoder(name: str = DEFAULT_LM, precision: str = "q4_1", max_seq: int = 2048, threads: int | None = None,
+                     log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> Path:
+    """A built-in decoder (or a GGUF file) compiled once per machine, cached like the students."""
+    from ..compiler.artifact import FORMAT
+    from ..compiler.decoder import compile_decoder
+    from ..compiler.targets import host_target
+
+    source = resolve_model_path(name)
+    digest = file_digest(source)[:12] if source.is_file() else Path(name).name
+    key = f"{Path(name).name.removesuffix('.gguf')}-{digest}-{precision}-c{max_seq}-{host_target().name}-f{FORMAT}"
+
+    def build(folder: Path) -> None:
+        log(f"canao: compiling {name} ({precision}, context {max_seq}) once into the cache")
+        compile_decoder(name, folder, precision=precision, max_seq=max_seq, threads=threads)
+
+    return _cached_build(key, build)
+
+
+def _cached_build(key: str, build) -> Path:
+    """$CANAO_CACHE/artifacts/KEY-c<compiler fingerprint>, built by build(folder) in a temporary folder
+    and renamed when complete; a canao with other kernels builds afresh."""
+    from ..compiler.build import compiler_fingerprint
+
+    out = cache_root() / "artifacts" / f"{key}-c{compiler_fingerprint()}"
     if (out / "manifest.json").exists():
         return out
-    log(f"canao: compiling {name} ({precision}, max length {max_seq}) once into {out}")
-    model, _ = load_encoder(source, task="qa")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
-        compile_model(model, tmp / "artifact", precision=precision, max_seq=max_seq, threads=threads)
-        add_files(tmp / "artifact", tokenizer_files(source))
+        build(tmp / "artifact")
         (tmp / "artifact").rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

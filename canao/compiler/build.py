@@ -27,7 +27,7 @@ def compiler_fingerprint() -> str:
     root = Path(__file__).parent
     h = hashlib.sha256()
     for path in sorted([*KERNEL_DIR.iterdir(), *(root / "codegen").glob("*.py"), *(root / "passes").glob("*.py"),
-                        root / "targets.py"]):
+                        *(root / "decoder").glob("*.py"), root / "targets.py"]):
         if path.is_file():
             h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:12]

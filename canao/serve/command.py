@@ -26,9 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--qa-model", action="append", default=[], metavar="M",
                    help="QA checkpoint folder, artifact or shipped student name; repeat to switch between models on "
                         "the page (NAME=PATH names it). Without --qa-model and --lm-model: the shipped "
-                        "minilm-squad-4x student compiled to int8 (once, cached) and smollm2")
+                        "minilm-squad-4x student compiled to int8 and smollm2 compiled from its Q4_1 GGUF (once, "
+                        "cached), both on canao's own runtime")
     p.add_argument("--lm-model", action="append", default=[], metavar="M",
-                   help="generation model: a GGUF file, a folder, or 'smollm2'; repeatable, NAME=PATH names it")
+                   help="generation model: a GGUF file, a folder, a compiled decoder artifact, or 'smollm2' "
+                        "(PyTorch); repeatable, NAME=PATH names it")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-queue", type=int, default=Limits.max_queue,
@@ -108,10 +110,12 @@ def is_loopback(host: str) -> bool:
 
 
 def default_models(threads: int | None = None) -> tuple[list[str], list[str]]:
-    """What `canao serve` runs without model arguments: the shipped 4x student, compiled, and SmolLM2."""
-    from ..apps.zoo import DEFAULT_QA, compiled_student
+    """What `canao serve` runs without model arguments: the shipped 4x student compiled to int8 and
+    SmolLM2 compiled from its Q4_1 GGUF, both through canao's own runtime (compiled once, cached)."""
+    from ..apps.zoo import DEFAULT_LM, DEFAULT_QA, compiled_decoder, compiled_student
 
-    return [f"{DEFAULT_QA}={compiled_student(DEFAULT_QA, threads=threads)}"], ["smollm2"]
+    return ([f"{DEFAULT_QA}={compiled_student(DEFAULT_QA, threads=threads)}"],
+            [f"{DEFAULT_LM}={compiled_decoder(DEFAULT_LM, threads=threads)}"])
 
 
 class _Loading:
