@@ -137,6 +137,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--engines", default="tflite,onnxruntime", help="other engines of the teacher (tflite, onnxruntime)")
+    ap.add_argument("--known-f1", default="", help="ENGINE=F1,...: the int8 teacher's F1 on another engine, "
+                    "already measured on the whole dev file (not scored again)")
     ap.add_argument("--out", required=True, help="output path prefix (.json, .md, .png)")
     args = ap.parse_args()
     if args.runs < 20:
@@ -194,8 +196,12 @@ def main() -> None:
 
         dev = squad.read_squad(Path(args.data) / "squad" / "dev-v1.1.json")
         feats = squad.make_features(tok, dev, SEQ, eval_stride(SEQ))
-        points = int8_teacher_points(teacher, dev, feats, SEQ, args.threads, engines=tuple(others), runs=20,
+        known = dict(item.split("=", 1) for item in args.known_f1.split(",") if item)
+        points = int8_teacher_points(teacher, dev, feats, SEQ, args.threads, runs=20,
+                                     engines=tuple(e for e in others if e not in known),
                                      log=lambda m: print(m, file=sys.stderr))
+        for engine, f1 in known.items():  # scored before on the same file (say where in the report)
+            points[f"teacher-int8-{engine}"] = {"f1": float(f1), "given": True}
         canao_int8_f1 = next((st["baselines"]["teacher-int8"]["f1"] for st in states
                               if st.get("baselines", {}).get("teacher-int8", {}).get("f1") is not None), None)
         if canao_int8_f1 is None:  # no search scored it (over their budgets): score it here
