@@ -31,3 +31,21 @@ def teacher(teacher_dir):
     from canao.models.encoders import load_encoder
 
     return load_encoder(teacher_dir)
+
+
+@pytest.fixture
+def pools_opened(monkeypatch):
+    """watch(cls) -> a list that receives the thread count of every `cls` (a compiled runtime: CompiledModel,
+    CompiledDecoder) opened from then on, as its C thread pool was opened with it."""
+
+    def watch(cls) -> list[int]:
+        opened, real_init = [], cls.__init__
+
+        def spy(self, folder, threads=None, check=True):
+            real_init(self, folder, threads, check)
+            opened.append(self.threads)
+
+        monkeypatch.setattr(cls, "__init__", spy)
+        return opened
+
+    return watch

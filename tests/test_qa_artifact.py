@@ -43,21 +43,14 @@ def test_eval_refuses_windows_longer_than_the_artifact(artifact, data_dir):
         _squad_eval(str(artifact), data_dir / "squad" / "dev-v1.1.json", 2, 384, 128, 8)
 
 
-def test_threads_flag_reaches_the_compiled_runtime(artifact, data_dir, capsys, monkeypatch):
+def test_threads_flag_reaches_the_compiled_runtime(artifact, data_dir, capsys, pools_opened):
     """`--threads` of canao qa / eval / serve opens the artifact's thread pool with that many threads
     (it used to be dropped on the way: the artifact's own setting applied)."""
     import json
 
     from canao.compiler.runtime import CompiledModel
 
-    opened = []
-    real_init = CompiledModel.__init__
-
-    def spy(self, folder, threads=None, check=True):
-        real_init(self, folder, threads, check)
-        opened.append(self.threads)
-
-    monkeypatch.setattr(CompiledModel, "__init__", spy)
+    opened = pools_opened(CompiledModel)
     for threads in ("1", "2"):
         assert main(["qa", "--model", str(artifact), "--context", "Paris is in France.", "--question",
                      "Where is Paris?", "--threads", threads, "--json"]) == 0

@@ -130,9 +130,10 @@ def check_files(folder: Path, manifest: dict, target) -> None:
             raise CanaoError(f"{folder}: {name} does not match its checksum; the artifact is corrupted, rebuild it")
 
 
-def pick_build(folder: Path) -> Path:
+def pick_build(folder: Path, flags=None) -> Path:
     """The folder whose code runs: the artifact itself, or, for a multi-target (x86-64) artifact, the
-    widest of its builds this CPU runs ($CANAO_X86_VARIANT picks one by name)."""
+    widest of its builds this CPU runs ($CANAO_X86_VARIANT picks one by name), or, given a device's
+    CPU flags, the widest that device runs."""
     folder = Path(folder)
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
@@ -141,6 +142,12 @@ def pick_build(folder: Path) -> Path:
     if not isinstance(manifest, dict) or manifest.get("target", {}).get("name") != X86_64:
         return folder
     variants = [v for v in manifest["target"].get("variants", []) if v in X86_VARIANTS]
+    if flags is not None:
+        name = next((v for v in variants if set(TARGETS[v].features) <= set(flags)), None)
+        if name is None:
+            raise CanaoError(f"{folder}: the device runs none of its builds ({', '.join(variants)}); it needs at "
+                             f"least AVX2 + FMA")
+        return folder / name
     forced = os.environ.get("CANAO_X86_VARIANT")
     if forced:
         if forced not in variants:
@@ -155,14 +162,14 @@ def pick_build(folder: Path) -> Path:
     raise CanaoError(f"{folder}: this CPU runs none of its builds ({', '.join(variants)}); it needs at least AVX2 + FMA")
 
 
-def open_build(folder: Path, check: bool = True) -> tuple[Path, dict]:
+def open_build(folder: Path, check: bool = True, here: bool = True) -> tuple[Path, dict]:
     """(folder of the build that runs here, its manifest), after checking the artifact (and, for a
     multi-target one, its own manifest as well as the picked build's)."""
     folder = Path(folder)
     build = pick_build(folder)
     if build != folder:
-        read_manifest(folder, check=check)
-    return build, read_manifest(build, check=check)
+        read_manifest(folder, check=check, here=here)
+    return build, read_manifest(build, check=check, here=here)
 
 
 def add_files(folder: Path, files: dict) -> dict:

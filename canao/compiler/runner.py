@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CanaoError
-from .artifact import RUNNER, WEIGHTS, pick_build, read_manifest
+from .artifact import RUNNER, WEIGHTS, open_build
 from .targets import TARGETS, host_arch, is_cross
 
 
@@ -39,11 +39,7 @@ def launcher_for(manifest: dict, launcher: list[str] | None = None) -> list[str]
 
 
 def _command(folder: Path, launcher: list[str] | None, check: bool) -> tuple[dict, list[str]]:
-    build = pick_build(folder) if host_arch() == "x86_64" else folder  # an x86-64 artifact: this CPU's build
-    if build != folder:
-        read_manifest(folder, check=check, here=False)
-        folder = build
-    manifest = read_manifest(folder, check=check, here=False)
+    folder, manifest = open_build(folder, check=check, here=False)  # an x86-64 artifact: this CPU's build
     runner = folder / manifest.get("runner", RUNNER)
     if not runner.exists():
         raise CanaoError(f"{folder} has no {RUNNER} (built by an older canao); recompile it with `canao compile`")

@@ -44,8 +44,8 @@ TARGETS = {
 }
 
 
-# `--target x86-64`: one artifact carrying a build for each of these, the first this CPU runs picked at
-# load time (widest first); $CANAO_X86_VARIANT forces one of them
+# the x86 targets, widest first: the host picks the first it runs, and `--target x86-64` writes one
+# artifact with a build for each, the first the CPU runs picked at load ($CANAO_X86_VARIANT forces one)
 X86_64 = "x86-64"
 X86_VARIANTS = ("avx512_vnni", "avx512", "avx2")
 
@@ -88,7 +88,7 @@ def host_target() -> Target:
         if set(TARGETS["aarch64"].features) <= flags:
             return TARGETS["aarch64"]
         raise CanaoError("this ARM CPU lacks the dot-product instructions (asimddp) canao's aarch64 target needs")
-    for name in ("avx512_vnni", "avx512", "avx2"):
+    for name in X86_VARIANTS:
         if set(TARGETS[name].features) <= flags:
             return TARGETS[name]
     raise CanaoError("this CPU has neither AVX-512 nor AVX2+FMA; canao's x86 code generator needs one of them")

@@ -126,7 +126,7 @@ def check_compatible(folder: Path, manifest: dict, info: dict) -> None:
 def device_build(folder: Path, spec: str) -> Path:
     """The build a device runs: the artifact itself, or the build of an x86-64 (multi-target) artifact
     that the device's CPU flags pick, as loading picks on this machine."""
-    from ..compiler.artifact import sha256
+    from ..compiler import artifact
     from ..compiler.targets import X86_64
 
     manifest = read_manifest(folder)
@@ -136,21 +136,17 @@ def device_build(folder: Path, spec: str) -> Path:
     if _ARCH_ALIASES.get(info["arch"], info["arch"]) != "x86_64":
         raise CanaoError(f"{folder} holds x86-64 builds, but {info['spec']} is {info['arch']}; recompile it with "
                          f"the target of that device")
-    name = best_x86_target(info.get("flags") or [])
-    build = folder / name
-    digest = (manifest.get("checksums") or {}).get(f"{name}/{MANIFEST}")
-    if not (build / MANIFEST).is_file() or sha256(build / MANIFEST) != digest:
-        raise CanaoError(f"{folder}: its {name} build is missing or changed; recompile the artifact")
-    return build
+    artifact.read_manifest(folder, here=False)  # every build's manifest against the top one's checksums
+    return artifact.pick_build(folder, flags=info.get("flags") or [])
 
 
 def best_x86_target(flags) -> str:
     """The widest x86 target whose features a device's flags include (what to recompile for)."""
-    from ..compiler.targets import TARGETS
+    from ..compiler.targets import TARGETS, X86_VARIANTS
 
     flags = set(flags)
-    for name in ("avx512_vnni", "avx512", "avx2"):
-        if name in TARGETS and set(TARGETS[name].features) <= flags:
+    for name in X86_VARIANTS:
+        if set(TARGETS[name].features) <= flags:
             return name
     raise CanaoError("the device's CPU has neither AVX-512 nor AVX2+FMA; canao's x86 code generator needs one of them")
 

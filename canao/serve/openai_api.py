@@ -52,7 +52,7 @@ def openai_routes(ctx) -> list[Route]:
         if unknown:
             raise ctx.ApiError(400, "unknown_parameter", f"Unrecognized request argument supplied: {unknown[0]}")
         for key, default in _UNSUPPORTED_UNLESS.items():
-            if key in data and data[key] not in (default, None) and not (key == "n" and data[key] == 1):
+            if key in data and data[key] not in (default, None):
                 raise ctx.ApiError(400, "unsupported_parameter",
                                    f"'{key}' is not supported by canao's server (leave it at {default!r})")
         limit = ctx.limits.max_new_tokens

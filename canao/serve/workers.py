@@ -101,8 +101,13 @@ class ModelWorker:
         except BaseException:
             self.release()
             raise
+        return self._watched(future)
 
-        def dropped(f) -> None:  # cancelled while queued (its client left): job() never runs to release
+    def _watched(self, future: concurrent.futures.Future) -> "asyncio.Future":
+        """The event loop's view of a queued call; one cancelled before it ran (its client left) never
+        runs to release its place, so the place is released here."""
+
+        def dropped(f) -> None:
             if f.cancelled():
                 self.cancelled += 1
                 self.release()
@@ -140,14 +145,7 @@ class BatchingWorker(ModelWorker):
                 self._pending.remove(entry)
             self.release()
             raise
-
-        def dropped(f) -> None:  # cancelled while waiting (its client left): never taken, so release here
-            if f.cancelled():
-                self.cancelled += 1
-                self.release()
-
-        future.add_done_callback(dropped)
-        return asyncio.wrap_future(future)
+        return self._watched(future)
 
     def _turn(self) -> None:
         with self._count_lock:

@@ -144,20 +144,13 @@ def test_sampling_in_c_is_seeded_and_top_k_1_is_greedy(artifacts):
     assert gen.generate(PROMPTS[1], max_new_tokens=8, temperature=0.7, top_k=1, seed=9)["text"] == greedy
 
 
-def test_threads_flag_reaches_the_compiled_decoder(artifacts, capsys, monkeypatch):
+def test_threads_flag_reaches_the_compiled_decoder(artifacts, capsys, pools_opened):
     """`--threads` of canao generate / serve opens a compiled decoder's thread pool with that many
     threads (it used to be dropped: the artifact's own setting, then PyTorch's, applied)."""
     from canao.cli import main
     from canao.serve.command import load_models
 
-    opened = []
-    real_init = CompiledDecoder.__init__
-
-    def spy(self, folder, threads=None, check=True):
-        real_init(self, folder, threads, check)
-        opened.append(self.threads)
-
-    monkeypatch.setattr(CompiledDecoder, "__init__", spy)
+    opened = pools_opened(CompiledDecoder)
     folder = str(artifacts["q4_1"]["artifact"])
     for threads in ("1", "2"):
         assert main(["generate", "--model", folder, "--prompt", "Hello", "--max-new-tokens", "2",

@@ -177,6 +177,14 @@ static inline __attribute__((always_inline)) void att_pv_tile(const float *p0, c
     vhsum4(a10, a11, a12, a13, out[1]);
 }
 
+/* A row of scores before its softmax: keys S..sv set to -inf, and vexp_shifted's shift (-max*log2(e))
+ * from the row's running max over whole vectors (rmax) and its partial last vector. */
+static inline vf att_row_shift(float *row, long S, long sv, vf rmax) {
+    for (long jj = S; jj < sv; jj++) row[jj] = -INFINITY;
+    if (S % VL) rmax = vmax(rmax, vload(row + S / VL * VL));  /* the partial vector, its tail now -inf */
+    return vset1(-vhmax(rmax) * 1.44269504088896341f);
+}
+
 static void attention_rows(long S, int H, int D, const float *q, long qh, long qs, const float *kt,
                            const float *vt, float *out, long oh, long os, const float *key_bias, float *scratch,
                            long r0, long r1) {
@@ -201,10 +209,7 @@ static void attention_rows(long S, int H, int D, const float *q, long qh, long q
             float inv[ATT_ROWS];
             for (int r = 0; r < m; r++) {
                 float *row = sc + r * sp;
-                for (long jj = S; jj < sv; jj++) row[jj] = -INFINITY;
-                vf mx = rmax[r];
-                if (S % VL) mx = vmax(mx, vload(row + S / VL * VL));  /* the partial vector, its tail now -inf */
-                const vf nm = vset1(-vhmax(mx) * 1.44269504088896341f);
+                const vf nm = att_row_shift(row, S, sv, rmax[r]);
                 vf sum = vzero();
                 for (long jj = 0; jj < sv; jj += VL) {
                     const vf e = vexp_shifted(vload(row + jj), nm);
@@ -441,10 +446,7 @@ static void attention_rows_i8(long S, int H, int D, const float *q, long qh, lon
             float scale[ATT_ROWS];
             for (int r = 0; r < m; r++) {
                 float *row = sc + r * sp;
-                for (long jj = S; jj < sv; jj++) row[jj] = -INFINITY;
-                vf mx = rmax[r];
-                if (S % VL) mx = vmax(mx, vload(row + S / VL * VL));
-                const vf nm = vset1(-vhmax(mx) * 1.44269504088896341f);
+                const vf nm = att_row_shift(row, S, sv, rmax[r]);
                 vf sum = vzero(), pm = vzero();
                 for (long jj = 0; jj < sv; jj += VL) {  /* exp, and the probability times its value scale */
                     const vf e = vexp_shifted(vload(row + jj), nm);
