@@ -8,20 +8,15 @@ For each context (prompt length) and thread count, every engine is asked in turn
     cache (median of 5 after a warm-up).
 The headline table is decode at contexts 64 and 512 and TTFT at 128. All engines see the
 same token ids (a fixed English text tokenized by canao's tokenizer, repeated to length),
-and each reports the greedy ids it generates for GREEDY_PROMPT, compared with canao's
-PyTorch model (float32 weights dequantized from the same Q4_1 file).
+and each reports the greedy ids it generates for decode_bench.GREEDY_PROMPT, compared with
+canao's PyTorch model (float32 weights dequantized from the same Q4_1 file).
 
 The memory-bandwidth floor is the time to stream the bytes one decode step must read
 (every weight matrix once, the tied embedding again as the output layer, and the KV cache
 at that context) at the read bandwidth numpy measures on this machine.
 
-Adding an engine: a callable `engine(context, threads) -> dict` with "decode_ms" and
-"ttft_ms" (lists of milliseconds, measured on prompt(context)) and optionally "version";
-an optional attribute `greedy(prompt_ids, n) -> list[int]`. An engine with the
-reset()/feed(ids) -> logits interface gets all of that from `in_process(make)`, where
-make(threads) returns the engine (see canao.baselines.protocol):
-
-    ENGINES["canao"] = lambda: in_process(lambda threads: MyDecoder(..., threads), "canao ...")
+The engines and their measurement are `canao bench`'s (canao.baselines.decode_bench); this
+script adds the bandwidth floor, the PyTorch greedy reference and the headline tables.
 
     python benchmarks/decode_baselines.py [--engines llamacpp-q4_1,llamacpp-q8_0,ort-fp32]
         [--contexts 64,128,512] [--threads 1,2] [--rounds 1] [--out benchmarks/results/decode_baselines]
@@ -44,19 +39,14 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from canao.baselines import protocol  # noqa: E402
+from canao.baselines import decode_bench, protocol  # noqa: E402
 from canao.compiler.targets import cpu_model  # noqa: E402
+from canao.paths import builtin_model  # noqa: E402
 
 MODEL = "smollm2"
-TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
-        "combined movable metal type, oil-based ink and a wooden press adapted from wine making. "
-        "Books became cheaper, literacy spread across Europe, and scientists could share their results "
-        "with colleagues in distant cities. Within fifty years, presses were running in more than two "
-        "hundred towns, and millions of copies had been printed. ")
-GREEDY_PROMPT = "Once upon a time, in a small village by the sea, there lived a"
-GREEDY_TOKENS = 32
 HEADLINE_DECODE = (64, 512)
 HEADLINE_TTFT = 128
+GREEDY_TOKENS = decode_bench.GREEDY_TOKENS
 
 _tokenizer = None
 
@@ -66,149 +56,39 @@ def tokenizer():
     if _tokenizer is None:
         from canao.models.bpe_tokenizer import BPETokenizer
         from canao.models.gguf_loader import open_gguf
-        from canao.paths import builtin_model
 
         _tokenizer = BPETokenizer.from_gguf(open_gguf(builtin_model(MODEL)))
     return _tokenizer
 
 
 def prompt(context: int) -> list[int]:
-    """The shared benchmark prompt: `context` token ids of TEXT, repeated as needed."""
-    ids = tokenizer().encode(TEXT)
-    return (ids * (context // len(ids) + 1))[:context]
+    """The shared benchmark prompt: `context` token ids of the benchmark text, repeated as needed."""
+    return decode_bench.prompt_ids(tokenizer(), context)
 
 
 def greedy_prompt() -> list[int]:
-    return tokenizer().encode(GREEDY_PROMPT)
+    return tokenizer().encode(decode_bench.GREEDY_PROMPT)
 
 
-def in_process(make, version: str = ""):
-    """An engine callable over reset()/feed() engines built by make(threads), one per thread count."""
-    made = {}
-
-    def get(threads):
-        if threads not in made:
-            made[threads] = make(threads)
-        return made[threads]
-
-    def engine(context: int, threads: int) -> dict:
-        e = get(threads)
-        return {"decode_ms": protocol.decode_ms(e, prompt(context)),
-                "ttft_ms": protocol.ttft_ms(e, prompt(context)), "version": version}
-
-    engine.greedy = lambda ids, n: protocol.greedy(get(1), ids, n)
-    return engine
+# ------------------------------------------------------------------ engines (canao.baselines.decode_bench)
 
 
-# ------------------------------------------------------------------ engines
-
-
-def llamacpp_engine(qtype: str, n_ctx: int):
-    """llama.cpp on SmolLM2's own Q4_1 file, or on our Q8_0 re-quantization of it."""
-    from canao.baselines.llamacpp import Worker
-    from canao.models.gguf_convert import converted
-    from canao.paths import builtin_model
-
-    path = builtin_model(MODEL) if qtype == "Q4_1" else converted(MODEL, qtype, log=log)
-    worker = Worker(log=log)
-    worker.load(path, n_ctx=n_ctx, n_batch=max(512, n_ctx))
-    version = f"{worker.version} (llama.cpp, ggml threadpool, -march=native) {qtype}"
-
-    def engine(context: int, threads: int) -> dict:
-        worker.threads(threads)
-        p = prompt(context)
-        return {"decode_ms": worker.decode_ms(p, protocol.DECODE_STEPS, protocol.DECODE_WARMUP),
-                "ttft_ms": worker.ttft_ms(p, protocol.TTFT_RUNS), "version": version}
-
-    def greedy(ids, n):
-        worker.threads(1)
-        return worker.greedy(ids, n)
-
-    engine.greedy = greedy
-    engine.weight_path = path
-    engine.kv_bytes_per_elem = 2  # llama.cpp's default KV cache type is f16
-    return engine
-
-
-def ort_engine():
-    from canao.baselines.onnx_decoder import OrtDecoder, exported
-    from canao.models.decoders import load_decoder
-
-    model, _ = load_decoder(MODEL)
-    t0 = time.perf_counter()
-    path = exported(model, log=log)
-    log(f"onnx: graph ready in {time.perf_counter() - t0:.0f} s ({path.stat().st_size / 1e6:.0f} MB)")
-    del model
-    import onnxruntime
-
-    engine = in_process(lambda threads: OrtDecoder(path, threads), f"onnxruntime {onnxruntime.__version__} fp32")
-    engine.kv_bytes_per_elem = 4
-    return engine
-
-
-def pytorch_engine():
-    """canao's eager PyTorch model (float32) with its KV cache: the pre-compiler reference."""
-    import torch
-
-    from canao.models.decoders import load_decoder
-
-    model, _ = load_decoder(MODEL)
-
-    class Feeder:
-        def __init__(self, threads):
-            self.threads = threads
-            self.reset()
-
-        def reset(self):
-            self.cache, self.pos = model.new_cache(1024), 0
-
-        @torch.inference_mode()
-        def feed(self, ids):
-            torch.set_num_threads(self.threads)
-            out = model(torch.tensor([ids]), self.cache, self.pos, last_only=True)
-            self.pos += len(ids)
-            return out[0, -1].numpy()
-
-    engine = in_process(Feeder, f"torch {torch.__version__} fp32 eager")
-    engine.kv_bytes_per_elem = 4
-    return engine
-
-
-def canao_engine(precision: str, n_ctx: int):
-    """canao's compiled decoder (an artifact built once per precision into $CANAO_CACHE/bench-decoders)."""
-    from canao.compiler.build import cache_dir
-    from canao.compiler.decoder import CompiledDecoder, compile_decoder
-    from canao.compiler.decoder.runtime import is_decoder_artifact
-
-    import hashlib
-
-    from canao.compiler.build import KERNEL_DIR
-
-    # keyed by the decoder's C sources: a changed kernel is recompiled, not timed stale
-    digest = hashlib.sha256(b"".join((KERNEL_DIR / n).read_bytes() for n in
-                                     ("canao_decoder.c", "canao_decoder_kernels.h", "canao_lm.h"))).hexdigest()[:12]
-    folder = cache_dir() / "bench-decoders" / f"smollm2-{precision}-{n_ctx}-{digest}"
-    if not is_decoder_artifact(folder):
-        log(f"canao: compiling smollm2 {precision} (context {n_ctx})")
-        compile_decoder(MODEL, folder, precision=precision, max_seq=n_ctx)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    engine = in_process(lambda threads: CompiledDecoder(folder, threads=threads),
-                        f"canao {precision} ({manifest['target']['name']}, layers {manifest['weights']['weights_format']}, "
-                        f"output {manifest['weights']['embedding_format']})")
-    engine.weight_path = folder / "weights.bin"
-    engine.weight_bytes = manifest["weights"]["bytes"]
-    engine.kv_bytes_per_elem = 4  # fp32 KV cache
-    return engine
+def engine(name: str, precision: str):
+    """An engine of `canao bench` on SmolLM2's Q4_1 file (llama.cpp q8_0: canao's re-quantization of it)."""
+    def make(n_ctx: int):
+        types = {"Q4_1": 1}  # SmolLM2's file is Q4_1: llama.cpp reads it as it is
+        return decode_bench.make_engine(name, precision, builtin_model(MODEL), n_ctx, weight_types=types, log=log)
+    return make
 
 
 ENGINES = {
-    "canao-q4_1": lambda n_ctx: canao_engine("q4_1", n_ctx),
-    "canao-q8_0": lambda n_ctx: canao_engine("q8_0", n_ctx),
-    "canao-fp32": lambda n_ctx: canao_engine("fp32", n_ctx),
-    "llamacpp-q4_1": lambda n_ctx: llamacpp_engine("Q4_1", n_ctx),
-    "llamacpp-q8_0": lambda n_ctx: llamacpp_engine("Q8_0", n_ctx),
-    "ort-fp32": lambda n_ctx: ort_engine(),
-    "pytorch-fp32": lambda n_ctx: pytorch_engine(),
+    "canao-q4_1": engine("canao", "q4_1"),
+    "canao-q8_0": engine("canao", "q8_0"),
+    "canao-fp32": engine("canao", "fp32"),
+    "llamacpp-q4_1": engine("llama.cpp", "q4_1"),
+    "llamacpp-q8_0": engine("llama.cpp", "q8_0"),
+    "ort-fp32": engine("onnxruntime", "fp32"),
+    "pytorch-fp32": engine("pytorch", "fp32"),
 }
 DEFAULT_ENGINES = "canao-q4_1,llamacpp-q4_1,canao-q8_0,llamacpp-q8_0,ort-fp32"
 
@@ -240,8 +120,8 @@ def read_bandwidth_gbs(threads: int, mb: int = 512, reps: int = 10) -> float:
 def bytes_per_token(engine_name: str, engine, context: int, cfg) -> float:
     """Weights read once per token (+ the tied embedding as lm_head) and the KV cache at `context`."""
     kv = 2 * cfg["num_layers"] * cfg["num_kv_heads"] * cfg["head_dim"] * context * engine.kv_bytes_per_elem
-    if hasattr(engine, "weight_path"):
-        if not hasattr(engine, "weight_bytes"):  # opening a GGUF parses its tokenizer: once
+    if engine.weight_path is not None:
+        if engine.weight_bytes is None:  # opening a GGUF parses its tokenizer: once
             from canao.models.gguf_loader import open_gguf
 
             engine.weight_bytes = sum(int(t.n_bytes) for t in open_gguf(engine.weight_path).tensors.values())
@@ -295,7 +175,7 @@ def main() -> None:
     for n in names:
         log(f"setting up {n}")
         engines[n] = ENGINES[n](n_ctx)
-    greedy = {n: e.greedy(gp, GREEDY_TOKENS) for n, e in engines.items() if hasattr(e, "greedy")}
+    greedy = {n: e.greedy(gp, GREEDY_TOKENS) for n, e in engines.items()}
 
     raw = {}  # (engine, context, threads) -> {"decode_ms": [...], "ttft_ms": [...]}
     versions = {}
@@ -304,8 +184,8 @@ def main() -> None:
         for context in contexts:
             for th in threads:
                 for n, e in engines.items():  # interleaved: engines take turns at each point
-                    out = e(context, th)
-                    versions[n] = out.get("version", n)
+                    out = e.measure(prompt(context), th)
+                    versions[n] = e.version
                     slot = raw.setdefault((n, context, th), {"decode_ms": [], "ttft_ms": []})
                     slot["decode_ms"] += out["decode_ms"]
                     slot["ttft_ms"] += out["ttft_ms"]
@@ -330,7 +210,7 @@ def main() -> None:
         "cpu": cpu_model(), "cores": os.cpu_count(), "load_average": os.getloadavg(),
         "read_bandwidth_gbs": bandwidth, "contexts": contexts, "threads": threads, "rounds": args.rounds,
         "decode_steps": protocol.DECODE_STEPS, "decode_warmup": protocol.DECODE_WARMUP, "ttft_runs": protocol.TTFT_RUNS,
-        "greedy_prompt": GREEDY_PROMPT, "greedy_prompt_ids": gp, "greedy_reference_pytorch": ref,
+        "greedy_prompt": decode_bench.GREEDY_PROMPT, "greedy_prompt_ids": gp, "greedy_reference_pytorch": ref,
         "greedy": greedy, "greedy_match_prefix": {n: _prefix(ids, ref) for n, ids in greedy.items()},
         "versions": versions, "bench_seconds": bench_s, "results": results,
     }

@@ -43,7 +43,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "threads", None):
+        if isinstance(getattr(args, "threads", None), int):  # `canao bench` takes a list and sets its own
             import torch
 
             torch.set_num_threads(args.threads)

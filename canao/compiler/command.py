@@ -38,20 +38,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("bench", help="latency of canao vs other engines on the same weights, interleaved")
-    p.add_argument("--model", required=True, help="QA checkpoint folder, or random:bert-base / random:minilm")
+    p.add_argument("--model", required=True, help="QA checkpoint folder, or random:bert-base / random:minilm; or a "
+                   "decoder (.gguf file, 'smollm2', a compiled decoder artifact): decode steps and time to first token")
     p.add_argument("--artifact", help="canao artifact of that model (default: compile one into --out)")
-    p.add_argument("--engines", default="canao,pytorch,onnxruntime")
-    p.add_argument("--seq", default="128,384",
-                   help="comma-separated sequence lengths, and/or 'squad' (real dev questions at their own lengths; "
-                        "static-shape engines padded to 384) and/or 'squad-unpadded' (the same, TFLite converted "
-                        "at each question's length)")
-    p.add_argument("--precision", default="fp32", help="comma-separated: fp32,bf16,int8 (engines that lack one skip it)")
+    p.add_argument("--engines", help="default canao,pytorch,onnxruntime (decoders: canao,llama.cpp)")
+    p.add_argument("--seq", help="comma-separated sequence lengths (default 128,384), and/or 'squad' (real dev questions "
+                        "at their own lengths; static-shape engines padded to 384) and/or 'squad-unpadded' (the same, "
+                        "TFLite converted at each question's length). Decoders: context lengths (default 64,512)")
+    p.add_argument("--precision", help="comma-separated: fp32,bf16,int8 (default fp32); decoders: q4_1,q8_0,fp32 "
+                   "(default the artifact's, or the file's weight type); engines that lack one skip it")
     p.add_argument("--tune", action="store_true", help="tune canao's GEMMs first (see canao compile --tune)")
     p.add_argument("--data", help="data folder for --seq squad (default $CANAO_DATA)")
-    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--runs", type=int, help="timed runs per point (default 20; decoders: decode steps, default 32)")
     p.add_argument("--out", default="out/bench", help="folder for bench.json and bench.md")
-    add_common(p)
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    p.add_argument("--threads", type=_thread_counts, help="thread counts to measure, comma-separated (default 1 and all cores)")
     p.set_defaults(func=cmd_bench)
+
+
+def _thread_counts(text: str) -> list[int]:
+    import argparse
+
+    try:
+        counts = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of thread counts") from None
+    if min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"thread counts must be at least 1, got {text}")
+    return counts
 
 
 def _is_decoder_source(spec: str) -> bool:
@@ -95,7 +109,7 @@ def cmd_compile(args) -> dict:
     args.max_seq_given = args.max_seq is not None
     if _is_decoder_source(args.model):
         return cmd_compile_decoder(args)
-    args.precision = args.precision or "fp32"
+    args.precision, args.runs = args.precision or "fp32", args.runs or 20
     args.max_seq = args.max_seq or 384
     if args.precision not in ("fp32", "bf16", "int8"):
         raise CanaoError(f"precision {args.precision} is for decoders; an encoder compiles to fp32, bf16 or int8")
@@ -193,6 +207,41 @@ def _bench_model(spec: str):
     return load_encoder(resolve_model_path(spec), task="qa")
 
 
+def _is_bench_decoder(spec: str) -> bool:
+    from .decoder.runtime import is_decoder_artifact
+    from ..paths import resolve_model_path
+
+    return _is_decoder_source(spec) or is_decoder_artifact(resolve_model_path(spec))
+
+
+def _bench_decoder(args) -> dict:
+    """`canao bench` on a decoder: decode ms per token and time to first token, per context."""
+    import json
+    import os
+    from pathlib import Path
+
+    from ..baselines import decode_bench
+
+    try:
+        contexts = [int(s) for s in (args.seq or "64,512").split(",")]
+    except ValueError:
+        raise CanaoError(f"--seq {args.seq}: a decoder is benchmarked at context lengths (integers), comma-separated") from None
+    engines = decode_bench.engine_names(args.engines or "canao,llama.cpp")
+    precisions = (args.precision or decode_bench.default_precision(args.model)).split(",")
+    threads = args.threads or sorted({1, os.cpu_count() or 1})
+    report = decode_bench.run_decode_bench(args.model, engines, precisions, contexts, threads,
+                                           steps=args.runs or decode_bench.protocol.DECODE_STEPS,
+                                           log=lambda line: print(line, file=sys.stderr))
+    report["command"] = "canao bench " + " ".join(sys.argv[2:])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "bench.md").write_text(decode_bench.markdown(report))
+    if not args.json:
+        print(decode_bench.markdown(report))
+    return report
+
+
 def cmd_bench(args) -> dict:
     import json
     import os
@@ -201,6 +250,10 @@ def cmd_bench(args) -> dict:
     from . import compile_model
     from .bench import SQUAD_SETTINGS, markdown, run_bench, squad_inputs
 
+    if not args.model.startswith("random:") and _is_bench_decoder(args.model):
+        return _bench_decoder(args)
+    args.engines, args.seq = args.engines or "canao,pytorch,onnxruntime", args.seq or "128,384"
+    args.precision, args.runs = args.precision or "fp32", args.runs or 20
     model, tokenizer = _bench_model(args.model)
     try:
         seqs = [s if s in SQUAD_SETTINGS else int(s) for s in args.seq.split(",")]
@@ -211,7 +264,7 @@ def cmd_bench(args) -> dict:
     if squad_seqs and tokenizer is None:
         raise CanaoError(f"--seq {squad_seqs[0]} needs a checkpoint with a tokenizer, not a random model")
     precisions = args.precision.split(",")
-    threads = [args.threads] if args.threads else [1, os.cpu_count() or 1]
+    threads = args.threads or sorted({1, os.cpu_count() or 1})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     artifacts = {}

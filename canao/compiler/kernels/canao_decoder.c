@@ -85,11 +85,13 @@ struct canao_lm {
     const void *w;
     const float *bias;           /* per output row, or NULL */
     int wtype, k, rows, n, pos, layer, mode;
+    long chunks, chunks_per_item; /* a decode GEMV's chunks, and how many one claimed item runs */
     const float *in;
     float *out;
 };
 
 static long spin_iters = 4000;
+static long gemv_items_per_thread = 2;  /* CANAO_GEMV_SPLIT */
 
 static void futex_wait(atomic_uint *a, unsigned v) { syscall(SYS_futex, (unsigned *)a, FUTEX_WAIT_PRIVATE, v, NULL, NULL, 0); }
 static void futex_wake(atomic_uint *a) { syscall(SYS_futex, (unsigned *)a, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0); }
@@ -213,6 +215,15 @@ static void gemv_chunk(struct canao_lm *m, int tid, long chunk) {
     else for (int r = 0; r < nrows / 2; r++) m->out[chunk * NR + r] = silu(y[r]) * y[NR + r];
 }
 
+/* A decode GEMV item is a contiguous run of chunks: each thread streams its own part of the
+ * matrix, and a matrix costs a few claims (a shared cache line each) instead of one per 16 rows,
+ * which on two cores cost more than the rows themselves. */
+static void gemv_item(struct canao_lm *m, int tid, long item) {
+    const long c0 = item * m->chunks_per_item;
+    const long c1 = c0 + m->chunks_per_item < m->chunks ? c0 + m->chunks_per_item : m->chunks;
+    for (long c = c0; c < c1; c++) gemv_chunk(m, tid, c);
+}
+
 static void gemm_chunk(struct canao_lm *m, int tid, long chunk) {
     float *panel = m->scratch + (long)tid * SCRATCH_FLOATS;
     const int k = m->k, n = m->n;
@@ -259,7 +270,12 @@ static void matmul(struct canao_lm *m, const void *w, const float *bias, int wty
     const long chunks = (rows + span - 1) / span;
     if (m->n == 1) {
         if (wtype != WT_F32) quantize_row_q8(in, k, m->xq, m->xd, m->xs);
-        parallel(m, gemv_chunk, chunks);
+        /* a few items per thread: balance if one thread is late, without a claim per chunk */
+        long items = (long)m->threads * gemv_items_per_thread;
+        if (items > chunks) items = chunks;
+        m->chunks = chunks;
+        m->chunks_per_item = (chunks + items - 1) / items;
+        parallel(m, gemv_item, (chunks + m->chunks_per_item - 1) / m->chunks_per_item);
     } else {
         parallel(m, gemm_chunk, chunks);
     }
@@ -472,6 +488,8 @@ void canao_lm_close(canao_lm *m) {
 canao_lm *canao_lm_open(const char *weights_path, int threads, char *err, int err_len) {
     const char *spin = getenv("CANAO_SPIN");
     if (spin) spin_iters = atol(spin);
+    const char *split = getenv("CANAO_GEMV_SPLIT");
+    if (split && atol(split) > 0) gemv_items_per_thread = atol(split);
     const int fd = open(weights_path, O_RDONLY);
     if (fd < 0) {
         snprintf(err, err_len, "cannot open %s: %s", weights_path, strerror(errno));

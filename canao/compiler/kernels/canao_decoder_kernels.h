@@ -1,7 +1,7 @@
 /* canao's decoder kernels: weight-only quantized GEMV (decode), dequantize-to-panel GEMM
  * (prefill), RMSNorm, RoPE, attention over the KV cache. Written against the vector layer
  * (vec_*.h, included first) for fp32 and with per-ISA integer dot products for the
- * quantized formats: AVX2 (vpmaddubsw), NEON (sdot) and a plain C fallback.
+ * quantized formats: AVX2 (vpmaddubsw; vpdpbusd where AVX512-VNNI is there), NEON (sdot) and a plain C fallback.
  *
  * Weight formats are GGUF's own blocks, so a Q4_1 / Q8_0 file is packed without passing
  * through fp32 (bytes per weight read per token is what decode speed is made of):
@@ -81,6 +81,15 @@ static inline __m256i unpack_nibbles(const uint8_t *p) {  /* 16 bytes -> 32 valu
     const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0f));
     return _mm256_set_m128i(hi, lo);
 }
+/* 32 u8 x s8 products summed in fours into 8 int32: one vpdpbusd with VNNI (AVX512-VL), else
+ * vpmaddubsw + vpmaddwd (pair sums stay below 2*128*127, so neither form saturates: same result) */
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
 #endif
 #if defined(__ARM_NEON)
 #include <arm_neon.h>
@@ -88,7 +97,6 @@ static inline __m256i unpack_nibbles(const uint8_t *p) {  /* 16 bytes -> 32 valu
 
 static inline float dot_q8_0(const uint8_t *w, const int8_t *xq, const float *xd, int nb) {
 #if defined(__AVX2__)
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int b = 0;
     for (; b + 1 < nb; b += 2) {  /* two blocks a step: independent chains for the FMA latency */
@@ -97,9 +105,9 @@ static inline float dot_q8_0(const uint8_t *w, const int8_t *xq, const float *xd
         const __m256i q1 = _mm256_loadu_si256((const __m256i *)(w1 + 2));
         const __m256i a0 = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
         const __m256i a1 = _mm256_loadu_si256((const __m256i *)(xq + (b + 1) * QK));
-        /* |w| x (a with w's sign): vpmaddubsw wants one unsigned operand */
-        const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q0, q0), _mm256_sign_epi8(a0, q0)), ones);
-        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q1, q1), _mm256_sign_epi8(a1, q1)), ones);
+        /* |w| x (a with w's sign): the u8 x s8 product wants one unsigned operand */
+        const __m256i p0 = dot_u8s8(_mm256_sign_epi8(q0, q0), _mm256_sign_epi8(a0, q0));
+        const __m256i p1 = dot_u8s8(_mm256_sign_epi8(q1, q1), _mm256_sign_epi8(a1, q1));
         acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fp16_to_f32(w0) * xd[b]), acc0);
         acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(fp16_to_f32(w1) * xd[b + 1]), acc1);
     }
@@ -107,7 +115,7 @@ static inline float dot_q8_0(const uint8_t *w, const int8_t *xq, const float *xd
         const uint8_t *w0 = w + b * Q8_0_BYTES;
         const __m256i q0 = _mm256_loadu_si256((const __m256i *)(w0 + 2));
         const __m256i a0 = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
-        const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q0, q0), _mm256_sign_epi8(a0, q0)), ones);
+        const __m256i p0 = dot_u8s8(_mm256_sign_epi8(q0, q0), _mm256_sign_epi8(a0, q0));
         acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fp16_to_f32(w0) * xd[b]), acc0);
     }
     return hsum256(_mm256_add_ps(acc0, acc1));
@@ -135,25 +143,21 @@ static inline float dot_q8_0(const uint8_t *w, const int8_t *xq, const float *xd
 
 static inline float dot_q4_1(const uint8_t *w, const int8_t *xq, const float *xd, const float *xs, int nb) {
 #if defined(__AVX2__)
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     float offset = 0.0f;
     int b = 0;
     for (; b + 1 < nb; b += 2) {
         const uint8_t *w0 = w + b * Q4_1_BYTES, *w1 = w0 + Q4_1_BYTES;
-        /* weights 0..15 are unsigned: vpmaddubsw(w, a) directly, pair sums <= 2*15*127 */
-        const __m256i p0 = _mm256_madd_epi16(
-            _mm256_maddubs_epi16(unpack_nibbles(w0 + 4), _mm256_loadu_si256((const __m256i *)(xq + b * QK))), ones);
-        const __m256i p1 = _mm256_madd_epi16(
-            _mm256_maddubs_epi16(unpack_nibbles(w1 + 4), _mm256_loadu_si256((const __m256i *)(xq + (b + 1) * QK))), ones);
+        /* weights 0..15 are unsigned: u8 x s8 directly */
+        const __m256i p0 = dot_u8s8(unpack_nibbles(w0 + 4), _mm256_loadu_si256((const __m256i *)(xq + b * QK)));
+        const __m256i p1 = dot_u8s8(unpack_nibbles(w1 + 4), _mm256_loadu_si256((const __m256i *)(xq + (b + 1) * QK)));
         acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fp16_to_f32(w0) * xd[b]), acc0);
         acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(fp16_to_f32(w1) * xd[b + 1]), acc1);
         offset += fp16_to_f32(w0 + 2) * xs[b] + fp16_to_f32(w1 + 2) * xs[b + 1];
     }
     for (; b < nb; b++) {
         const uint8_t *w0 = w + b * Q4_1_BYTES;
-        const __m256i p0 = _mm256_madd_epi16(
-            _mm256_maddubs_epi16(unpack_nibbles(w0 + 4), _mm256_loadu_si256((const __m256i *)(xq + b * QK))), ones);
+        const __m256i p0 = dot_u8s8(unpack_nibbles(w0 + 4), _mm256_loadu_si256((const __m256i *)(xq + b * QK)));
         acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fp16_to_f32(w0) * xd[b]), acc0);
         offset += fp16_to_f32(w0 + 2) * xs[b];
     }
