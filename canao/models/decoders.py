@@ -24,7 +24,7 @@ from .checkpoint import load_state_dict, read_config
 from .gpt2 import GPT2, GPT2Config
 from .llama import Llama, LlamaConfig
 
-HF_ARCHITECTURES = ("llama", "gpt2")
+HF_ARCHITECTURES = ("llama", "qwen2", "gpt2")
 
 
 def load_decoder(spec: str | Path) -> tuple[torch.nn.Module, dict]:
@@ -71,7 +71,7 @@ def _load(spec, with_tokenizer: bool, threads: int | None = None):
 def _from_gguf(path: Path, with_tokenizer: bool):
     gf = gguf_loader.open_gguf(path)
     arch = gguf_loader.check_architecture(gf)
-    if arch == "llama":
+    if arch in gguf_loader.LLAMA_FAMILY:
         config = gguf_loader.llama_config(gf)
         model = Llama.from_state_dict(config, gguf_loader.llama_state_dict(gf, config))
     else:
@@ -104,7 +104,7 @@ def _from_folder(folder: Path, with_tokenizer: bool):
             f"{folder}: model_type '{arch}' is not a supported decoder; canao generates with {', '.join(HF_ARCHITECTURES)}"
         )
     try:
-        if arch == "llama":
+        if arch in ("llama", "qwen2"):
             model = Llama.from_state_dict(LlamaConfig.from_hf(config), load_state_dict(folder))
         else:
             model = GPT2.from_state_dict(GPT2Config.from_hf(config), load_state_dict(folder), conv1d=True)

@@ -21,7 +21,10 @@ from .limits import check_sizes
 # Tensor types we dequantize. The reference numpy kernels in `gguf.quants` cover more
 # (K-quants, IQ*), but these are the ones this project is tested on.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
-SUPPORTED_ARCHS = ("llama", "gpt2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "gpt2")
+# run by canao.models.llama.Llama: Qwen2 is Llama with biases on q, k and v, and no Q/K row
+# permutation in the file (llama.cpp rotates its heads in halves, "NEOX" style, as HF does)
+LLAMA_FAMILY = ("llama", "qwen2")
 
 
 @dataclass
@@ -219,35 +222,38 @@ def llama_config(gf: GGUFFile):
     from .llama import LlamaConfig
 
     arch = gf.architecture
-    if arch != "llama":
-        raise CanaoError(f"{gf.path}: GGUF architecture '{arch}' is not llama")
-    n_embd = int(gf.require("llama.embedding_length"))
-    n_head = int(gf.require("llama.attention.head_count"))
+    if arch not in LLAMA_FAMILY:
+        raise CanaoError(f"{gf.path}: GGUF architecture '{arch}' is not one of {', '.join(LLAMA_FAMILY)}")
+    n_embd = int(gf.require(f"{arch}.embedding_length"))
+    n_head = int(gf.require(f"{arch}.attention.head_count"))
     check_sizes(gf.path, hidden_size=n_embd, num_heads=n_head)  # before they are divided
-    head_dim = int(gf.get("llama.attention.key_length", n_embd // n_head))
-    rope_dims = int(gf.get("llama.rope.dimension_count", head_dim))
+    head_dim = int(gf.get(f"{arch}.attention.key_length", n_embd // n_head))
+    rope_dims = int(gf.get(f"{arch}.rope.dimension_count", head_dim))
     if rope_dims != head_dim:
         raise CanaoError(f"{gf.path}: partial rotary embedding ({rope_dims} of {head_dim} dims) is not supported")
-    if gf.get("llama.rope.scaling.type") not in (None, "none"):
-        raise CanaoError(f"{gf.path}: RoPE scaling '{gf.get('llama.rope.scaling.type')}' is not supported")
-    if gf.get("llama.expert_count"):
-        raise CanaoError(f"{gf.path}: mixture-of-experts llama models are not supported")
+    if gf.get(f"{arch}.rope.scaling.type") not in (None, "none"):
+        raise CanaoError(f"{gf.path}: RoPE scaling '{gf.get(f'{arch}.rope.scaling.type')}' is not supported")
+    if gf.get(f"{arch}.expert_count"):
+        raise CanaoError(f"{gf.path}: mixture-of-experts {arch} models are not supported")
     has_output = "output.weight" in gf.tensors
-    vocab = gf.get("llama.vocab_size")
+    biases = "blk.0.attn_q.bias" in gf.tensors
+    vocab = gf.get(f"{arch}.vocab_size")
     if vocab is None:
         vocab = len(gf.require("tokenizer.ggml.tokens"))
     return LlamaConfig(
         vocab_size=int(vocab),
         hidden_size=n_embd,
-        intermediate_size=int(gf.require("llama.feed_forward_length")),
-        num_layers=int(gf.require("llama.block_count")),
+        intermediate_size=int(gf.require(f"{arch}.feed_forward_length")),
+        num_layers=int(gf.require(f"{arch}.block_count")),
         num_heads=n_head,
-        num_kv_heads=int(gf.get("llama.attention.head_count_kv", n_head)),
+        num_kv_heads=int(gf.get(f"{arch}.attention.head_count_kv", n_head)),
         head_dim=head_dim,
-        rms_norm_eps=float(gf.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(gf.get("llama.rope.freq_base", 10000.0)),
-        max_seq_len=int(gf.get("llama.context_length", 2048)),
+        rms_norm_eps=float(gf.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(gf.get(f"{arch}.rope.freq_base", 10000.0)),
+        max_seq_len=int(gf.get(f"{arch}.context_length", 2048)),
         tie_embeddings=not has_output,
+        attention_bias=biases and "blk.0.attn_output.bias" in gf.tensors,
+        qkv_bias=biases and "blk.0.attn_output.bias" not in gf.tensors,
     )
 
 
@@ -264,6 +270,19 @@ LLAMA_BLOCK_NAMES = {
 }
 
 
+LLAMA_BIAS_NAMES = {"attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+                    "attn_v.bias": "self_attn.v_proj.bias", "attn_output.bias": "self_attn.o_proj.bias"}
+
+
+def permuted_heads(gf: GGUFFile, config, gguf_name: str) -> int:
+    """How many heads llama.cpp's converter permuted the rows of this tensor in (0: none): Q and K of
+    the llama architecture; Qwen2's converter leaves them as HF has them."""
+    if gf.architecture != "llama":
+        return 0
+    part = gguf_name.split(".")[-2]
+    return config.num_heads if part == "attn_q" else config.num_kv_heads if part == "attn_k" else 0
+
+
 def llama_state_dict(gf: GGUFFile, config) -> dict[str, torch.Tensor]:
     """GGUF tensors renamed to `canao.models.llama.Llama` parameter names."""
     state = {
@@ -272,14 +291,14 @@ def llama_state_dict(gf: GGUFFile, config) -> dict[str, torch.Tensor]:
     }
     if not config.tie_embeddings:
         state["lm_head.weight"] = dequantize(gf, "output.weight")
+    names = dict(LLAMA_BLOCK_NAMES)
+    if config.attention_bias or config.qkv_bias:
+        names.update((k, v) for k, v in LLAMA_BIAS_NAMES.items() if config.attention_bias or k != "attn_output.bias")
     for i in range(config.num_layers):
-        for src, dst in LLAMA_BLOCK_NAMES.items():
+        for src, dst in names.items():
             w = dequantize(gf, f"blk.{i}.{src}")
-            if src == "attn_q.weight":
-                w = reverse_permute(w, config.num_heads)
-            elif src == "attn_k.weight":
-                w = reverse_permute(w, config.num_kv_heads)
-            state[f"layers.{i}.{dst}"] = w
+            heads = permuted_heads(gf, config, f"blk.{i}.{src}")
+            state[f"layers.{i}.{dst}"] = reverse_permute(w, heads) if heads else w
     return state
 
 

@@ -35,7 +35,8 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
     tie_embeddings: bool = True
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k, v and o (HF Llama's attention_bias)
+    qkv_bias: bool = False        # biases on q, k and v only (Qwen2)
 
     def __post_init__(self):
         from .limits import check_sizes
@@ -57,6 +58,8 @@ class LlamaConfig:
             raise CanaoError(f"RoPE scaling '{rope_type}' in config.json is not supported; canao runs default RoPE only")
         if cfg.get("mlp_bias"):
             raise CanaoError("config.json sets mlp_bias=true, which canao's Llama does not support")
+        if cfg.get("use_sliding_window"):
+            raise CanaoError("config.json sets use_sliding_window=true; canao runs full attention only")
         heads = cfg["num_attention_heads"]
         return cls(
             vocab_size=cfg["vocab_size"],
@@ -71,6 +74,7 @@ class LlamaConfig:
             max_seq_len=cfg.get("max_position_embeddings", 2048),
             tie_embeddings=cfg.get("tie_word_embeddings", True),
             attention_bias=cfg.get("attention_bias", False),
+            qkv_bias=cfg.get("model_type") == "qwen2",
         )
 
     def to_dict(self) -> dict:
@@ -156,9 +160,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cache: KVCache | None, start_pos: int) -> torch.Tensor:

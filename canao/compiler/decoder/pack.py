@@ -58,25 +58,29 @@ class Source:
         self.gguf = None
         if path.is_file():
             gf = gguf_loader.open_gguf(path)
-            if gf.architecture == "llama":
+            if gf.architecture in gguf_loader.LLAMA_FAMILY:
                 self.gguf = gf
-                self.arch = "llama"
+                self.arch, self.model_arch = "llama", gf.architecture
                 self.config = gguf_loader.llama_config(gf)
                 self.state = None
                 return
         from ...models.decoders import load_decoder
 
         model, info = load_decoder(path)
-        self.arch = info.get("architecture")
+        self.model_arch = info.get("architecture")
+        # the kernels' family: Llama's blocks (Qwen2 is Llama with q/k/v biases), or GPT-2's
+        self.arch = "llama" if self.model_arch in gguf_loader.LLAMA_FAMILY else self.model_arch
         if self.arch not in ("llama", "gpt2"):
-            raise CanaoError(f"{path}: canao compiles llama and gpt2 decoders; this is '{self.arch}'")
+            raise CanaoError(f"{path}: canao compiles llama, qwen2 and gpt2 decoders; this is '{self.model_arch}'")
         self.config = model.config
         self.state = {k: v.detach().float() for k, v in model.state_dict().items()}
 
     def vector(self, name: str, gguf_name: str) -> np.ndarray:
         if self.gguf is None:
             return self.state[name].numpy().astype(np.float32)
-        return gguf_loader.dequantize(self.gguf, gguf_name).numpy()
+        v = gguf_loader.dequantize(self.gguf, gguf_name)
+        heads = gguf_loader.permuted_heads(self.gguf, self.config, gguf_name)  # a Q or K bias
+        return (gguf_loader.reverse_permute(v, heads) if heads else v).numpy()
 
     def matrix(self, name: str, gguf_name: str, fmt: str, permute_heads: int = 0) -> tuple[np.ndarray, bool]:
         """(rows as a [out, row_bytes] uint8 array or [out, in] float32, taken raw?)."""
@@ -132,8 +136,6 @@ def pack_llama(src: Source, precision: str, max_ctx: int) -> tuple[Packed, dict]
                          f"(multiple of {NR} needed), {cfg.num_heads} heads over {cfg.num_kv_heads} KV heads")
     if wfmt != "F32" and (cfg.hidden_size % QK or cfg.intermediate_size % QK):
         raise CanaoError(f"{precision} needs hidden and intermediate sizes that are multiples of {QK}; use --precision fp32")
-    if cfg.attention_bias:
-        raise CanaoError("attention biases are not supported by the compiled decoder yet")
     p = Packed()
 
     def take(name, gname, fmt, heads=0):
@@ -149,6 +151,10 @@ def pack_llama(src: Source, precision: str, max_ctx: int) -> tuple[Packed, dict]
     else:
         p.add("lm_head", take("lm_head.weight", "output.weight", efmt), efmt)
     p.add("out_norm", src.vector("norm.weight", "output_norm.weight"))
+
+    def heads(gguf_name):  # rows llama.cpp permuted (llama's Q and K), to put back in HF's order
+        return gguf_loader.permuted_heads(src.gguf, cfg, gguf_name) if src.gguf is not None else 0
+
     rope = RotaryEmbedding(cfg.head_dim, max_ctx, cfg.rope_theta)  # the same tables PyTorch uses
     half = cfg.head_dim // 2
     p.add("rope_cos", rope.cos[:, :half].numpy())
@@ -157,11 +163,16 @@ def pack_llama(src: Source, precision: str, max_ctx: int) -> tuple[Packed, dict]
         pre = f"layers.{i}."
         g = f"blk.{i}."
         p.add(f"{i}.attn_norm", src.vector(pre + "input_layernorm.weight", g + "attn_norm.weight"))
-        q = take(pre + "self_attn.q_proj.weight", g + "attn_q.weight", wfmt, cfg.num_heads)
-        k = take(pre + "self_attn.k_proj.weight", g + "attn_k.weight", wfmt, cfg.num_kv_heads)
+        q = take(pre + "self_attn.q_proj.weight", g + "attn_q.weight", wfmt, heads(g + "attn_q.weight"))
+        k = take(pre + "self_attn.k_proj.weight", g + "attn_k.weight", wfmt, heads(g + "attn_k.weight"))
         v = take(pre + "self_attn.v_proj.weight", g + "attn_v.weight", wfmt)
         p.add(f"{i}.wqkv", np.concatenate([q, k, v]), wfmt)
+        if cfg.attention_bias or cfg.qkv_bias:  # added by the GEMV's epilogue, before RoPE
+            p.add(f"{i}.bqkv", np.concatenate([src.vector(pre + f"self_attn.{n}_proj.bias", g + f"attn_{n}.bias")
+                                               for n in "qkv"]))
         p.add(f"{i}.wo", take(pre + "self_attn.o_proj.weight", g + "attn_output.weight", wfmt), wfmt)
+        if cfg.attention_bias:
+            p.add(f"{i}.bo", src.vector(pre + "self_attn.o_proj.bias", g + "attn_output.bias"))
         p.add(f"{i}.ffn_norm", src.vector(pre + "post_attention_layernorm.weight", g + "ffn_norm.weight"))
         gate = take(pre + "mlp.gate_proj.weight", g + "ffn_gate.weight", wfmt)
         up = take(pre + "mlp.up_proj.weight", g + "ffn_up.weight", wfmt)
@@ -176,7 +187,7 @@ def arch_shapes(src: Source) -> dict:
     """The shapes and constants the generated C needs, for either architecture."""
     c = src.config
     if src.arch == "llama":
-        return {"architecture": "llama", "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        return {"architecture": "llama", "model_architecture": src.model_arch, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
                 "num_layers": c.num_layers, "num_heads": c.num_heads, "num_kv_heads": c.num_kv_heads,
                 "head_dim": c.head_dim, "vocab_size": c.vocab_size, "eps": c.rms_norm_eps,
                 "max_positions": c.max_seq_len}
