@@ -79,7 +79,7 @@ def _is_decoder_source(spec: str) -> bool:
         return path.suffix.lower() == ".gguf"
     config = path / "config.json"
     try:
-        return json.loads(config.read_text()).get("model_type") in ("llama", "qwen2", "gpt2")
+        return json.loads(config.read_text()).get("model_type") in ("llama", "qwen2", "phi3", "gpt2")
     except (OSError, json.JSONDecodeError):
         return False
 

@@ -24,7 +24,7 @@ from .checkpoint import load_state_dict, read_config
 from .gpt2 import GPT2, GPT2Config
 from .llama import Llama, LlamaConfig
 
-HF_ARCHITECTURES = ("llama", "qwen2", "gpt2")
+HF_ARCHITECTURES = ("llama", "qwen2", "phi3", "gpt2")
 
 
 def load_decoder(spec: str | Path) -> tuple[torch.nn.Module, dict]:
@@ -104,14 +104,32 @@ def _from_folder(folder: Path, with_tokenizer: bool):
             f"{folder}: model_type '{arch}' is not a supported decoder; canao generates with {', '.join(HF_ARCHITECTURES)}"
         )
     try:
-        if arch in ("llama", "qwen2"):
-            model = Llama.from_state_dict(LlamaConfig.from_hf(config), load_state_dict(folder))
+        if arch in ("llama", "qwen2", "phi3"):
+            cfg = LlamaConfig.from_hf(config)
+            model = Llama.from_state_dict(cfg, unfuse_phi3(load_state_dict(folder), cfg) if arch == "phi3"
+                                          else load_state_dict(folder))
         else:
             model = GPT2.from_state_dict(GPT2Config.from_hf(config), load_state_dict(folder), conv1d=True)
     except KeyError as exc:
         raise CanaoError(f"{folder / 'config.json'}: missing key {exc} for a {arch} model") from None
     tokenizer = BPETokenizer.from_folder(folder) if with_tokenizer else None
     return model, tokenizer, {"format": "hf", "architecture": arch, "name": folder.name, "weight_types": {}}
+
+
+def unfuse_phi3(state: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Phi-3's qkv_proj and gate_up_proj (gate rows first) as Llama's separate projections."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    out = {}
+    for name, t in state.items():
+        if name.endswith("self_attn.qkv_proj.weight"):
+            pre = name.removesuffix("qkv_proj.weight")
+            out.update({pre + "q_proj.weight": t[:q], pre + "k_proj.weight": t[q:q + kv], pre + "v_proj.weight": t[q + kv:]})
+        elif name.endswith("mlp.gate_up_proj.weight"):
+            pre = name.removesuffix("gate_up_proj.weight")
+            out.update({pre + "gate_proj.weight": t[:cfg.intermediate_size], pre + "up_proj.weight": t[cfg.intermediate_size:]})
+        else:
+            out[name] = t
+    return out
 
 
 __all__ = ["load_causal_lm", "load_decoder"]

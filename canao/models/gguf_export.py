@@ -1,10 +1,11 @@
-"""Write a Llama-family model (canao.models.llama.Llama as llama or qwen2) to a GGUF file in
+"""Write a Llama-family model (canao.models.llama.Llama as llama, qwen2 or phi3) to a GGUF file in
 llama.cpp's own layout, so llama.cpp, transformers' GGUF loader and canao all read it:
 
 - tensor names as llama.cpp's converter writes them (blk.N.attn_q.weight, ...);
 - for the llama architecture, the rows of Q and K permuted per head from HF's half-rotation
   order to llama.cpp's interleaved pairs (qwen2 files keep HF's order: llama.cpp rotates them
-  "NEOX" style);
+  "NEOX" style); phi3 files hold Q/K/V as one attn_qkv matrix and gate/up as one ffn_up (gate
+  rows first);
 - the hyper-parameters under <arch>.*, and the tokenizer's tokenizer.ggml.* fields copied
   from another GGUF file of the same vocabulary (e.g. SmolLM2's).
 
@@ -24,7 +25,7 @@ import numpy as np
 from ..errors import CanaoError
 from .llama import Llama
 
-ARCHS = ("llama", "qwen2")
+ARCHS = ("llama", "qwen2", "phi3")
 QTYPES = ("F32", "F16", "Q8_0", "Q4_1")
 
 
@@ -55,6 +56,10 @@ def _tensors(model: Llama, arch: str) -> dict[str, np.ndarray]:
             if arch == "llama" and theirs.startswith(("attn_q.", "attn_k.")):
                 t = permute(t, cfg.num_heads if theirs.startswith("attn_q.") else cfg.num_kv_heads)
             out[f"blk.{i}.{theirs}"] = t
+        if arch == "phi3":
+            b = f"blk.{i}."
+            out[b + "attn_qkv.weight"] = np.concatenate([out.pop(b + f"attn_{n}.weight") for n in "qkv"])
+            out[b + "ffn_up.weight"] = np.concatenate([out.pop(b + "ffn_gate.weight"), out.pop(b + "ffn_up.weight")])
     return out
 
 
@@ -75,6 +80,8 @@ def write_gguf(model: Llama, path: str | os.PathLike, arch: str = "llama", token
         raise CanaoError("a llama GGUF has no q/k/v-only biases; write this model as qwen2")
     if arch == "qwen2" and cfg.attention_bias:
         raise CanaoError("a qwen2 GGUF has no output-projection bias; write this model as llama")
+    if arch == "phi3" and (cfg.attention_bias or cfg.qkv_bias):
+        raise CanaoError("a phi3 GGUF has no attention biases; write this model as llama or qwen2")
     source = gguf.GGUFReader(str(resolve_model_path(tokenizer_from)))
     tokens = source.get_field("tokenizer.ggml.tokens")
     if tokens is None or len(tokens.data) != cfg.vocab_size:

@@ -21,10 +21,11 @@ from .limits import check_sizes
 # Tensor types we dequantize. The reference numpy kernels in `gguf.quants` cover more
 # (K-quants, IQ*), but these are the ones this project is tested on.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
-SUPPORTED_ARCHS = ("llama", "qwen2", "gpt2")
-# run by canao.models.llama.Llama: Qwen2 is Llama with biases on q, k and v, and no Q/K row
-# permutation in the file (llama.cpp rotates its heads in halves, "NEOX" style, as HF does)
-LLAMA_FAMILY = ("llama", "qwen2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "phi3", "gpt2")
+# run by canao.models.llama.Llama: Qwen2 is Llama with biases on q, k and v; Phi-3 is Llama with
+# Q/K/V in one matrix and gate/up in another. Neither permutes Q/K rows in the file (llama.cpp
+# rotates their heads in halves, "NEOX" style, as HF does).
+LLAMA_FAMILY = ("llama", "qwen2", "phi3")
 
 
 @dataclass
@@ -235,6 +236,13 @@ def llama_config(gf: GGUFFile):
         raise CanaoError(f"{gf.path}: RoPE scaling '{gf.get(f'{arch}.rope.scaling.type')}' is not supported")
     if gf.get(f"{arch}.expert_count"):
         raise CanaoError(f"{gf.path}: mixture-of-experts {arch} models are not supported")
+    if "rope_factors_long.weight" in gf.tensors:
+        raise CanaoError(f"{gf.path}: LongRoPE (rope_factors_long, the 128k Phi-3 variants) is not supported; "
+                         "use a 4k-context model")
+    context = int(gf.get(f"{arch}.context_length", 2048))
+    window = gf.get(f"{arch}.attention.sliding_window")
+    if window:  # Phi-3's window: full attention is the same while the sequence fits it
+        context = min(context, int(window) + 1)
     has_output = "output.weight" in gf.tensors
     biases = "blk.0.attn_q.bias" in gf.tensors
     vocab = gf.get(f"{arch}.vocab_size")
@@ -250,7 +258,7 @@ def llama_config(gf: GGUFFile):
         head_dim=head_dim,
         rms_norm_eps=float(gf.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(gf.get(f"{arch}.rope.freq_base", 10000.0)),
-        max_seq_len=int(gf.get(f"{arch}.context_length", 2048)),
+        max_seq_len=context,
         tie_embeddings=not has_output,
         attention_bias=biases and "blk.0.attn_output.bias" in gf.tensors,
         qkv_bias=biases and "blk.0.attn_output.bias" not in gf.tensors,
@@ -272,6 +280,19 @@ LLAMA_BLOCK_NAMES = {
 
 LLAMA_BIAS_NAMES = {"attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
                     "attn_v.bias": "self_attn.v_proj.bias", "attn_output.bias": "self_attn.o_proj.bias"}
+
+
+def file_rows(gf: GGUFFile, config, gguf_name: str) -> tuple[str, int, int | None]:
+    """Where the rows of a llama-style tensor name are in the file: (tensor, first row, end row or
+    None for all). Phi-3 files fuse Q/K/V (attn_qkv) and gate/up (ffn_up holds gate, then up)."""
+    if gf.architecture != "phi3" or gguf_name.split(".")[-2] not in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"):
+        return gguf_name, 0, None
+    block, part = gguf_name.rsplit(".", 2)[0], gguf_name.split(".")[-2]
+    q, kv, ffn = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, config.intermediate_size
+    spans = {"attn_q": ("attn_qkv", 0, q), "attn_k": ("attn_qkv", q, q + kv), "attn_v": ("attn_qkv", q + kv, q + 2 * kv),
+             "ffn_gate": ("ffn_up", 0, ffn), "ffn_up": ("ffn_up", ffn, 2 * ffn)}
+    fused, start, end = spans[part]
+    return f"{block}.{fused}.weight", start, end
 
 
 def permuted_heads(gf: GGUFFile, config, gguf_name: str) -> int:
@@ -296,7 +317,8 @@ def llama_state_dict(gf: GGUFFile, config) -> dict[str, torch.Tensor]:
         names.update((k, v) for k, v in LLAMA_BIAS_NAMES.items() if config.attention_bias or k != "attn_output.bias")
     for i in range(config.num_layers):
         for src, dst in names.items():
-            w = dequantize(gf, f"blk.{i}.{src}")
+            name, start, end = file_rows(gf, config, f"blk.{i}.{src}")
+            w = dequantize(gf, name)[start:end]
             heads = permuted_heads(gf, config, f"blk.{i}.{src}")
             state[f"layers.{i}.{dst}"] = reverse_permute(w, heads) if heads else w
     return state

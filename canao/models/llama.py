@@ -60,6 +60,12 @@ class LlamaConfig:
             raise CanaoError("config.json sets mlp_bias=true, which canao's Llama does not support")
         if cfg.get("use_sliding_window"):
             raise CanaoError("config.json sets use_sliding_window=true; canao runs full attention only")
+        if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+            raise CanaoError(f"partial rotary embedding (partial_rotary_factor {cfg['partial_rotary_factor']}) is not supported")
+        context = cfg.get("max_position_embeddings", 2048)
+        if cfg.get("model_type") == "phi3" and cfg.get("sliding_window"):
+            # Phi-3 attends within a window: full attention is the same while the sequence fits it
+            context = min(context, int(cfg["sliding_window"]) + 1)
         heads = cfg["num_attention_heads"]
         return cls(
             vocab_size=cfg["vocab_size"],
@@ -71,7 +77,7 @@ class LlamaConfig:
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            max_seq_len=context,
             tie_embeddings=cfg.get("tie_word_embeddings", True),
             attention_bias=cfg.get("attention_bias", False),
             qkv_bias=cfg.get("model_type") == "qwen2",

@@ -68,10 +68,10 @@ class Source:
 
         model, info = load_decoder(path)
         self.model_arch = info.get("architecture")
-        # the kernels' family: Llama's blocks (Qwen2 is Llama with q/k/v biases), or GPT-2's
+        # the kernels' family: Llama's blocks (Qwen2, Phi-3 are Llama as far as they go), or GPT-2's
         self.arch = "llama" if self.model_arch in gguf_loader.LLAMA_FAMILY else self.model_arch
         if self.arch not in ("llama", "gpt2"):
-            raise CanaoError(f"{path}: canao compiles llama, qwen2 and gpt2 decoders; this is '{self.model_arch}'")
+            raise CanaoError(f"{path}: canao compiles llama, qwen2, phi3 and gpt2 decoders; this is '{self.model_arch}'")
         self.config = model.config
         self.state = {k: v.detach().float() for k, v in model.state_dict().items()}
 
@@ -88,15 +88,18 @@ class Source:
 
         raw = None
         if self.gguf is not None:
+            gguf_name, start, end = gguf_loader.file_rows(self.gguf, self.config, gguf_name)  # Phi-3: rows of a fused one
             t = self.gguf.tensors.get(gguf_name)
             if t is None:
-                raise CanaoError(f"{self.path}: tensor '{gguf_name}' is missing; the file is not a complete llama model")
+                raise CanaoError(f"{self.path}: tensor '{gguf_name}' is missing; the file is not a complete "
+                                 f"{self.model_arch} model")
             if t.tensor_type.name == fmt and fmt != "F32":
-                raw = np.asarray(t.data, dtype=np.uint8).reshape(int(t.shape[1]), -1)
+                raw = np.asarray(t.data, dtype=np.uint8).reshape(int(t.shape[1]), -1)[start:end]
         if raw is not None:
             rows = raw
         else:
-            dense = self.state[name].numpy() if self.gguf is None else gguf_loader.dequantize(self.gguf, gguf_name).numpy()
+            dense = self.state[name].numpy() if self.gguf is None else \
+                gguf_loader.dequantize(self.gguf, gguf_name).numpy()[start:end]
             if self.gguf is not None and permute_heads:
                 dense = gguf_loader.reverse_permute(torch.from_numpy(dense), permute_heads).numpy()
                 permute_heads = 0  # done

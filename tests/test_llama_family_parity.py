@@ -1,6 +1,7 @@
-"""Qwen2 (Llama with q/k/v biases, no Q/K permutation in GGUF) end to end, against transformers.
+"""Qwen2 (Llama with q/k/v biases) and Phi-3 (Llama with fused Q/K/V and gate/up matrices), neither
+with llama's Q/K row permutation in GGUF, end to end against transformers.
 
-A small random Qwen2ForCausalLM (and a Llama for the writer's Q/K permutation) from transformers
+A small random Qwen2ForCausalLM / Phi3ForCausalLM (and a Llama for the writer's Q/K permutation)
 is saved as a HF folder, loaded by canao, written to GGUF by canao's writer, read back by
 transformers' own GGUF loader (so the file follows llama.cpp's layout, not only ours), then
 loaded and compiled by canao from that GGUF; every path's logits are checked against transformers.
@@ -28,6 +29,10 @@ def _hf_model(arch: str):
     if arch == "qwen2":
         cfg = transformers.Qwen2Config(**common, rope_theta=1e6, tie_word_embeddings=True)
         model = transformers.Qwen2ForCausalLM(cfg)
+    elif arch == "phi3":
+        cfg = transformers.Phi3Config(**common, rope_theta=1e4, tie_word_embeddings=False, sliding_window=95,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        model = transformers.Phi3ForCausalLM(cfg)
     else:
         cfg = transformers.LlamaConfig(**common, rope_theta=1e4, tie_word_embeddings=False)
         model = transformers.LlamaForCausalLM(cfg)
@@ -38,7 +43,7 @@ def _hf_model(arch: str):
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=["qwen2", "llama"])
+@pytest.fixture(scope="module", params=["qwen2", "phi3", "llama"])
 def models(request, tmp_path_factory):
     arch = request.param
     hf = _hf_model(arch)
@@ -76,6 +81,8 @@ def test_gguf_loads_with_config_and_tokenizer(models):
     model, tok, info = load_causal_lm(gguf_path)
     assert info["architecture"] == arch and info["config"]["qkv_bias"] == (arch == "qwen2")
     assert info["config"]["rope_theta"] == (1e6 if arch == "qwen2" else 1e4)
+    # Phi-3's sliding window (95) bounds the context: full attention equals it up to 96 tokens
+    assert info["context_length"] == (96 if arch == "phi3" else 128)
     assert tok.encode("Once upon a time")[:2] == IDS[:2]
     np.testing.assert_allclose(_ours(model, IDS), ref, atol=2e-4)
 
@@ -98,17 +105,18 @@ def test_compiled_from_gguf_matches_transformers(models, tmp_path):
     # and they are the blocks the compiler's own quantizer made from the fp32 file
     q8_file = write_gguf(load_decoder(gguf_path)[0], tmp_path / "q8.gguf", arch=arch, qtype="Q8_0")
     summary = compile_decoder(str(q8_file), tmp_path / "q8-raw", precision="q8_0", max_seq=64)
-    assert summary["weights"]["copied_from_source"] == 2 * 7 + 1 + (arch == "llama")  # + untied output
+    assert summary["weights"]["copied_from_source"] == 2 * 7 + 1 + (arch != "qwen2")  # + untied output
     raw = CompiledDecoder(summary["artifact"], threads=1)
     np.testing.assert_array_equal(np.stack([raw.forward([t], i).copy() for i, t in enumerate(IDS)]), got)
 
 
 def test_writer_refuses_what_the_format_cannot_hold(models, tmp_path):
     arch, _, _, ours, _, _ = models
-    other = "llama" if arch == "qwen2" else "qwen2"
     if arch == "qwen2":
         with pytest.raises(CanaoError, match="write this model as qwen2"):
-            write_gguf(ours, tmp_path / "x.gguf", arch=other)
+            write_gguf(ours, tmp_path / "x.gguf", arch="llama")
+        with pytest.raises(CanaoError, match="a phi3 GGUF has no attention biases"):
+            write_gguf(ours, tmp_path / "x.gguf", arch="phi3")
     with pytest.raises(CanaoError, match="cannot write GGUF architecture 'gemma'"):
         write_gguf(ours, tmp_path / "x.gguf", arch="gemma")
     assert not list(tmp_path.iterdir())
