@@ -61,11 +61,13 @@ class Generator:
         self.info = info or {}
 
     @classmethod
-    def load(cls, model_spec: str, threads: int | None = None, dtype: str = "float32") -> "Generator":
+    def load(cls, model_spec: str, threads: int | None = None, dtype: str = "float32", slots: int = 1) -> "Generator":
         """A GGUF file, a HF folder (llama / gpt2) or a built-in name such as 'smollm2'.
 
         dtype 'bfloat16' halves the weight bytes read per token (decode is memory-bound on small
-        CPUs) at a small accuracy cost; 'float32' is the reference path."""
+        CPUs) at a small accuracy cost; 'float32' is the reference path. slots > 1 (a compiled
+        decoder only): that many generations may run at once, from as many threads, their decode
+        steps batched (canao.apps.slots)."""
         if threads is not None:
             if threads < 1:
                 raise CanaoError(f"threads must be at least 1, got {threads}")
@@ -75,7 +77,21 @@ class Generator:
         model, tokenizer, info = load_causal_lm(model_spec, threads=threads)
         model.to(DTYPES[dtype])
         info["dtype"] = dtype
+        if slots > 1:
+            from ..compiler.decoder.runtime import CompiledCausalLM
+            from .slots import SlotLM
+
+            if not isinstance(model, CompiledCausalLM):
+                raise CanaoError(f"{slots} concurrent generations need a compiled decoder (canao compile "
+                                 f"--model {model_spec}); a PyTorch model runs one at a time")
+            model = SlotLM(model.decoder, slots)
+        info["slots"] = max(1, slots)
         return cls(model, tokenizer, info)
+
+    @property
+    def slots(self) -> int:
+        """How many generations may run at once (from as many threads)."""
+        return getattr(self.model, "slots", 1)
 
     @property
     def context_length(self) -> int:
@@ -176,10 +192,10 @@ class Generator:
         cache = self.model.new_cache(max_len=len(ids) + budget)
         rng = torch.Generator().manual_seed(int(seed))
         c_state = [int(seed) * 0x9E3779B97F4A7C15 % (1 << 64) or 1]  # a compiled model samples in C
-        logits = self.model(torch.tensor([ids]), cache, 0, last_only=True)[0, -1]
-        pos = len(ids)
         run.stop_reason = "length" if budget == max_new_tokens else "context"
         try:
+            logits = self.model(torch.tensor([ids]), cache, 0, last_only=True)[0, -1]
+            pos = len(ids)
             for _ in range(budget):
                 if hasattr(self.model, "sample_next"):  # compiled: the logits never leave C
                     token = self.model.sample_next(temperature, top_k, top_p, c_state)
@@ -204,6 +220,8 @@ class Generator:
                 run.decode_s += run.end - step_start
         finally:
             run.end = time.perf_counter()
+            if hasattr(cache, "close"):  # a SlotLM's slot goes back to the other generations
+                cache.close()
 
 
 def _check_settings(max_new_tokens, temperature, top_k, top_p) -> None:

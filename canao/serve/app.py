@@ -423,8 +423,9 @@ def create_app(
             if kind == "qa" and callable(getattr(model, "answer_batch", None)):
                 shared[id(model)] = BatchingWorker(kind, key, model, limits.max_queue, limits.max_wait_s,
                                                    limits.max_batch, lambda n, k=key: metrics.batch.labels(k).observe(n))
-            else:
-                shared[id(model)] = ModelWorker(kind, key, model, limits.max_queue, limits.max_wait_s)
+            else:  # a generator with slots runs that many generations at once, batching their steps
+                shared[id(model)] = ModelWorker(kind, key, model, limits.max_queue, limits.max_wait_s,
+                                                concurrency=getattr(model, "slots", 1) if kind == "lm" else 1)
         return shared[id(model)]
 
     qa = {k: worker("qa", k, m) for k, m in _name_models(qa_models, "qa").items()}

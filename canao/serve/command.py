@@ -44,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(seconds)")
     p.add_argument("--max-batch", type=int, default=Limits.max_batch,
                    help="the most QA requests answered together in one batch")
+    p.add_argument("--lm-slots", type=int, default=4,
+                   help="generations a compiled decoder runs at once, each with its own KV cache, their decode "
+                        "steps batched (default 4; PyTorch models run one at a time)")
     p.add_argument("--request-timeout", type=float, default=Limits.max_request_s,
                    help="seconds after which a generation still running is stopped (504 / an error event)")
     p.add_argument("--api-key", default=None,
@@ -69,8 +72,10 @@ def _unique(name: str, taken: dict) -> str:
     return out
 
 
-def load_models(qa_specs: list[str], lm_specs: list[str], threads: int | None = None, quiet: bool = False):
-    """Load every model once (each load warms up); returns ({id: QAPipeline}, {id: Generator})."""
+def load_models(qa_specs: list[str], lm_specs: list[str], threads: int | None = None, quiet: bool = False,
+                lm_slots: int = 1):
+    """Load every model once (each load warms up); returns ({id: QAPipeline}, {id: Generator}).
+    lm_slots: concurrent generations of each compiled decoder (PyTorch models: one)."""
 
     def say(msg: str) -> None:
         if not quiet:
@@ -89,11 +94,14 @@ def load_models(qa_specs: list[str], lm_specs: list[str], threads: int | None = 
             say(f"canao serve: QA model '{key}' loaded from {path} in {time.perf_counter() - t0:.1f} s")
     if lm_specs:
         from ..apps.generate import Generator
+        from ..compiler.decoder.runtime import is_decoder_artifact
+        from ..paths import resolve_model_path
 
         for spec in lm_specs:
             name, path = split_spec(spec)
             t0 = time.perf_counter()
-            model = Generator.load(path, threads=threads)
+            compiled = is_decoder_artifact(resolve_model_path(path))
+            model = Generator.load(path, threads=threads, slots=lm_slots if compiled else 1)
             key = _unique(name or Path(path.rstrip("/")).name.removesuffix(".gguf") or "lm", lm)
             lm[key] = model
             say(f"canao serve: generation model '{key}' loaded from {path} in {time.perf_counter() - t0:.1f} s")
@@ -153,8 +161,9 @@ def cmd_serve(args) -> dict:
         raise CanaoError(f"--port {args.port} is not a TCP port (0-65535)")
     if args.max_queue < 0 or args.max_new_tokens < 1 or args.max_context_chars < 1:
         raise CanaoError("--max-queue must be >= 0, --max-new-tokens and --max-context-chars >= 1")
-    if not args.request_timeout > 0 or not args.max_wait > 0 or args.max_batch < 1:
-        raise CanaoError("--request-timeout and --max-wait must be above 0 seconds, --max-batch at least 1")
+    if not args.request_timeout > 0 or not args.max_wait > 0 or args.max_batch < 1 or args.lm_slots < 1:
+        raise CanaoError("--request-timeout and --max-wait must be above 0 seconds, --max-batch and --lm-slots at "
+                         "least 1")
     try:
         import uvicorn
     except ImportError:
@@ -177,7 +186,7 @@ def cmd_serve(args) -> dict:
 
     def load() -> None:
         try:
-            qa, lm = load_models(args.qa_model, args.lm_model, threads=args.threads)
+            qa, lm = load_models(args.qa_model, args.lm_model, threads=args.threads, lm_slots=args.lm_slots)
             front.app = create_app(qa, lm, limits, allowed_hosts=allowed, api_key=api_key)
             loaded.update(qa=list(qa), lm=list(lm))
             print("canao serve: ready", file=sys.stderr, flush=True)

@@ -1,7 +1,14 @@
-"""A bounded load test of a running `canao serve`: N QA requests from C concurrent clients.
+"""A bounded load test of a running `canao serve`: N QA requests from C concurrent clients, or C
+concurrent generations (--generate).
 
     canao serve --qa-model teacher=../shared/models/minilm-l6-h384-squad --threads 1 --max-queue 4 &
     python -m canao.serve.loadtest --url http://127.0.0.1:8000 --requests 200 --clients 8 --json
+    python -m canao.serve.loadtest --url http://127.0.0.1:8000 --generate --clients 4 --max-tokens 64 --json
+
+Generation: each prompt is first generated alone (greedy: the reference text and one stream's
+tokens/s, prefill included), then the clients generate together, one prompt each; a
+generation is `ok` when its text equals the reference. The aggregate rate (all tokens / wall
+time) over one stream's rate says how much the server's concurrent slots add.
 
 Each client keeps one connection and sends its requests one after another. A
 response counts as `ok` when it is 200 and gives the same answer span as the
@@ -171,6 +178,65 @@ def run_load(url: str, cases=None, requests: int = 200, clients: int = 8, model:
     }
 
 
+PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle gear works.",
+           "List three facts about the moon.", "Describe the smell of rain in a city.",
+           "What makes a good cup of tea?", "Give advice to someone learning to swim."]
+
+
+def run_generation_load(url: str, prompts=None, clients: int = 4, max_tokens: int = 64, model: str | None = None,
+                        timeout: float = 300.0) -> dict:
+    """`clients` concurrent greedy generations (POST /v1/completions), after each prompt alone."""
+    prompts = list(prompts or PROMPTS)
+    url = url.rstrip("/")
+
+    def body(prompt):
+        return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **({"model": model} if model else {})}
+
+    def ask(client, prompt) -> dict:
+        t0 = time.perf_counter()
+        try:
+            status, payload, _ = client.post("/v1/completions", body(prompt))
+        except Exception as exc:  # noqa: BLE001 - a failed request is a result here
+            status, payload = -1, {"_exception": repr(exc)}
+        s = time.perf_counter() - t0
+        ok = status == 200 and payload.get("choices")
+        return {"status": status, "s": s, "text": payload["choices"][0]["text"] if ok else None,
+                "tokens": payload["usage"]["completion_tokens"] if ok else 0, **({} if ok else {"payload": payload})}
+
+    alone_client = _Client(url, timeout)
+    ask(alone_client, prompts[0])  # warm-up
+    alone = [ask(alone_client, prompts[i % len(prompts)]) for i in range(clients)]
+    alone_client.close()
+    results: list = [None] * clients
+
+    def worker(i: int) -> None:
+        client = _Client(url, timeout)
+        try:
+            results[i] = ask(client, prompts[i % len(prompts)])
+        finally:
+            client.close()
+
+    t_start = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,), name=f"gen-client-{i}") for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t_start
+    single = sum(a["tokens"] for a in alone) / sum(a["s"] for a in alone)
+    aggregate = sum(r["tokens"] for r in results) / wall
+    ok = [r["status"] == 200 and r["text"] == a["text"] for r, a in zip(results, alone)]
+    return {
+        "url": url, "clients": clients, "max_tokens": max_tokens, "ok": sum(ok), "bad": len(ok) - sum(ok),
+        "wall_s": wall, "tokens": sum(r["tokens"] for r in results), "alone_tokens": sum(a["tokens"] for a in alone),
+        "single_stream_tokens_per_s": single, "aggregate_tokens_per_s": aggregate,
+        "aggregate_over_single": aggregate / single if single else None,
+        "p50_s": percentile([r["s"] for r in results], 50), "max_s": max(r["s"] for r in results),
+        "failures": [{"client": i, **{k: v for k, v in r.items() if k != "text"}, "text": r["text"],
+                      "alone": a["text"]} for i, (r, a, good) in enumerate(zip(results, alone, ok)) if not good],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m canao.serve.loadtest", description=__doc__.splitlines()[0])
     ap.add_argument("--url", default="http://127.0.0.1:8000")
@@ -178,8 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", "-c", type=int, default=8)
     ap.add_argument("--model", help="QA model id (default: the server's first)")
     ap.add_argument("--backoff", type=float, default=0.2, help="seconds a client waits after a 503 busy")
+    ap.add_argument("--generate", action="store_true", help="concurrent generations instead of QA requests")
+    ap.add_argument("--max-tokens", type=int, default=64, help="tokens per generation (--generate)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
+    if args.generate:
+        result = run_generation_load(args.url, clients=args.clients, max_tokens=args.max_tokens, model=args.model)
+        print(json.dumps(result) if args.json else
+              f"{result['clients']} concurrent generations: {result['ok']} ok, {result['bad']} bad; aggregate "
+              f"{result['aggregate_tokens_per_s']:.1f} tokens/s = {result['aggregate_over_single']:.2f}x one stream's "
+              f"{result['single_stream_tokens_per_s']:.1f}")
+        return 0 if result["bad"] == 0 else 1
     result = run_load(args.url, requests=args.requests, clients=args.clients, model=args.model, backoff=args.backoff)
     if args.json:
         print(json.dumps(result))

@@ -7,6 +7,8 @@
     canao_generated_tokens_total{model}            tokens generated
     canao_decode_tokens_per_second{model}          each generation's decode rate
     canao_batch_size{model}                        QA requests answered together (dynamic batching)
+    canao_decode_steps_total{model}                batched decode steps of a generator with slots
+    canao_decode_step_tokens_total{model}          sequences those steps advanced (/ steps: the mean batch)
 """
 
 from __future__ import annotations
@@ -31,12 +33,20 @@ class _Workers:
     def collect(self):
         depth = GaugeMetricFamily("canao_queue_depth", "calls running or waiting per model", labels=["kind", "model"])
         calls = CounterMetricFamily("canao_model_calls", "model calls by outcome", labels=["kind", "model", "outcome"])
+        steps = CounterMetricFamily("canao_decode_steps", "batched decode steps (generators with slots)", labels=["model"])
+        stepped = CounterMetricFamily("canao_decode_step_tokens", "sequences advanced by those steps", labels=["model"])
         for w in self.workers:
             depth.add_metric([w.kind, w.id], w.load)
             for outcome, n in (("served", w.served), ("rejected", w.rejected), ("cancelled", w.cancelled)):
                 calls.add_metric([w.kind, w.id, outcome], n)
+            batcher = getattr(getattr(w.model, "model", None), "batcher", None)  # Generator -> SlotLM
+            if batcher is not None:
+                steps.add_metric([w.id], batcher.steps)
+                stepped.add_metric([w.id], batcher.batched_tokens)
         yield depth
         yield calls
+        yield steps
+        yield stepped
 
 
 class ServerMetrics:

@@ -9,7 +9,9 @@ waiting), so memory stays bounded however many clients pile on, or when its
 estimated wait (calls ahead x the recent time per call) would exceed `max_wait_s`.
 
 QA models that answer batches (`answer_batch`) get a BatchingWorker: the requests
-that queue up while one batch computes run together as the next batch.
+that queue up while one batch computes run together as the next batch. A generator
+with several slots (`slots` > 1: a compiled decoder that batches the decode steps of
+concurrent generations itself) gets that many worker threads and no lock.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import inspect
 import math
 import threading
@@ -38,15 +41,18 @@ class Cancelled(Exception):
 
 
 class ModelWorker:
-    def __init__(self, kind: str, model_id: str, model: Any, max_queue: int, max_wait_s: float | None = None):
+    def __init__(self, kind: str, model_id: str, model: Any, max_queue: int, max_wait_s: float | None = None,
+                 concurrency: int = 1):
         self.kind, self.id, self.model = kind, model_id, model
-        self.capacity = 1 + max(0, int(max_queue))
+        self.concurrency = max(1, int(concurrency))  # calls the model runs at once (its slots)
+        self.capacity = self.concurrency + max(0, int(max_queue))
         self.max_wait_s = max_wait_s
         self.call_s = 0.0  # recent time per call (exponential average), for the wait estimate
-        self.lock = threading.Lock()  # held while the model computes
+        # held while the model computes; a model with slots keeps its own order
+        self.lock = threading.Lock() if self.concurrency == 1 else contextlib.nullcontext()
         self._count_lock = threading.Lock()
         self._admitted = 0  # calls running or waiting
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"canao-{kind}-{model_id}")
+        self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix=f"canao-{kind}-{model_id}")
         self.served = 0  # calls completed
         self.rejected = 0  # turned away busy
         self.cancelled = 0  # stopped because the client left
@@ -56,7 +62,8 @@ class ModelWorker:
         return self._admitted
 
     def expected_wait_s(self) -> float:
-        return self._admitted * self.call_s
+        """Rounds of calls ahead of a new one (its slots run `concurrency` at once) x the recent time per call."""
+        return math.ceil(max(0, self._admitted - self.concurrency + 1) / self.concurrency) * self.call_s
 
     def admit(self) -> None:
         """Reserve a place in the queue, or raise Busy. Pair with `submit` (which releases it)."""

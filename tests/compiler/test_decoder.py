@@ -266,3 +266,29 @@ def test_perplexity_through_decode_steps(artifacts, data_dir):
     assert abs(steps["ppl"] - prompt["ppl"]) < 0.03 * prompt["ppl"]
     with pytest.raises(CanaoError, match="not one"):
         perplexity("smollm2", text, max_tokens=16, decode_steps=True)
+
+
+def test_batched_decode_of_four_sequences_equals_each_alone(artifacts):
+    """Slots: four sequences, each in a KV cache of its own, decode in one batch per step; every
+    sequence gets the logits it gets alone (the batch only shares the reading of the weights)."""
+    prompts = [[1, 9690, 198, 2683, 314, 253, 1646, 282, 253], [6403, 1980, 253], [28, 665, 4161], [504, 2798]]
+    alone = CompiledDecoder(artifacts["q4_1"]["artifact"], threads=1)
+    ref = []
+    for p in prompts:
+        logits, pos, seq = alone.forward(p, 0), len(p), []
+        for _ in range(5):
+            seq.append(logits.copy())
+            logits = alone.forward([int(logits.argmax())], pos)
+            pos += 1
+        ref.append(seq)
+    batched = CompiledDecoder(artifacts["q4_1"]["artifact"], threads=2)
+    batched.set_slots(4)
+    nxt = [batched.forward(p, 0, slot=s).copy() for s, p in enumerate(prompts)]
+    pos = [len(p) for p in prompts]
+    for step in range(5):
+        for s in range(4):
+            np.testing.assert_array_equal(nxt[s], ref[s][step])
+        nxt = list(batched.forward_batch([int(x.argmax()) for x in nxt], [0, 1, 2, 3], pos))
+        pos = [p + 1 for p in pos]
+    with pytest.raises(CanaoError, match="sequence slot 4 does not exist"):
+        batched.forward_batch([1], [4], [0])

@@ -1,4 +1,5 @@
-"""Bounded load: 200 QA requests from 8 concurrent clients against a real `canao serve` on 127.0.0.1.
+"""Bounded load: 200 QA requests from 8 concurrent clients against a real `canao serve` on 127.0.0.1,
+and 4 concurrent generations on a compiled decoder with 4 slots.
 
 The server runs as its own process, started through the command line exactly as a
 user would (`python -m canao.cli serve ...`), with a short queue (--max-queue 4) so
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from canao.serve.loadtest import CASES, run_load
+from canao.serve.loadtest import CASES, run_generation_load, run_load
 
 REQUESTS, CLIENTS, MAX_QUEUE = 200, 8, 4
 
@@ -49,12 +50,10 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None
     raise RuntimeError("canao serve did not come up in time")
 
 
-@pytest.fixture(scope="module")
-def server(teacher_dir, tmp_path_factory):
+def _serve(tmp_path_factory, *args):
     port = _free_port()
     log = open(tmp_path_factory.mktemp("serve") / "stderr.log", "w+")
-    cmd = [sys.executable, "-m", "canao.cli", "serve", "--qa-model", f"teacher={teacher_dir}",
-           "--host", "127.0.0.1", "--port", str(port), "--threads", "1", "--max-queue", str(MAX_QUEUE),
+    cmd = [sys.executable, "-m", "canao.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning", "--json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
                             cwd=Path(__file__).resolve().parents[2])
@@ -72,6 +71,21 @@ def server(teacher_dir, tmp_path_factory):
                 proc.kill()
                 proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(teacher_dir, tmp_path_factory):
+    yield from _serve(tmp_path_factory, "--qa-model", f"teacher={teacher_dir}", "--threads", "1",
+                      "--max-queue", str(MAX_QUEUE))
+
+
+@pytest.fixture(scope="module")
+def lm_server(tmp_path_factory):
+    from canao.compiler.decoder import compile_decoder
+
+    folder = compile_decoder("smollm2", tmp_path_factory.mktemp("smol") / "q4_1", precision="q4_1", max_seq=256)
+    yield from _serve(tmp_path_factory, "--lm-model", f"smol={folder['artifact']}", "--lm-slots", "4",
+                      "--threads", "2")
 
 
 def test_load_correct_or_busy(server, qa_pipeline, tmp_path_factory, capsys):
@@ -109,3 +123,21 @@ def test_load_correct_or_busy(server, qa_pipeline, tmp_path_factory, capsys):
     assert proc.returncode == 0
     summary = json.loads(stdout)
     assert summary["url"] == url + "/" and summary["served"]["qa/teacher"] == result["ok"]
+
+
+def test_concurrent_generations_share_decode_steps(lm_server, capsys):
+    """4 clients generate at once on a compiled decoder with 4 slots: each gets the text its prompt gets
+    alone (greedy), and the server advanced them together (mean batch of its decode steps above 1)."""
+    url, _ = lm_server
+    result = run_generation_load(url, clients=4, max_tokens=24)
+    with capsys.disabled():
+        print(f"\ngeneration load: 4 clients, 24 tokens each: {result['ok']} ok, {result['bad']} bad; aggregate "
+              f"{result['aggregate_tokens_per_s']:.1f} tokens/s = {result['aggregate_over_single']:.2f}x one stream's "
+              f"{result['single_stream_tokens_per_s']:.1f}")
+    assert result["bad"] == 0 and result["ok"] == 4, result["failures"]
+    assert result["tokens"] == result["alone_tokens"] > 4  # the same lengths too (some end at EOS)
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as res:
+        text = res.read().decode()
+    counts = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(("canao_decode_steps_total", "canao_decode_step_tokens_total"))}
+    assert counts["canao_decode_step_tokens_total"] / counts["canao_decode_steps_total"] > 1.0, counts

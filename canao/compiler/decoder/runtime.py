@@ -34,6 +34,9 @@ class CompiledDecoder:
             raise CanaoError(f"{self.path} is an encoder artifact; use it with `canao qa`, not for generation")
         self.max_ctx = int(self.manifest["max_seq"])
         lib = self._lib = load_library(self.path)
+        if not hasattr(lib, "canao_lm_forward_slot"):
+            raise CanaoError(f"{self.path} was compiled by an older canao (no sequence slots); compile it again "
+                             "with `canao compile`")
         lib.canao_lm_open.restype = ctypes.c_void_p
         lib.canao_lm_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.canao_lm_forward.restype = ctypes.c_int
@@ -42,6 +45,14 @@ class CompiledDecoder:
         lib.canao_lm_forward_all.restype = ctypes.c_int
         lib.canao_lm_forward_all.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                              ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+        lib.canao_lm_forward_batch.restype = ctypes.c_int
+        lib.canao_lm_forward_batch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                               ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+        lib.canao_lm_forward_slot.restype = ctypes.c_int
+        lib.canao_lm_forward_slot.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                              ctypes.c_char_p, ctypes.c_int]
+        lib.canao_lm_set_slots.restype = ctypes.c_int
+        lib.canao_lm_set_slots.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.canao_lm_logits.restype = ctypes.POINTER(ctypes.c_float)
         lib.canao_lm_logits.argtypes = [ctypes.c_void_p]
         lib.canao_lm_sample.restype = ctypes.c_int
@@ -65,11 +76,12 @@ class CompiledDecoder:
         self.threads = threads
         self._lib.canao_lm_set_threads(self._handle, threads)
 
-    def forward(self, ids, pos: int) -> np.ndarray:
-        """Logits [vocab] of the last of `ids` (placed at positions pos..); valid until the next call."""
+    def forward(self, ids, pos: int, slot: int = 0) -> np.ndarray:
+        """Logits [vocab] of the last of `ids` (placed at positions pos.. of the sequence in `slot`); a
+        view valid until the next call."""
         arr = np.ascontiguousarray(np.asarray(ids, dtype=np.int32).reshape(-1))
         err = ctypes.create_string_buffer(_ERR)
-        if self._lib.canao_lm_forward(self._handle, arr.ctypes.data, len(arr), int(pos), err, _ERR) != 0:
+        if self._lib.canao_lm_forward_slot(self._handle, int(slot), arr.ctypes.data, len(arr), int(pos), err, _ERR) != 0:
             raise CanaoError(err.value.decode())
         return self._logits
 
@@ -80,6 +92,27 @@ class CompiledDecoder:
         err = ctypes.create_string_buffer(_ERR)
         if self._lib.canao_lm_forward_all(self._handle, arr.ctypes.data, len(arr), int(pos), out.ctypes.data,
                                           err, _ERR) != 0:
+            raise CanaoError(err.value.decode())
+        return out
+
+    def set_slots(self, slots: int) -> None:
+        """Caches for `slots` sequences (forgets every cached position); forward() uses slot 0."""
+        if slots < 1:
+            raise CanaoError(f"slots must be at least 1, got {slots}")
+        if self._lib.canao_lm_set_slots(self._handle, int(slots)) != 0:
+            raise CanaoError(f"out of memory reserving KV caches for {slots} sequences")
+        self.slots = slots
+
+    def forward_batch(self, ids, slots, positions) -> np.ndarray:
+        """Logits [n, vocab]: token i of sequence slots[i] at position positions[i], each sequence in a
+        cache of its own, all in one pass over the weights (a decode step of several sequences)."""
+        arrs = [np.ascontiguousarray(np.asarray(a, dtype=np.int32).reshape(-1)) for a in (ids, slots, positions)]
+        if not len(arrs[0]) == len(arrs[1]) == len(arrs[2]):
+            raise CanaoError("forward_batch needs one slot and one position per token")
+        out = np.empty((len(arrs[0]), self.vocab), np.float32)
+        err = ctypes.create_string_buffer(_ERR)
+        if self._lib.canao_lm_forward_batch(self._handle, *(a.ctypes.data for a in arrs), len(arrs[0]), out.ctypes.data,
+                                            err, _ERR) != 0:
             raise CanaoError(err.value.decode())
         return out
 

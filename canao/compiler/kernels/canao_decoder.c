@@ -74,17 +74,20 @@ struct canao_lm {
     const char *W;
     int threads;
     pool_t *pool;
-    float *kcache, *vcache;      /* [layer][kv_head][MAX_CTX][HEAD_DIM] */
+    float *kcache, *vcache;      /* [slot][layer][kv_head][MAX_CTX][HEAD_DIM] */
+    int slots;                   /* sequences with a cache of their own (canao_lm_set_slots) */
     int cap;                     /* tokens the activation buffers hold */
+    int *tok_slot, *tok_pos;     /* the sequence and position of each token of the current forward */
     float *x, *xn, *qkv, *att, *hid, *tmp;
-    int8_t *xq;                  /* quantized GEMV input */
-    float *xd, *xs;
+    int8_t *xq;                  /* quantized GEMV input: GEMV_TOKENS rows of KMAX */
+    float *xd, *xs;              /* their block scales (GEMV_TOKENS rows of KMAX / QK) */
     float *scratch;              /* per thread: a weight panel + attention scores */
     float *logits;
     /* the current task's arguments */
     const void *w;
     const float *bias;           /* per output row, or NULL */
-    int wtype, k, rows, n, pos, layer, mode;
+    int wtype, k, rows, n, layer, mode;
+    int gemv;                    /* this forward's matrices run as GEMVs (a decode step of 1..GEMV_TOKENS sequences) */
     long chunks, chunks_per_item; /* a decode GEMV's chunks, and how many one claimed item runs */
     const float *in;
     float *out;
@@ -192,27 +195,33 @@ static inline float act_gelu(float x) { return GELU_TANH ? gelu_tanh(x) : gelu_e
 
 #define SCRATCH_FLOATS ((long)NR * (FFN > DIM ? FFN : DIM) + MAX_CTX + 64)
 
-/* A chunk is NR rows (EPI_SWIGLU: NR gate rows followed by NR up rows, giving NR outputs). */
+#define KMAX (FFN > DIM ? FFN : DIM)
+
+/* A chunk is NR rows (EPI_SWIGLU: NR gate rows followed by NR up rows, giving NR outputs), for
+ * each of the m->n (<= GEMV_TOKENS) tokens: a decode step, or one step of several sequences. */
 static void gemv_chunk(struct canao_lm *m, int tid, long chunk) {
     (void)tid;
-    const int k = m->k, nb = k / QK;
+    const int k = m->k, nb = k / QK, n = m->n;
     const long rb = row_bytes(m->wtype, k);
     const int span = m->mode == EPI_SWIGLU ? 2 * NR : NR;
     const int r0 = (int)chunk * span;
-    float y[2 * NR];
+    float y[2 * NR][GEMV_TOKENS];
     const int nrows = m->rows - r0 < span ? m->rows - r0 : span;
     for (int r = 0; r < nrows; r++) {
         const uint8_t *w = (const uint8_t *)m->w + (long)(r0 + r) * rb;
-        y[r] = m->wtype == WT_Q4_1 ? dot_q4_1(w, m->xq, m->xd, m->xs, nb)
-             : m->wtype == WT_Q8_0 ? dot_q8_0(w, m->xq, m->xd, nb)
-                                   : dot_f32((const float *)w, m->in, k);
+        if (m->wtype == WT_Q4_1) dot_q4_1_n(w, m->xq, m->xd, m->xs, nb, n, KMAX, KMAX / QK, y[r]);
+        else if (m->wtype == WT_Q8_0) dot_q8_0_n(w, m->xq, m->xd, nb, n, KMAX, KMAX / QK, y[r]);
+        else for (int t = 0; t < n; t++) y[r][t] = dot_f32((const float *)w, m->in + (long)t * k, k);
     }
-    if (m->bias && m->mode != EPI_SWIGLU)
-        for (int r = 0; r < nrows; r++) y[r] += m->bias[r0 + r];
-    if (m->mode == EPI_STORE) memcpy(m->out + r0, y, nrows * sizeof(float));
-    else if (m->mode == EPI_ADD) for (int r = 0; r < nrows; r++) m->out[r0 + r] += y[r];
-    else if (m->mode == EPI_GELU) for (int r = 0; r < nrows; r++) m->out[r0 + r] = act_gelu(y[r]);
-    else for (int r = 0; r < nrows / 2; r++) m->out[chunk * NR + r] = silu(y[r]) * y[NR + r];
+    for (int t = 0; t < n; t++) {
+        if (m->bias && m->mode != EPI_SWIGLU)
+            for (int r = 0; r < nrows; r++) y[r][t] += m->bias[r0 + r];
+        float *out = m->out + (long)t * (m->mode == EPI_SWIGLU ? m->rows / 2 : m->rows);
+        if (m->mode == EPI_STORE) for (int r = 0; r < nrows; r++) out[r0 + r] = y[r][t];
+        else if (m->mode == EPI_ADD) for (int r = 0; r < nrows; r++) out[r0 + r] += y[r][t];
+        else if (m->mode == EPI_GELU) for (int r = 0; r < nrows; r++) out[r0 + r] = act_gelu(y[r][t]);
+        else for (int r = 0; r < nrows / 2; r++) out[chunk * NR + r] = silu(y[r][t]) * y[NR + r][t];
+    }
 }
 
 /* A decode GEMV item is a contiguous run of chunks: each thread streams its own part of the
@@ -268,8 +277,11 @@ static void matmul(struct canao_lm *m, const void *w, const float *bias, int wty
     m->mode = mode;
     const int span = mode == EPI_SWIGLU ? 2 * NR : NR;
     const long chunks = (rows + span - 1) / span;
-    if (m->n == 1) {
-        if (wtype != WT_F32) quantize_row_q8(in, k, m->xq, m->xd, m->xs);
+    if (m->gemv) {  /* weight rows streamed once, dotted with each token's int8 activations */
+        if (wtype != WT_F32)
+            for (int t = 0; t < m->n; t++)
+                quantize_row_q8(in + (long)t * k, k, m->xq + (long)t * KMAX, m->xd + (long)t * (KMAX / QK),
+                                m->xs + (long)t * (KMAX / QK));
         /* a few items per thread: balance if one thread is late, without a claim per chunk */
         long items = (long)m->threads * gemv_items_per_thread;
         if (items > chunks) items = chunks;
@@ -283,10 +295,16 @@ static void matmul(struct canao_lm *m, const void *w, const float *bias, int wty
 
 /* ---- attention over the cache ------------------------------------------------------- */
 
+#define SLOT_FLOATS ((long)N_LAYER * N_KV * MAX_CTX * HEAD_DIM)
+
+static long cache_at(int slot, int layer, int kvh, long pos) {
+    return slot * SLOT_FLOATS + (((long)layer * N_KV + kvh) * MAX_CTX + pos) * HEAD_DIM;
+}
+
 static void attention_item(struct canao_lm *m, int tid, long item) {
     const int t = (int)(item / N_HEAD), h = (int)(item % N_HEAD), kvh = h / (N_HEAD / N_KV);
-    const int len = m->pos + t + 1;  /* causal: this query sees itself and everything before */
-    const long base = ((long)m->layer * N_KV + kvh) * MAX_CTX * HEAD_DIM;
+    const int len = m->tok_pos[t] + 1;  /* causal: this query sees itself and everything before */
+    const long base = cache_at(m->tok_slot[t], m->layer, kvh, 0);
     float *scores = m->scratch + (long)tid * SCRATCH_FLOATS + (long)NR * (FFN > DIM ? FFN : DIM);
     attend(m->qkv + (long)t * QKV_ROWS + h * HEAD_DIM, m->kcache + base, m->vcache + base, HEAD_DIM, len, HEAD_DIM,
            ATTN_SCALE, scores, m->att + (long)t * Q_ROWS + h * HEAD_DIM);
@@ -313,27 +331,51 @@ static int ensure_capacity(struct canao_lm *m, int n) {
         *bufs[i] = aligned_alloc(64, ((size_t)n * widths[i] * sizeof(float) + 63) / 64 * 64);
         if (!*bufs[i]) return -1;
     }
+    free(m->tok_slot);
+    free(m->tok_pos);
+    m->tok_slot = malloc(sizeof(int) * n);
+    m->tok_pos = malloc(sizeof(int) * n);
+    if (!m->tok_slot || !m->tok_pos) return -1;
     m->cap = n;
     return 0;
 }
 
-static int forward(canao_lm *m, const int32_t *tokens, int n, int pos, float *all_logits, char *err, int err_len) {
-    if (n < 1 || pos < 0 || pos + n > MAX_CTX) {
-        snprintf(err, err_len, "positions %d..%d exceed the artifact's context of %d tokens; recompile with a larger --max-seq",
-                 pos, pos + n - 1, MAX_CTX);
+/* n tokens, token t of sequence slots[t] at position positions[t] (NULL: sequence `slot`, at pos + t):
+ * a prompt is n tokens of one sequence, a batched decode step (batch) one token of each of n
+ * sequences. Every token's key and value enter the cache before attention, so a prompt's tokens
+ * see each other. */
+static int forward(canao_lm *m, const int32_t *tokens, int n, const int32_t *slots, const int32_t *positions, int slot,
+                   int pos, int batch, float *all_logits, char *err, int err_len) {
+    if (n < 1) {
+        snprintf(err, err_len, "no tokens to run");
         return -1;
     }
-    for (int t = 0; t < n; t++)
-        if (tokens[t] < 0 || tokens[t] >= VOCAB) {
-            snprintf(err, err_len, "token id %d is outside the vocabulary (0..%d)", tokens[t], VOCAB - 1);
-            return -1;
-        }
     if (ensure_capacity(m, n) != 0) {
         snprintf(err, err_len, "out of memory for %d tokens of activations", n);
         return -1;
     }
+    for (int t = 0; t < n; t++) {
+        const int s = slots ? slots[t] : slot, p = positions ? positions[t] : pos + t;
+        if (tokens[t] < 0 || tokens[t] >= VOCAB) {
+            snprintf(err, err_len, "token id %d is outside the vocabulary (0..%d)", tokens[t], VOCAB - 1);
+            return -1;
+        }
+        if (p < 0 || p >= MAX_CTX) {
+            snprintf(err, err_len, "position %d exceeds the artifact's context of %d tokens; recompile with a larger --max-seq",
+                     p, MAX_CTX);
+            return -1;
+        }
+        if (s < 0 || s >= m->slots) {
+            snprintf(err, err_len, "sequence slot %d does not exist (the model has %d; see canao_lm_set_slots)", s, m->slots);
+            return -1;
+        }
+        m->tok_slot[t] = s;
+        m->tok_pos[t] = p;
+    }
     m->n = n;
-    m->pos = pos;
+    /* decode steps stream the weights through int8 dot products; a prompt (several tokens of one
+     * sequence) runs the fp32 panel GEMM, which reuses each dequantized row for every token */
+    m->gemv = n == 1 || (batch && n <= GEMV_TOKENS);
     const long erb = row_bytes(E_TYPE, DIM);
     for (int t = 0; t < n; t++) {  /* embedding rows, dequantized */
         float row[DIM];
@@ -354,7 +396,7 @@ static int forward(canao_lm *m, const int32_t *tokens, int n, int pos, float *al
                 }
             }
         if (ARCH == ARCH_GPT2) {  /* learned absolute positions */
-            const float *wpe = (const float *)tensor(m, OFF_WPE) + (long)(pos + t) * DIM;
+            const float *wpe = (const float *)tensor(m, OFF_WPE) + (long)m->tok_pos[t] * DIM;
             for (int c = 0; c < DIM; c++) row[c] += wpe[c];
         }
         memcpy(m->x + (long)t * DIM, row, sizeof row);
@@ -367,11 +409,11 @@ static int forward(canao_lm *m, const int32_t *tokens, int n, int pos, float *al
         matmul(m, tensor(m, L->wqkv), tensor(m, L->bqkv), W_TYPE, DIM, QKV_ROWS, m->xn, m->qkv, EPI_STORE);
         for (int t = 0; t < n; t++) {  /* RoPE on q and k, then k and v into the cache */
             float *row = m->qkv + (long)t * QKV_ROWS;
-            const long p = pos + t;
+            const long p = m->tok_pos[t];
             for (int h = 0; h < N_HEAD + N_KV && ARCH == ARCH_LLAMA; h++)
                 rope_head(row + h * HEAD_DIM, cos_tab + p * (HEAD_DIM / 2), sin_tab + p * (HEAD_DIM / 2), HEAD_DIM / 2);
             for (int h = 0; h < N_KV; h++) {
-                const long at = (((long)l * N_KV + h) * MAX_CTX + p) * HEAD_DIM;
+                const long at = cache_at(m->tok_slot[t], l, h, p);
                 memcpy(m->kcache + at, row + Q_ROWS + h * HEAD_DIM, HEAD_DIM * sizeof(float));
                 memcpy(m->vcache + at, row + Q_ROWS + KV_ROWS + h * HEAD_DIM, HEAD_DIM * sizeof(float));
             }
@@ -392,16 +434,26 @@ static int forward(canao_lm *m, const int32_t *tokens, int n, int pos, float *al
     /* logits of the last token only: that is what generation samples from */
     norm_rows(m, m->x + (long)(n - 1) * DIM, OFF_OUT_NORM, OFF_OUT_NORM_B, m->xn, 1);
     m->n = 1;
+    m->gemv = 1;
     matmul(m, tensor(m, OFF_LM_HEAD), NULL, E_TYPE, DIM, VOCAB, m->xn, m->logits, EPI_STORE);
     return 0;
 }
 
 int canao_lm_forward(canao_lm *m, const int32_t *tokens, int n, int pos, char *err, int err_len) {
-    return forward(m, tokens, n, pos, NULL, err, err_len);
+    return forward(m, tokens, n, NULL, NULL, 0, pos, 0, NULL, err, err_len);
+}
+
+int canao_lm_forward_slot(canao_lm *m, int slot, const int32_t *tokens, int n, int pos, char *err, int err_len) {
+    return forward(m, tokens, n, NULL, NULL, slot, pos, 0, NULL, err, err_len);
 }
 
 int canao_lm_forward_all(canao_lm *m, const int32_t *tokens, int n, int pos, float *logits, char *err, int err_len) {
-    return forward(m, tokens, n, pos, logits, err, err_len);
+    return forward(m, tokens, n, NULL, NULL, 0, pos, 0, logits, err, err_len);
+}
+
+int canao_lm_forward_batch(canao_lm *m, const int32_t *tokens, const int32_t *slots, const int32_t *positions, int n,
+                           float *logits, char *err, int err_len) {
+    return forward(m, tokens, n, slots, positions, 0, 0, 1, logits, err, err_len);
 }
 
 const float *canao_lm_logits(canao_lm *m) { return m->logits; }
@@ -462,6 +514,19 @@ int canao_lm_sample(canao_lm *m, float temperature, int top_k, float top_p, uint
 
 /* ---- open / close ------------------------------------------------------------------- */
 
+int canao_lm_set_slots(canao_lm *m, int slots) {
+    if (slots < 1) return -1;
+    /* the caches are mapped, not touched: pages exist only for positions actually used */
+    const size_t bytes = (size_t)2 * slots * SLOT_FLOATS * sizeof(float);
+    void *cache = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (cache == MAP_FAILED) return -1;
+    if (m->kcache) munmap(m->kcache, (size_t)2 * m->slots * SLOT_FLOATS * sizeof(float));
+    m->slots = slots;
+    m->kcache = cache;
+    m->vcache = m->kcache + (size_t)slots * SLOT_FLOATS;
+    return 0;
+}
+
 int canao_lm_set_threads(canao_lm *m, int threads) {
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -480,7 +545,9 @@ void canao_lm_close(canao_lm *m) {
     float *bufs[] = {m->x, m->xn, m->qkv, m->att, m->hid, m->tmp, m->scratch, m->logits, m->xd, m->xs};
     for (unsigned i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
     free(m->xq);
-    if (m->kcache) munmap(m->kcache, (size_t)2 * N_LAYER * N_KV * MAX_CTX * HEAD_DIM * sizeof(float));
+    if (m->kcache) munmap(m->kcache, (size_t)2 * m->slots * SLOT_FLOATS * sizeof(float));
+    free(m->tok_slot);
+    free(m->tok_pos);
     if (m->map) munmap(m->map, m->map_bytes);
     free(m);
 }
@@ -517,16 +584,12 @@ canao_lm *canao_lm_open(const char *weights_path, int threads, char *err, int er
     m->map = map;
     m->map_bytes = st.st_size;
     m->W = (const char *)map + HEADER_BYTES;
-    /* the cache is mapped, not touched: pages exist only for positions actually used */
-    const size_t cache_bytes = (size_t)2 * N_LAYER * N_KV * MAX_CTX * HEAD_DIM * sizeof(float);
-    void *cache = mmap(NULL, cache_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    m->kcache = cache == MAP_FAILED ? NULL : cache;
-    m->vcache = m->kcache ? m->kcache + (size_t)N_LAYER * N_KV * MAX_CTX * HEAD_DIM : NULL;
+    const size_t cache_bytes = (size_t)2 * SLOT_FLOATS * sizeof(float);
+    canao_lm_set_slots(m, 1);
     m->logits = aligned_alloc(64, ((size_t)VOCAB * sizeof(float) + 63) / 64 * 64);
-    const int kmax = FFN > DIM ? FFN : DIM;
-    m->xq = aligned_alloc(64, (size_t)kmax + 64);
-    m->xd = malloc(sizeof(float) * (kmax / QK + 1));
-    m->xs = malloc(sizeof(float) * (kmax / QK + 1));
+    m->xq = aligned_alloc(64, (size_t)GEMV_TOKENS * KMAX + 64);
+    m->xd = malloc(sizeof(float) * GEMV_TOKENS * (KMAX / QK + 1));
+    m->xs = malloc(sizeof(float) * GEMV_TOKENS * (KMAX / QK + 1));
     if (!m->kcache || !m->logits || !m->xq || !m->xd || !m->xs || ensure_capacity(m, 1) != 0 ||
         canao_lm_set_threads(m, threads) != 0) {
         snprintf(err, err_len, "out of memory opening the model (KV cache of %ld MB)", (long)(cache_bytes >> 20));

@@ -193,6 +193,56 @@ static inline float dot_q4_1(const uint8_t *w, const int8_t *xq, const float *xd
 #endif
 }
 
+/* ---- one row against the activations of n tokens (n <= GEMV_TOKENS) --------------------
+ * A decode step of several sequences reads each weight row once: its blocks are unpacked once
+ * and dotted with every token's int8 activations while they are in registers (token j's
+ * activations at xq + j * kq, scales at xd / xs + j * kb). */
+#define GEMV_TOKENS 8
+
+static inline void dot_q4_1_n(const uint8_t *w, const int8_t *xq, const float *xd, const float *xs, int nb, int n,
+                              long kq, long kb, float *y) {
+#if defined(__AVX2__)
+    __m256 acc[GEMV_TOKENS];
+    float offset[GEMV_TOKENS];
+    for (int j = 0; j < n; j++) acc[j] = _mm256_setzero_ps(), offset[j] = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *wb = w + b * Q4_1_BYTES;
+        const __m256i q = unpack_nibbles(wb + 4);
+        const float d = fp16_to_f32(wb), mn = fp16_to_f32(wb + 2);
+        for (int j = 0; j < n; j++) {
+            const __m256i p = dot_u8s8(q, _mm256_loadu_si256((const __m256i *)(xq + j * kq + b * QK)));
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[j * kb + b]), acc[j]);
+            offset[j] += mn * xs[j * kb + b];
+        }
+    }
+    for (int j = 0; j < n; j++) y[j] = hsum256(acc[j]) + offset[j];
+#else
+    for (int j = 0; j < n; j++) y[j] = dot_q4_1(w, xq + j * kq, xd + j * kb, xs + j * kb, nb);
+#endif
+}
+
+static inline void dot_q8_0_n(const uint8_t *w, const int8_t *xq, const float *xd, int nb, int n, long kq, long kb,
+                              float *y) {
+#if defined(__AVX2__)
+    __m256 acc[GEMV_TOKENS];
+    for (int j = 0; j < n; j++) acc[j] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *wb = w + b * Q8_0_BYTES;
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(wb + 2));
+        const __m256i qa = _mm256_sign_epi8(q, q);  /* |w|: the unsigned operand, once per block */
+        const float d = fp16_to_f32(wb);
+        for (int j = 0; j < n; j++) {
+            const __m256i a = _mm256_loadu_si256((const __m256i *)(xq + j * kq + b * QK));
+            const __m256i p = dot_u8s8(qa, _mm256_sign_epi8(a, q));
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[j * kb + b]), acc[j]);
+        }
+    }
+    for (int j = 0; j < n; j++) y[j] = hsum256(acc[j]);
+#else
+    for (int j = 0; j < n; j++) y[j] = dot_q8_0(w, xq + j * kq, xd + j * kb, nb);
+#endif
+}
+
 static inline float dot_f32(const float *w, const float *x, int k) {
     vf acc0 = vzero(), acc1 = vzero();
     int c = 0;

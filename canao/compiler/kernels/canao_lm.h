@@ -1,5 +1,5 @@
 /* canao compiled decoder (causal language model) C API. One model per artifact; the KV
- * cache lives inside the model, so one generation at a time per canao_lm. */
+ * caches live inside the model: one per sequence slot (one slot unless canao_lm_set_slots). */
 #ifndef CANAO_LM_H
 #define CANAO_LM_H
 #include <stdint.h>
@@ -17,6 +17,19 @@ int canao_lm_forward(canao_lm *m, const int32_t *tokens, int n, int pos, char *e
 
 /* The same, writing every position's logits to logits[n][canao_lm_vocab] (perplexity, scoring). */
 int canao_lm_forward_all(canao_lm *m, const int32_t *tokens, int n, int pos, float *logits, char *err, int err_len);
+
+/* canao_lm_forward for the sequence in `slot` (see canao_lm_set_slots). */
+int canao_lm_forward_slot(canao_lm *m, int slot, const int32_t *tokens, int n, int pos, char *err, int err_len);
+
+/* A decode step of several sequences: token t of sequence slots[t] at position positions[t], each
+ * with a cache of its own; the weights are read once for all of them. Writes every token's logits
+ * to logits[n][canao_lm_vocab]. */
+int canao_lm_forward_batch(canao_lm *m, const int32_t *tokens, const int32_t *slots, const int32_t *positions, int n,
+                           float *logits, char *err, int err_len);
+
+/* Caches for `slots` sequences (their pages are touched only as positions fill); forgets every
+ * cached position. canao_lm_forward and canao_lm_forward_all use slot 0. 0, or -1 out of memory. */
+int canao_lm_set_slots(canao_lm *m, int slots);
 
 const float *canao_lm_logits(canao_lm *m);  /* canao_lm_vocab floats, valid until the next forward */
 
