@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attention", default=None, choices=["fp32", "int8"],
                    help="encoders: precision of the attention's two products (default: int8 for an int8 model, "
                         "fp32 otherwise); the softmax is fp32 either way")
+    p.add_argument("--kv-cache", default=None, choices=["f32", "f16"],
+                   help="decoders: the KV cache's element type (default f16 for q4_1 / q8_0, as llama.cpp; f32 for fp32)")
     p.add_argument("--target", default="host",
                    help="host, x86-64 (a build for each of avx512_vnni, avx512 and avx2 in one artifact, the widest "
                         "the CPU runs picked at load), avx512, avx512_vnni, avx2, or aarch64 (ARMv8.2-A + dotprod: cross-compiled with "
@@ -95,10 +97,11 @@ def cmd_compile_decoder(args) -> dict:
     precision = args.precision or "q4_1"
     summary = compile_decoder(args.model, args.out, precision=precision,
                               max_seq=args.max_seq if args.max_seq_given else 2048, target=args.target,
-                              threads=args.threads)
+                              threads=args.threads, kv_cache=args.kv_cache)
     if not args.json:
         w = summary["weights"]
-        print(f"wrote {summary['artifact']} (decoder, {summary['target']}, {precision}, context {summary['max_seq']})")
+        print(f"wrote {summary['artifact']} (decoder, {summary['target']}, {precision}, context {summary['max_seq']}, "
+              f"KV cache {summary['kv_cache']})")
         print(f"  weights {w['bytes'] / 1e6:.1f} MB: layers {w['weights_format']}, embedding/output "
               f"{w['embedding_format']}; {w['copied_from_source']} matrices copied block for block from the source, "
               f"{w['requantized']} requantized")
@@ -109,7 +112,9 @@ def cmd_compile(args) -> dict:
     args.max_seq_given = args.max_seq is not None
     if _is_decoder_source(args.model):
         return cmd_compile_decoder(args)
-    args.precision, args.runs = args.precision or "fp32", args.runs or 20
+    if args.kv_cache:
+        raise CanaoError("--kv-cache applies to decoders (GGUF files, llama / qwen2 / phi3 / gpt2 folders)")
+    args.precision = args.precision or "fp32"
     args.max_seq = args.max_seq or 384
     if args.precision not in ("fp32", "bf16", "int8"):
         raise CanaoError(f"precision {args.precision} is for decoders; an encoder compiles to fp32, bf16 or int8")

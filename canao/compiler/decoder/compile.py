@@ -18,6 +18,7 @@ from .codegen import generate
 from .pack import PRECISION_FORMATS, Source, arch_shapes, pack_gpt2, pack_llama
 
 DECODER_PRECISIONS = tuple(PRECISION_FORMATS)
+KV_CACHE_TYPES = ("f32", "f16")
 DECODER_FILES = ("canao_lm.h", "canao_decoder.c", "canao_decoder_kernels.h")
 RUNNER_SOURCE = "canao_lm_run.c"
 
@@ -64,9 +65,14 @@ def _save_tokenizer(src: Source, folder: Path) -> None:
 
 
 def compile_decoder(spec, out, precision: str = "q4_1", max_seq: int = 2048, target: str = "host",
-                    threads: int | None = None, log=None) -> dict:
+                    threads: int | None = None, log=None, kv_cache: str | None = None) -> dict:
+    """kv_cache: f16 (llama.cpp's default: half the cache bytes each step reads) for the quantized
+    precisions, f32 for fp32 (the reference path), unless given."""
     if precision not in DECODER_PRECISIONS:
         raise CanaoError(f"decoder precision '{precision}' is not available; choose one of {', '.join(DECODER_PRECISIONS)}")
+    kv_cache = kv_cache or ("f32" if precision == "fp32" else "f16")
+    if kv_cache not in KV_CACHE_TYPES:
+        raise CanaoError(f"KV cache type '{kv_cache}' is not available; choose one of {', '.join(KV_CACHE_TYPES)}")
     if max_seq < 2:
         raise CanaoError(f"--max-seq {max_seq} must be at least 2")
     tgt = get_target(target)
@@ -77,7 +83,7 @@ def compile_decoder(spec, out, precision: str = "q4_1", max_seq: int = 2048, tar
     max_ctx = min(max_seq, arch["max_positions"])
     packed, formats = (pack_llama if src.arch == "llama" else pack_gpt2)(src, precision, max_ctx)
     times["pack_ms"] = (time.perf_counter() - t0) * 1e3
-    source = generate(arch, packed, tgt, max_ctx, str(src.path))
+    source = generate(arch, packed, tgt, max_ctx, str(src.path), kv_cache)
     final, tmp = artifact.begin_folder(out)
     (tmp / "model.c").write_text(source)
     for name in (*DECODER_FILES, RUNNER_SOURCE, tgt.vec_header):
@@ -93,11 +99,12 @@ def compile_decoder(spec, out, precision: str = "q4_1", max_seq: int = 2048, tar
         "target": {"name": tgt.name, "features": list(tgt.features), "cflags": list(tgt.cflags)},
         "precision": precision,
         "max_seq": max_ctx,
+        "kv_cache": kv_cache,
         "threads": threads,
         "model": {**arch, "config": src.config.to_dict(), "source": str(src.path)},
         "weights": {**formats, "bytes": len(packed.blob), "copied_from_source": packed.copied_raw,
                     "requantized": packed.requantized},
     }
     manifest = artifact.finish_folder(tmp, final, info)
-    return {"artifact": str(final), "kind": "decoder", "precision": precision, "max_seq": max_ctx,
+    return {"artifact": str(final), "kind": "decoder", "precision": precision, "max_seq": max_ctx, "kv_cache": kv_cache,
             "target": manifest["target"]["name"], "weights": info["weights"], "times": times}

@@ -74,7 +74,7 @@ struct canao_lm {
     const char *W;
     int threads;
     pool_t *pool;
-    float *kcache, *vcache;      /* [slot][layer][kv_head][MAX_CTX][HEAD_DIM] */
+    kv_t *kcache, *vcache;       /* [slot][layer][kv_head][MAX_CTX][HEAD_DIM], fp32 or fp16 (KV_F16) */
     int slots;                   /* sequences with a cache of their own (canao_lm_set_slots) */
     int cap;                     /* tokens the activation buffers hold */
     int *tok_slot, *tok_pos;     /* the sequence and position of each token of the current forward */
@@ -295,10 +295,10 @@ static void matmul(struct canao_lm *m, const void *w, const float *bias, int wty
 
 /* ---- attention over the cache ------------------------------------------------------- */
 
-#define SLOT_FLOATS ((long)N_LAYER * N_KV * MAX_CTX * HEAD_DIM)
+#define SLOT_ELEMS ((long)N_LAYER * N_KV * MAX_CTX * HEAD_DIM)
 
 static long cache_at(int slot, int layer, int kvh, long pos) {
-    return slot * SLOT_FLOATS + (((long)layer * N_KV + kvh) * MAX_CTX + pos) * HEAD_DIM;
+    return slot * SLOT_ELEMS + (((long)layer * N_KV + kvh) * MAX_CTX + pos) * HEAD_DIM;
 }
 
 static void attention_item(struct canao_lm *m, int tid, long item) {
@@ -414,8 +414,8 @@ static int forward(canao_lm *m, const int32_t *tokens, int n, const int32_t *slo
                 rope_head(row + h * HEAD_DIM, cos_tab + p * (HEAD_DIM / 2), sin_tab + p * (HEAD_DIM / 2), HEAD_DIM / 2);
             for (int h = 0; h < N_KV; h++) {
                 const long at = cache_at(m->tok_slot[t], l, h, p);
-                memcpy(m->kcache + at, row + Q_ROWS + h * HEAD_DIM, HEAD_DIM * sizeof(float));
-                memcpy(m->vcache + at, row + Q_ROWS + KV_ROWS + h * HEAD_DIM, HEAD_DIM * sizeof(float));
+                kv_store_row(m->kcache + at, row + Q_ROWS + h * HEAD_DIM, HEAD_DIM);
+                kv_store_row(m->vcache + at, row + Q_ROWS + KV_ROWS + h * HEAD_DIM, HEAD_DIM);
             }
         }
         parallel(m, attention_item, (long)n * N_HEAD);
@@ -517,13 +517,13 @@ int canao_lm_sample(canao_lm *m, float temperature, int top_k, float top_p, uint
 int canao_lm_set_slots(canao_lm *m, int slots) {
     if (slots < 1) return -1;
     /* the caches are mapped, not touched: pages exist only for positions actually used */
-    const size_t bytes = (size_t)2 * slots * SLOT_FLOATS * sizeof(float);
+    const size_t bytes = (size_t)2 * slots * SLOT_ELEMS * sizeof(kv_t);
     void *cache = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (cache == MAP_FAILED) return -1;
-    if (m->kcache) munmap(m->kcache, (size_t)2 * m->slots * SLOT_FLOATS * sizeof(float));
+    if (m->kcache) munmap(m->kcache, (size_t)2 * m->slots * SLOT_ELEMS * sizeof(kv_t));
     m->slots = slots;
     m->kcache = cache;
-    m->vcache = m->kcache + (size_t)slots * SLOT_FLOATS;
+    m->vcache = m->kcache + (size_t)slots * SLOT_ELEMS;
     return 0;
 }
 
@@ -545,7 +545,7 @@ void canao_lm_close(canao_lm *m) {
     float *bufs[] = {m->x, m->xn, m->qkv, m->att, m->hid, m->tmp, m->scratch, m->logits, m->xd, m->xs};
     for (unsigned i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
     free(m->xq);
-    if (m->kcache) munmap(m->kcache, (size_t)2 * m->slots * SLOT_FLOATS * sizeof(float));
+    if (m->kcache) munmap(m->kcache, (size_t)2 * m->slots * SLOT_ELEMS * sizeof(kv_t));
     free(m->tok_slot);
     free(m->tok_pos);
     if (m->map) munmap(m->map, m->map_bytes);
@@ -584,7 +584,7 @@ canao_lm *canao_lm_open(const char *weights_path, int threads, char *err, int er
     m->map = map;
     m->map_bytes = st.st_size;
     m->W = (const char *)map + HEADER_BYTES;
-    const size_t cache_bytes = (size_t)2 * SLOT_FLOATS * sizeof(float);
+    const size_t cache_bytes = (size_t)2 * SLOT_ELEMS * sizeof(kv_t);
     canao_lm_set_slots(m, 1);
     m->logits = aligned_alloc(64, ((size_t)VOCAB * sizeof(float) + 63) / 64 * 64);
     m->xq = aligned_alloc(64, (size_t)GEMV_TOKENS * KMAX + 64);

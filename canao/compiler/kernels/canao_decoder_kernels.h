@@ -47,6 +47,52 @@ static inline float fp16_to_f32(const uint8_t *p) {
 #endif
 }
 
+static inline uint16_t f32_to_fp16(float x) {  /* round to nearest even */
+#if defined(__F16C__)
+    return _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT);
+#elif defined(__aarch64__)
+    __fp16 f = (__fp16)x;
+    uint16_t h;
+    memcpy(&h, &f, 2);
+    return h;
+#else
+    uint32_t b;
+    memcpy(&b, &x, 4);
+    const uint32_t sign = (b >> 16) & 0x8000;
+    const int e = (int)((b >> 23) & 0xff) - 127 + 15;
+    uint32_t man = b & 0x7fffff;
+    if (((b >> 23) & 0xff) == 0xff) return (uint16_t)(sign | 0x7c00 | (man ? 0x200 : 0));
+    if (e >= 31) return (uint16_t)(sign | 0x7c00);
+    if (e <= 0) {  /* subnormal or zero */
+        if (e < -10) return (uint16_t)sign;
+        man |= 0x800000;
+        const int shift = 14 - e;
+        uint32_t h = man >> shift;
+        const uint32_t rest = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rest > half || (rest == half && (h & 1))) h++;
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = ((uint32_t)e << 10) | (man >> 13);
+    const uint32_t rest = man & 0x1fff;
+    if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) h++;  /* may carry into the exponent: still right */
+    return (uint16_t)(sign | h);
+#endif
+}
+
+/* ---- the KV cache's element: fp32, or fp16 (KV_F16: half the bytes attention reads per step) */
+#ifndef KV_F16
+#define KV_F16 0
+#endif
+#if KV_F16
+typedef uint16_t kv_t;
+static inline vf kv_load_n(const kv_t *p, int n) { return vload_h_n(p, n); }
+static inline void kv_store_row(kv_t *dst, const float *src, int n) { for (int i = 0; i < n; i++) dst[i] = f32_to_fp16(src[i]); }
+#else
+typedef float kv_t;
+static inline vf kv_load_n(const kv_t *p, int n) { return vload_n(p, n); }
+static inline void kv_store_row(kv_t *dst, const float *src, int n) { memcpy(dst, src, (size_t)n * sizeof(float)); }
+#endif
+
 /* ---- activations: fp32 row -> int8 blocks ------------------------------------------ */
 
 static void quantize_row_q8(const float *x, int k, int8_t *q, float *d, float *s) {
@@ -364,11 +410,14 @@ static void layernorm(const float *x, const float *g, const float *b, float *y, 
 }
 
 /* one query head over keys [0, n): out = softmax(q k^T * scale) v; scores is n floats */
-static void attend(const float *q, const float *k, const float *v, long kv_stride, int n, int hd, float scale,
+static void attend(const float *q, const kv_t *k, const kv_t *v, long kv_stride, int n, int hd, float scale,
                    float *scores, float *out) {
     float mx = -INFINITY;
     for (int t = 0; t < n; t++) {
-        const float s = dot_f32(k + (long)t * kv_stride, q, hd) * scale;
+        const kv_t *kt = k + (long)t * kv_stride;
+        vf acc = vzero();
+        for (int c = 0; c < hd; c += VL) acc = vfma(kv_load_n(kt + c, hd - c), vload_n(q + c, hd - c), acc);
+        const float s = vhsum(acc) * scale;
         scores[t] = s;
         mx = s > mx ? s : mx;
     }
@@ -380,7 +429,7 @@ static void attend(const float *q, const float *k, const float *v, long kv_strid
     const float inv = 1.0f / sum;
     for (int c = 0; c < hd; c += VL) {
         vf acc = vzero();
-        for (int t = 0; t < n; t++) acc = vfma(vset1(scores[t]), vload_n(v + (long)t * kv_stride + c, hd - c), acc);
+        for (int t = 0; t < n; t++) acc = vfma(vset1(scores[t]), kv_load_n(v + (long)t * kv_stride + c, hd - c), acc);
         vstore_n(out + c, vmul(acc, vset1(inv)), hd - c);
     }
 }

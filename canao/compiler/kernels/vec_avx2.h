@@ -1,5 +1,7 @@
 /* Vector layer for AVX2 + FMA: 8 fp32 lanes. Kernels are written against these names. */
 #include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
 
 #define VL 8
 typedef __m256 vf;
@@ -31,6 +33,13 @@ static inline __m256i vtail_mask(int n) {
 /* the first n lanes (n <= VL); the rest read as 0 and are never written */
 static inline vf vload_n(const float *p, int n) { return n >= VL ? vload(p) : _mm256_maskload_ps(p, vtail_mask(n)); }
 static inline void vstore_n(float *p, vf v, int n) { if (n >= VL) vstore(p, v); else _mm256_maskstore_ps(p, vtail_mask(n), v); }
+/* n (<= VL) fp16 values as fp32 lanes (F16C), the rest 0 */
+static inline vf vload_h_n(const uint16_t *p, int n) {
+    if (n >= VL) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    uint16_t t[VL] = {0};
+    memcpy(t, p, (size_t)n * 2);
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+}
 static inline vf vfirst_n(vf v, int n) { return n >= VL ? v : _mm256_and_ps(v, _mm256_castsi256_ps(vtail_mask(n))); }
 
 static inline float vhsum(vf v) {

@@ -1,5 +1,6 @@
 /* Vector layer for AVX-512 (F/BW/VL/DQ): 16 fp32 lanes. Same names as vec_avx2.h. */
 #include <immintrin.h>
+#include <stdint.h>
 
 #define VL 16
 typedef __m512 vf;
@@ -26,6 +27,10 @@ static inline vf vround(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEA
 static inline __mmask16 vtail_mask(int n) { return n >= VL ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
 static inline vf vload_n(const float *p, int n) { return n >= VL ? vload(p) : _mm512_maskz_loadu_ps(vtail_mask(n), p); }
 static inline void vstore_n(float *p, vf v, int n) { if (n >= VL) vstore(p, v); else _mm512_mask_storeu_ps(p, vtail_mask(n), v); }
+/* n (<= VL) fp16 values as fp32 lanes, the rest 0 */
+static inline vf vload_h_n(const uint16_t *p, int n) {
+    return _mm512_cvtph_ps(n >= VL ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi16(vtail_mask(n), p));
+}
 static inline vf vfirst_n(vf v, int n) { return n >= VL ? v : _mm512_maskz_mov_ps(vtail_mask(n), v); }
 static inline float vhsum(vf v) { return _mm512_reduce_add_ps(v); }
 /* the sums of a, b, c and d into out[0..3] */

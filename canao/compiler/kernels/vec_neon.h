@@ -36,6 +36,13 @@ static inline vf vload_n(const float *p, int n) {
     for (int i = 0; i < n; i++) t[i] = p[i];
     return vld1q_f32(t);
 }
+/* n (<= VL) fp16 values as fp32 lanes, the rest 0 */
+static inline vf vload_h_n(const uint16_t *p, int n) {
+    if (n >= VL) return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
+    uint16_t t[VL] = {0};
+    memcpy(t, p, (size_t)n * 2);
+    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(t)));
+}
 static inline void vstore_n(float *p, vf v, int n) {
     if (n >= VL) { vstore(p, v); return; }
     float t[VL];
