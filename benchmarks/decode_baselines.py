@@ -13,7 +13,8 @@ canao's PyTorch model (float32 weights dequantized from the same Q4_1 file).
 
 The memory-bandwidth floor is the time to stream the bytes one decode step must read
 (every weight matrix once, the tied embedding again as the output layer, and the KV cache
-at that context) at the read bandwidth numpy measures on this machine.
+at that context) at the read bandwidth a C loop streaming a weights file measures on this
+machine with the same thread count (benchmarks/stream_read.c).
 
 The engines and their measurement are `canao bench`'s (canao.baselines.decode_bench); this
 script adds the bandwidth floor, the PyTorch greedy reference and the headline tables.
@@ -29,13 +30,8 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy: one BLAS thread per bandwidth stream
-
-import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -100,21 +96,22 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------ bandwidth floor
 
 
-def read_bandwidth_gbs(threads: int, mb: int = 512, reps: int = 10) -> float:
-    """Best-of-reps read bandwidth (GB/s): `threads` Python threads each taking the dot product of
-    their own two float32 arrays (BLAS sdot streams both at memory speed; np.sum is compute-bound)."""
-    n = mb * (1 << 20) // 8 // threads
-    pairs = [(np.ones(n, np.float32), np.ones(n, np.float32)) for _ in range(threads)]
-    best = 0.0
-    for _ in range(reps):
-        workers = [threading.Thread(target=np.dot, args=p) for p in pairs]  # releases the GIL
-        t0 = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        best = max(best, mb * (1 << 20) / (time.perf_counter() - t0) / 1e9)
-    return best
+def read_bandwidth_gbs(threads: int, path: Path | None = None, passes: int = 10) -> float:
+    """Best-of-passes read bandwidth (GB/s) of `threads` threads streaming their own parts of a weights
+    file with 32-byte loads, as the decode step reads its weights: benchmarks/stream_read.c, built once
+    with -march=native (default file: SmolLM2's GGUF, 100 MB)."""
+    import subprocess
+
+    from canao.compiler.build import cache_dir
+
+    exe = cache_dir() / "bench-decoders" / "stream_read"
+    source = Path(__file__).with_name("stream_read.c")
+    if not exe.exists() or exe.stat().st_mtime < source.stat().st_mtime:
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["cc", "-O3", "-march=native", "-pthread", str(source), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe), str(path or builtin_model(MODEL)), str(threads), str(passes)], check=True,
+                         capture_output=True, text=True)
+    return float(out.stdout)
 
 
 def bytes_per_token(engine_name: str, engine, context: int, cfg) -> float:
@@ -246,7 +243,7 @@ def markdown(rep: dict) -> str:
         "# Decode baselines: SmolLM2-135M-Instruct",
         "",
         f"CPU: {rep['cpu']} ({rep['cores']} cores; load average at the end {', '.join(f'{x:.1f}' for x in rep['load_average'])}). "
-        f"Read bandwidth (numpy): " + ", ".join(f"{k} thread(s) {v:.1f} GB/s" for k, v in rep["read_bandwidth_gbs"].items()) + ".",
+        f"Read bandwidth (C streaming loop over a weights file): " + ", ".join(f"{k} thread(s) {v:.1f} GB/s" for k, v in rep["read_bandwidth_gbs"].items()) + ".",
         f"Decode: median of {rep['decode_steps']} greedy steps per round after a warm-up round, {rep['rounds']} interleaved "
         f"round(s); TTFT: prefill to first logits, median of {rep['ttft_runs']} per round.",
         "",
