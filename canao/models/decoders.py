@@ -90,9 +90,10 @@ def _from_artifact(folder: Path, with_tokenizer: bool, threads: int | None = Non
     decoder = CompiledDecoder(folder, threads=threads)
     tokenizer = BPETokenizer.from_folder(folder) if with_tokenizer else None
     m = decoder.manifest
-    info = {"format": "canao-artifact", "architecture": m["model"]["architecture"], "name": folder.name,
+    info = {"format": "canao-artifact", "engine": "canao", "architecture": m["model"]["architecture"], "name": folder.name,
             "precision": m["precision"], "target": m["target"]["name"], "weight_types": {}, "params": 0,
-            "context_length": decoder.max_ctx, "config": m["model"], "threads": decoder.threads}
+            "context_length": decoder.max_ctx, "config": m["model"], "threads": decoder.threads,
+            "kv_cache": m.get("kv_cache", "f32"), "size_mb": round(m["weights"]["bytes"] / 2**20, 1)}
     return CompiledCausalLM(decoder), tokenizer, info
 
 

@@ -396,8 +396,16 @@ def _info(model: Any) -> dict:
             info["size_mb"] = round(Path(info["path"]).stat().st_size / 2**20, 1)
         except OSError:
             pass
-    # clients see a model's name, not where it lives on the server
-    return {k: public_text(v) if isinstance(v, str) else v for k, v in info.items()}
+    # clients see a model's name, not where it lives on the server (nested too: a compiled model's
+    # config names its source file)
+    def public(v):
+        if isinstance(v, str):
+            return public_text(v)
+        if isinstance(v, Mapping):
+            return {k: public(x) for k, x in v.items()}
+        return [public(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return public(info)
 
 
 def create_app(

@@ -23,18 +23,22 @@ def qa_pipeline(teacher_dir):
 
 
 @pytest.fixture(scope="session")
-def qa_pipeline_b(teacher_dir):
-    """A second, separate instance: the page's model switch needs two QA models."""
+def qa_pipeline_b():
+    """The second QA model (the page's model switch): the shipped 4x student compiled to int8, on
+    canao's runtime, as `canao serve` serves it by default."""
     from canao.apps.qa import QAPipeline
+    from canao.apps.zoo import compiled_student
 
-    return QAPipeline.load(str(teacher_dir))
+    return QAPipeline.load(str(compiled_student("minilm-squad-4x", threads=1)), threads=1)
 
 
 @pytest.fixture(scope="session")
 def generator():
+    """SmolLM2 compiled from its Q4_1 GGUF (cached), as `canao serve` serves it by default."""
     from canao.apps.generate import Generator
+    from canao.apps.zoo import compiled_decoder
 
-    return Generator.load("smollm2")
+    return Generator.load(str(compiled_decoder("smollm2")), threads=1)
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +55,7 @@ def gen_reference(generator) -> dict:
 def app(qa_pipeline, qa_pipeline_b, generator):
     from canao.serve import Limits, create_app
 
-    return create_app({"teacher": qa_pipeline, "teacher-b": qa_pipeline_b}, {"smollm2": generator},
+    return create_app({"teacher": qa_pipeline, "student-4x": qa_pipeline_b}, {"smollm2": generator},
                       Limits(max_new_tokens=64, max_context_chars=5_000, max_prompt_chars=1_000))
 
 

@@ -49,9 +49,9 @@ def test_qa_answers_with_span_and_timings(client, qa_reference):
 
 
 def test_qa_second_model_by_id(client, qa_reference):
-    res = client.post("/api/qa", json={"context": CONTEXT, "question": QUESTION, "model": "teacher-b"})
+    res = client.post("/api/qa", json={"context": CONTEXT, "question": QUESTION, "model": "student-4x"})
     assert res.status_code == 200, res.text
-    assert res.json()["model"] == "teacher-b"
+    assert res.json()["model"] == "student-4x"
     assert res.json()["answer"] == qa_reference["answer"]
 
 
@@ -160,12 +160,12 @@ def test_foreign_host_is_refused(qa_pipeline):
 
 def test_models_lists_both_kinds_with_size_and_precision(client):
     r = client.get("/api/models").json()
-    assert [m["id"] for m in r["qa"]] == ["teacher", "teacher-b"]
+    assert [m["id"] for m in r["qa"]] == ["teacher", "student-4x"]
     assert [m["id"] for m in r["lm"]] == ["smollm2"]
     assert r["qa"][0]["default"] and not r["qa"][1]["default"]
     info = r["qa"][0]["info"]
     assert info["precision"] == "fp32" and info["size_mb"] > 1 and info["layers"] == 6
-    assert r["lm"][0]["info"]["size_mb"] > 1  # the GGUF file's size
+    assert r["lm"][0]["info"]["size_mb"] > 1 and r["lm"][0]["info"]["precision"] == "q4_1"  # the compiled weights
     assert r["limits"]["max_new_tokens"] == 64
     assert "/" not in json.dumps([m["info"] for m in r["qa"] + r["lm"]])  # no server paths, only names
 
@@ -185,7 +185,7 @@ def test_openapi_describes_every_api_route(client, app):
     assert api_routes <= set(schema["paths"])
     assert schema["components"]["schemas"]["QARequest"]["properties"]["context"]["maxLength"] == 5_000
     assert schema["components"]["schemas"]["GenerateRequest"]["properties"]["max_new_tokens"]["maximum"] == 64
-    assert schema["components"]["schemas"]["QARequest"]["properties"]["model"]["enum"] == ["teacher", "teacher-b"]
+    assert schema["components"]["schemas"]["QARequest"]["properties"]["model"]["enum"] == ["teacher", "student-4x"]
     # every $ref resolves
     refs = set()
 

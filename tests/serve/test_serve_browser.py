@@ -38,7 +38,7 @@ def page(live_url):
 
 def test_question_answer_highlighted(page, qa_reference):
     labels = page.locator("#qa-models label")
-    assert labels.all_inner_texts() == ["teacher", "teacher-b"]
+    assert labels.all_inner_texts() == ["teacher", "student-4x"]
     assert "fp32" in page.inner_text("#qa-model-card") and "MB" in page.inner_text("#qa-model-card")
     page.fill("#qa-context", CONTEXT)
     page.fill("#qa-question", QUESTION)
@@ -58,8 +58,10 @@ def test_question_answer_highlighted(page, qa_reference):
     labels.nth(1).click()
     page.fill("#qa-question", "When was the tower built?")
     page.click("#qa-ask")
-    page.wait_for_function("() => document.querySelector('#qa-status').textContent.startsWith('Answered by teacher-b')")
+    page.wait_for_function("() => document.querySelector('#qa-status').textContent.startsWith('Answered by student-4x')")
     assert page.inner_text("#qa-mark") == "1887 to 1889"
+    card = page.inner_text("#qa-model-card")  # the shipped student, compiled: canao's own runtime
+    assert "canao" in card and "int8" in card
     assert "median" in page.inner_text("#c-qa-last")  # the latency chart's caption follows the requests
     assert page.evaluate("() => document.querySelector('#chart-qa').toDataURL().length") > 2000  # drawn
 
@@ -79,6 +81,8 @@ def test_generation_streams_tokens(page, gen_reference):
     page.click("#tab-gen")
     assert page.is_visible("#panel-gen") and not page.is_visible("#panel-qa")
     assert "smollm2" in page.inner_text("#gen-models")
+    card = page.inner_text("#gen-model-card")  # SmolLM2 compiled from its Q4_1 GGUF
+    assert "canao" in card and "q4_1" in card
     # record when each token reaches the page
     page.evaluate("""() => {
         window.__tokenTimes = [];

@@ -88,7 +88,7 @@ def test_health_is_503_while_the_models_load_then_200(app):
         assert res.status_code == 503 and res.json()["error"] == "loading"
         front.app = app  # the loader thread's hand-over
         res = client.get("/health")
-        assert res.status_code == 200 and json.loads(res.text)["models"]["qa"] == ["teacher", "teacher-b"]
+        assert res.status_code == 200 and json.loads(res.text)["models"]["qa"] == ["teacher", "student-4x"]
 
 
 def test_answer_batch_equals_one_at_a_time_and_keeps_bad_items_apart(qa_pipeline):
