@@ -102,7 +102,7 @@ def read_bandwidth_gbs(threads: int, path: Path | None = None, passes: int = 10)
     with -march=native (default file: SmolLM2's GGUF, 100 MB)."""
     import subprocess
 
-    from canao.compiler.build import cache_dir
+    from canao.paths import cache_dir
 
     exe = cache_dir() / "bench-decoders" / "stream_read"
     source = Path(__file__).with_name("stream_read.c")

@@ -28,6 +28,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("CANAO_CACHE", Path.home() / ".cache" / "canao"))
 
 
+def cache_dir() -> Path:
+    """cache_root(), created if missing: every stage's cache lives under it."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def package_dir(module: str) -> Path | None:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:

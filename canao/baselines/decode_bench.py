@@ -105,7 +105,8 @@ class Engine:
 
 
 def canao_engine(source: Path, precision: str, n_ctx: int, artifact: Path | None = None, log=None) -> Engine:
-    from ..compiler.build import cache_dir, compiler_fingerprint
+    from ..compiler.build import compiler_fingerprint
+    from ..paths import cache_dir
     from ..compiler.decoder import CompiledDecoder, compile_decoder
     from ..compiler.decoder.runtime import is_decoder_artifact
     from ..fileio import file_digest

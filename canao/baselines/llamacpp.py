@@ -32,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def venv_dir() -> Path:
-    from ..compiler.build import cache_dir
+    from ..paths import cache_dir
 
     return cache_dir() / "venvs" / "llamacpp"
 

@@ -125,7 +125,7 @@ def weights_digest(model: Llama) -> str:
 
 def exported(model: Llama, log=None) -> Path:
     """The ONNX decode graph of `model`, exported once and cached by the weights' digest."""
-    from ..compiler.build import cache_dir
+    from ..paths import cache_dir
 
     out = cache_dir() / "onnx" / f"decoder-{weights_digest(model)}-opset{OPSET}.onnx"
     if not out.exists():

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import CanaoError
+from ..paths import cache_dir  # noqa: F401  (the compiler's caches live there too; imported from here by its modules)
 from .targets import Target, is_cross
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
@@ -31,12 +32,6 @@ def compiler_fingerprint() -> str:
         if path.is_file():
             h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:12]
-
-
-def cache_dir() -> Path:
-    root = Path(os.environ.get("CANAO_CACHE", Path.home() / ".cache" / "canao"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 def compiler(target: Target | None = None) -> str:

@@ -117,7 +117,7 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str | No
 
 def converted(src: str | os.PathLike, qtype: str = "Q8_0", log=None) -> Path:
     """`src` (a path or built-in name) re-quantized to `qtype`, cached by the source's checksum."""
-    from ..compiler.build import cache_dir
+    from ..paths import cache_dir
 
     path = resolve_model_path(src)
     out = cache_dir() / "gguf" / f"{path.stem}-{file_digest(path)[:16]}.{qtype}.gguf"
