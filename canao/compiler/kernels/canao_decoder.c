@@ -197,22 +197,51 @@ static inline float act_gelu(float x) { return GELU_TANH ? gelu_tanh(x) : gelu_e
 
 #define KMAX (FFN > DIM ? FFN : DIM)
 
+/* y[r][t] = row r0 + r of the current matrix . token t's activations, for n (constant per case) tokens */
+#define GEMV_ROWS(N)                                                                                             \
+    for (int r = 0; r < nrows; r++) {                                                                            \
+        const uint8_t *w = (const uint8_t *)m->w + (long)(r0 + r) * rb;                                           \
+        if (m->wtype == WT_Q4_1) dot_q4_1_n(w, m->xq, m->xd, m->xs, nb, N, KMAX, KMAX / QK, y[r]);              \
+        else dot_q8_0_n(w, m->xq, m->xd, nb, N, KMAX, KMAX / QK, y[r]);                                          \
+    }                                                                                                            \
+    break;
+
+static void gemv_rows(const struct canao_lm *m, int r0, int nrows, float y[][GEMV_TOKENS]) {
+    const int k = m->k, nb = k / QK;
+    const long rb = row_bytes(m->wtype, k);
+    if (m->wtype == WT_F32) {
+        for (int r = 0; r < nrows; r++)
+            for (int t = 0; t < m->n; t++) y[r][t] = dot_f32((const float *)((const uint8_t *)m->w + (long)(r0 + r) * rb),
+                                                             m->in + (long)t * k, k);
+        return;
+    }
+    switch (m->n) {
+    case 1:
+        for (int r = 0; r < nrows; r++) {
+            const uint8_t *w = (const uint8_t *)m->w + (long)(r0 + r) * rb;
+            y[r][0] = m->wtype == WT_Q4_1 ? dot_q4_1(w, m->xq, m->xd, m->xs, nb) : dot_q8_0(w, m->xq, m->xd, nb);
+        }
+        break;
+    case 2: GEMV_ROWS(2)
+    case 3: GEMV_ROWS(3)
+    case 4: GEMV_ROWS(4)
+    case 5: GEMV_ROWS(5)
+    case 6: GEMV_ROWS(6)
+    case 7: GEMV_ROWS(7)
+    default: GEMV_ROWS(8)
+    }
+}
+
 /* A chunk is NR rows (EPI_SWIGLU: NR gate rows followed by NR up rows, giving NR outputs), for
  * each of the m->n (<= GEMV_TOKENS) tokens: a decode step, or one step of several sequences. */
 static void gemv_chunk(struct canao_lm *m, int tid, long chunk) {
     (void)tid;
-    const int k = m->k, nb = k / QK, n = m->n;
-    const long rb = row_bytes(m->wtype, k);
+    const int n = m->n;
     const int span = m->mode == EPI_SWIGLU ? 2 * NR : NR;
     const int r0 = (int)chunk * span;
     float y[2 * NR][GEMV_TOKENS];
     const int nrows = m->rows - r0 < span ? m->rows - r0 : span;
-    for (int r = 0; r < nrows; r++) {
-        const uint8_t *w = (const uint8_t *)m->w + (long)(r0 + r) * rb;
-        if (m->wtype == WT_Q4_1) dot_q4_1_n(w, m->xq, m->xd, m->xs, nb, n, KMAX, KMAX / QK, y[r]);
-        else if (m->wtype == WT_Q8_0) dot_q8_0_n(w, m->xq, m->xd, nb, n, KMAX, KMAX / QK, y[r]);
-        else for (int t = 0; t < n; t++) y[r][t] = dot_f32((const float *)w, m->in + (long)t * k, k);
-    }
+    gemv_rows(m, r0, nrows, y);
     for (int t = 0; t < n; t++) {
         if (m->bias && m->mode != EPI_SWIGLU)
             for (int r = 0; r < nrows; r++) y[r][t] += m->bias[r0 + r];

@@ -242,48 +242,82 @@ static inline float dot_q4_1(const uint8_t *w, const int8_t *xq, const float *xd
 /* ---- one row against the activations of n tokens (n <= GEMV_TOKENS) --------------------
  * A decode step of several sequences reads each weight row once: its blocks are unpacked once
  * and dotted with every token's int8 activations while they are in registers (token j's
- * activations at xq + j * kq, scales at xd / xs + j * kb). */
+ * activations at xq + j * kq, scales at xd / xs + j * kb). Always inlined and called with a
+ * constant n (gemv_rows), so the accumulators stay in registers; one token takes dot_q4_1 /
+ * dot_q8_0, whose two chains per row hide the FMA latency. */
 #define GEMV_TOKENS 8
 
-static inline void dot_q4_1_n(const uint8_t *w, const int8_t *xq, const float *xd, const float *xs, int nb, int n,
-                              long kq, long kb, float *y) {
+static inline __attribute__((always_inline)) void dot_q4_1_n(const uint8_t *w, const int8_t *xq, const float *xd,
+                                                             const float *xs, int nb, int n, long kq, long kb, float *y) {
 #if defined(__AVX2__)
-    __m256 acc[GEMV_TOKENS];
+    /* the same two chains (even, odd blocks) and sums per token as dot_q4_1: bitwise its result */
+    __m256 acc0[GEMV_TOKENS], acc1[GEMV_TOKENS];
     float offset[GEMV_TOKENS];
-    for (int j = 0; j < n; j++) acc[j] = _mm256_setzero_ps(), offset[j] = 0.0f;
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *wb = w + b * Q4_1_BYTES;
-        const __m256i q = unpack_nibbles(wb + 4);
-        const float d = fp16_to_f32(wb), mn = fp16_to_f32(wb + 2);
+    for (int j = 0; j < n; j++) acc0[j] = acc1[j] = _mm256_setzero_ps(), offset[j] = 0.0f;
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        const uint8_t *w0 = w + b * Q4_1_BYTES, *w1 = w0 + Q4_1_BYTES;
+        const __m256i q0 = unpack_nibbles(w0 + 4), q1 = unpack_nibbles(w1 + 4);
+        const float d0 = fp16_to_f32(w0), d1 = fp16_to_f32(w1), m0 = fp16_to_f32(w0 + 2), m1 = fp16_to_f32(w1 + 2);
         for (int j = 0; j < n; j++) {
-            const __m256i p = dot_u8s8(q, _mm256_loadu_si256((const __m256i *)(xq + j * kq + b * QK)));
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[j * kb + b]), acc[j]);
-            offset[j] += mn * xs[j * kb + b];
+            const int8_t *a = xq + j * kq + b * QK;
+            const float *dj = xd + j * kb + b, *sj = xs + j * kb + b;
+            const __m256i p0 = dot_u8s8(q0, _mm256_loadu_si256((const __m256i *)a));
+            const __m256i p1 = dot_u8s8(q1, _mm256_loadu_si256((const __m256i *)(a + QK)));
+            acc0[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * dj[0]), acc0[j]);
+            acc1[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d1 * dj[1]), acc1[j]);
+            offset[j] += m0 * sj[0] + m1 * sj[1];
         }
     }
-    for (int j = 0; j < n; j++) y[j] = hsum256(acc[j]) + offset[j];
+    for (; b < nb; b++) {
+        const uint8_t *w0 = w + b * Q4_1_BYTES;
+        const __m256i q0 = unpack_nibbles(w0 + 4);
+        const float d0 = fp16_to_f32(w0), m0 = fp16_to_f32(w0 + 2);
+        for (int j = 0; j < n; j++) {
+            const __m256i p0 = dot_u8s8(q0, _mm256_loadu_si256((const __m256i *)(xq + j * kq + b * QK)));
+            acc0[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * xd[j * kb + b]), acc0[j]);
+            offset[j] += m0 * xs[j * kb + b];
+        }
+    }
+    for (int j = 0; j < n; j++) y[j] = hsum256(_mm256_add_ps(acc0[j], acc1[j])) + offset[j];
 #else
     for (int j = 0; j < n; j++) y[j] = dot_q4_1(w, xq + j * kq, xd + j * kb, xs + j * kb, nb);
 #endif
 }
 
-static inline void dot_q8_0_n(const uint8_t *w, const int8_t *xq, const float *xd, int nb, int n, long kq, long kb,
-                              float *y) {
+static inline __attribute__((always_inline)) void dot_q8_0_n(const uint8_t *w, const int8_t *xq, const float *xd, int nb,
+                                                             int n, long kq, long kb, float *y) {
 #if defined(__AVX2__)
-    __m256 acc[GEMV_TOKENS];
-    for (int j = 0; j < n; j++) acc[j] = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *wb = w + b * Q8_0_BYTES;
-        const __m256i q = _mm256_loadu_si256((const __m256i *)(wb + 2));
-        const __m256i qa = _mm256_sign_epi8(q, q);  /* |w|: the unsigned operand, once per block */
-        const float d = fp16_to_f32(wb);
+    __m256 acc0[GEMV_TOKENS], acc1[GEMV_TOKENS];  /* as dot_q8_0: bitwise its result */
+    for (int j = 0; j < n; j++) acc0[j] = acc1[j] = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        const uint8_t *w0 = w + b * Q8_0_BYTES, *w1 = w0 + Q8_0_BYTES;
+        const __m256i q0 = _mm256_loadu_si256((const __m256i *)(w0 + 2));
+        const __m256i q1 = _mm256_loadu_si256((const __m256i *)(w1 + 2));
+        const __m256i u0 = _mm256_sign_epi8(q0, q0), u1 = _mm256_sign_epi8(q1, q1);  /* |w|, once per block */
+        const float d0 = fp16_to_f32(w0), d1 = fp16_to_f32(w1);
         for (int j = 0; j < n; j++) {
-            const __m256i a = _mm256_loadu_si256((const __m256i *)(xq + j * kq + b * QK));
-            const __m256i p = dot_u8s8(qa, _mm256_sign_epi8(a, q));
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[j * kb + b]), acc[j]);
+            const int8_t *a = xq + j * kq + b * QK;
+            const float *dj = xd + j * kb + b;
+            const __m256i p0 = dot_u8s8(u0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)a), q0));
+            const __m256i p1 = dot_u8s8(u1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(a + QK)), q1));
+            acc0[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * dj[0]), acc0[j]);
+            acc1[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d1 * dj[1]), acc1[j]);
         }
     }
-    for (int j = 0; j < n; j++) y[j] = hsum256(acc[j]);
+    for (; b < nb; b++) {
+        const uint8_t *w0 = w + b * Q8_0_BYTES;
+        const __m256i q0 = _mm256_loadu_si256((const __m256i *)(w0 + 2));
+        const __m256i u0 = _mm256_sign_epi8(q0, q0);
+        const float d0 = fp16_to_f32(w0);
+        for (int j = 0; j < n; j++) {
+            const __m256i a0 = _mm256_loadu_si256((const __m256i *)(xq + j * kq + b * QK));
+            const __m256i p0 = dot_u8s8(u0, _mm256_sign_epi8(a0, q0));
+            acc0[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * xd[j * kb + b]), acc0[j]);
+        }
+    }
+    for (int j = 0; j < n; j++) y[j] = hsum256(_mm256_add_ps(acc0[j], acc1[j]));
 #else
     for (int j = 0; j < n; j++) y[j] = dot_q8_0(w, xq + j * kq, xd + j * kb, nb);
 #endif
