@@ -129,6 +129,7 @@ def canao_engine(source: Path, precision: str, n_ctx: int, artifact: Path | None
                  f"output {w['embedding_format']})",
                  make=lambda threads: CompiledDecoder(artifact, threads=threads))
     eng.weight_path, eng.weight_bytes = artifact / "weights.bin", int(w["bytes"])
+    eng.kv_bytes_per_elem = 2 if manifest.get("kv_cache") == "f16" else 4
     return eng
 
 

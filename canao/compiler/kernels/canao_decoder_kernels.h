@@ -444,14 +444,28 @@ static void layernorm(const float *x, const float *g, const float *b, float *y, 
 }
 
 /* one query head over keys [0, n): out = softmax(q k^T * scale) v; scores is n floats */
+/* a cached key . q: dot_f32 itself for an fp32 cache (its two chains, its rounding), the same chains
+ * over fp16 keys */
+static inline float kv_dot(const kv_t *kt, const float *q, int hd) {
+#if KV_F16
+    vf acc0 = vzero(), acc1 = vzero();
+    int c = 0;
+    for (; c + 2 * VL <= hd; c += 2 * VL) {
+        acc0 = vfma(kv_load_n(kt + c, VL), vload(q + c), acc0);
+        acc1 = vfma(kv_load_n(kt + c + VL, VL), vload(q + c + VL), acc1);
+    }
+    for (; c < hd; c += VL) acc0 = vfma(kv_load_n(kt + c, hd - c), vload_n(q + c, hd - c), acc0);
+    return vhsum(vadd(acc0, acc1));
+#else
+    return dot_f32(kt, q, hd);
+#endif
+}
+
 static void attend(const float *q, const kv_t *k, const kv_t *v, long kv_stride, int n, int hd, float scale,
                    float *scores, float *out) {
     float mx = -INFINITY;
     for (int t = 0; t < n; t++) {
-        const kv_t *kt = k + (long)t * kv_stride;
-        vf acc = vzero();
-        for (int c = 0; c < hd; c += VL) acc = vfma(kv_load_n(kt + c, hd - c), vload_n(q + c, hd - c), acc);
-        const float s = vhsum(acc) * scale;
+        const float s = kv_dot(k + (long)t * kv_stride, q, hd) * scale;
         scores[t] = s;
         mx = s > mx ? s : mx;
     }
