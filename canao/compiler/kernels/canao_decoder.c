@@ -193,9 +193,8 @@ enum { ARCH_LLAMA = 0, ARCH_GPT2 = 1 };
 
 static inline float act_gelu(float x) { return GELU_TANH ? gelu_tanh(x) : gelu_erf(x); }
 
-#define SCRATCH_FLOATS ((long)NR * (FFN > DIM ? FFN : DIM) + MAX_CTX + 64)
-
-#define KMAX (FFN > DIM ? FFN : DIM)
+#define KMAX (FFN > DIM ? FFN : DIM)  /* the longest GEMV input */
+#define SCRATCH_FLOATS ((long)NR * KMAX + MAX_CTX + 64)
 
 /* y[r][t] = row r0 + r of the current matrix . token t's activations, for n (constant per case) tokens */
 #define GEMV_ROWS(N)                                                                                             \
@@ -216,12 +215,7 @@ static void gemv_rows(const struct canao_lm *m, int r0, int nrows, float y[][GEM
         return;
     }
     switch (m->n) {
-    case 1:
-        for (int r = 0; r < nrows; r++) {
-            const uint8_t *w = (const uint8_t *)m->w + (long)(r0 + r) * rb;
-            y[r][0] = m->wtype == WT_Q4_1 ? dot_q4_1(w, m->xq, m->xd, m->xs, nb) : dot_q8_0(w, m->xq, m->xd, nb);
-        }
-        break;
+    case 1: GEMV_ROWS(1)
     case 2: GEMV_ROWS(2)
     case 3: GEMV_ROWS(3)
     case 4: GEMV_ROWS(4)
@@ -326,6 +320,8 @@ static void matmul(struct canao_lm *m, const void *w, const float *bias, int wty
 
 #define SLOT_ELEMS ((long)N_LAYER * N_KV * MAX_CTX * HEAD_DIM)
 
+static size_t cache_bytes(int slots) { return (size_t)2 * slots * SLOT_ELEMS * sizeof(kv_t); }  /* K and V */
+
 static long cache_at(int slot, int layer, int kvh, long pos) {
     return slot * SLOT_ELEMS + (((long)layer * N_KV + kvh) * MAX_CTX + pos) * HEAD_DIM;
 }
@@ -334,7 +330,7 @@ static void attention_item(struct canao_lm *m, int tid, long item) {
     const int t = (int)(item / N_HEAD), h = (int)(item % N_HEAD), kvh = h / (N_HEAD / N_KV);
     const int len = m->tok_pos[t] + 1;  /* causal: this query sees itself and everything before */
     const long base = cache_at(m->tok_slot[t], m->layer, kvh, 0);
-    float *scores = m->scratch + (long)tid * SCRATCH_FLOATS + (long)NR * (FFN > DIM ? FFN : DIM);
+    float *scores = m->scratch + (long)tid * SCRATCH_FLOATS + (long)NR * KMAX;
     attend(m->qkv + (long)t * QKV_ROWS + h * HEAD_DIM, m->kcache + base, m->vcache + base, HEAD_DIM, len, HEAD_DIM,
            ATTN_SCALE, scores, m->att + (long)t * Q_ROWS + h * HEAD_DIM);
 }
@@ -546,10 +542,9 @@ int canao_lm_sample(canao_lm *m, float temperature, int top_k, float top_p, uint
 int canao_lm_set_slots(canao_lm *m, int slots) {
     if (slots < 1) return -1;
     /* the caches are mapped, not touched: pages exist only for positions actually used */
-    const size_t bytes = (size_t)2 * slots * SLOT_ELEMS * sizeof(kv_t);
-    void *cache = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void *cache = mmap(NULL, cache_bytes(slots), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (cache == MAP_FAILED) return -1;
-    if (m->kcache) munmap(m->kcache, (size_t)2 * m->slots * SLOT_ELEMS * sizeof(kv_t));
+    if (m->kcache) munmap(m->kcache, cache_bytes(m->slots));
     m->slots = slots;
     m->kcache = cache;
     m->vcache = m->kcache + (size_t)slots * SLOT_ELEMS;
@@ -574,7 +569,7 @@ void canao_lm_close(canao_lm *m) {
     float *bufs[] = {m->x, m->xn, m->qkv, m->att, m->hid, m->tmp, m->scratch, m->logits, m->xd, m->xs};
     for (unsigned i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
     free(m->xq);
-    if (m->kcache) munmap(m->kcache, (size_t)2 * m->slots * SLOT_ELEMS * sizeof(kv_t));
+    if (m->kcache) munmap(m->kcache, cache_bytes(m->slots));
     free(m->tok_slot);
     free(m->tok_pos);
     if (m->map) munmap(m->map, m->map_bytes);
@@ -613,7 +608,6 @@ canao_lm *canao_lm_open(const char *weights_path, int threads, char *err, int er
     m->map = map;
     m->map_bytes = st.st_size;
     m->W = (const char *)map + HEADER_BYTES;
-    const size_t cache_bytes = (size_t)2 * SLOT_ELEMS * sizeof(kv_t);
     canao_lm_set_slots(m, 1);
     m->logits = aligned_alloc(64, ((size_t)VOCAB * sizeof(float) + 63) / 64 * 64);
     m->xq = aligned_alloc(64, (size_t)GEMV_TOKENS * KMAX + 64);
@@ -621,7 +615,7 @@ canao_lm *canao_lm_open(const char *weights_path, int threads, char *err, int er
     m->xs = malloc(sizeof(float) * GEMV_TOKENS * (KMAX / QK + 1));
     if (!m->kcache || !m->logits || !m->xq || !m->xd || !m->xs || ensure_capacity(m, 1) != 0 ||
         canao_lm_set_threads(m, threads) != 0) {
-        snprintf(err, err_len, "out of memory opening the model (KV cache of %ld MB)", (long)(cache_bytes >> 20));
+        snprintf(err, err_len, "out of memory opening the model (KV cache of %ld MB)", (long)(cache_bytes(1) >> 20));
         canao_lm_close(m);
         return NULL;
     }

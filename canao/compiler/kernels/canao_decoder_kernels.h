@@ -47,6 +47,11 @@ static inline float fp16_to_f32(const uint8_t *p) {
 #endif
 }
 
+/* ---- the KV cache's element: fp32, or fp16 (KV_F16: half the bytes attention reads per step) */
+#ifndef KV_F16
+#define KV_F16 0
+#endif
+#if KV_F16
 static inline uint16_t f32_to_fp16(float x) {  /* round to nearest even */
 #if defined(__F16C__)
     return _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT);
@@ -56,34 +61,9 @@ static inline uint16_t f32_to_fp16(float x) {  /* round to nearest even */
     memcpy(&h, &f, 2);
     return h;
 #else
-    uint32_t b;
-    memcpy(&b, &x, 4);
-    const uint32_t sign = (b >> 16) & 0x8000;
-    const int e = (int)((b >> 23) & 0xff) - 127 + 15;
-    uint32_t man = b & 0x7fffff;
-    if (((b >> 23) & 0xff) == 0xff) return (uint16_t)(sign | 0x7c00 | (man ? 0x200 : 0));
-    if (e >= 31) return (uint16_t)(sign | 0x7c00);
-    if (e <= 0) {  /* subnormal or zero */
-        if (e < -10) return (uint16_t)sign;
-        man |= 0x800000;
-        const int shift = 14 - e;
-        uint32_t h = man >> shift;
-        const uint32_t rest = man & ((1u << shift) - 1), half = 1u << (shift - 1);
-        if (rest > half || (rest == half && (h & 1))) h++;
-        return (uint16_t)(sign | h);
-    }
-    uint32_t h = ((uint32_t)e << 10) | (man >> 13);
-    const uint32_t rest = man & 0x1fff;
-    if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) h++;  /* may carry into the exponent: still right */
-    return (uint16_t)(sign | h);
+#error "an fp16 KV cache needs F16C (x86-64-v3) or AArch64"
 #endif
 }
-
-/* ---- the KV cache's element: fp32, or fp16 (KV_F16: half the bytes attention reads per step) */
-#ifndef KV_F16
-#define KV_F16 0
-#endif
-#if KV_F16
 typedef uint16_t kv_t;
 static inline vf kv_load_n(const kv_t *p, int n) { return vload_h_n(p, n); }
 static inline void kv_store_row(kv_t *dst, const float *src, int n) { for (int i = 0; i < n; i++) dst[i] = f32_to_fp16(src[i]); }
@@ -141,31 +121,98 @@ static inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #include <arm_neon.h>
 #endif
 
-static inline float dot_q8_0(const uint8_t *w, const int8_t *xq, const float *xd, int nb) {
+/* ---- one row of a quantized matrix against the int8 activations of n tokens --------------
+ * (n <= GEMV_TOKENS: a decode step of several sequences reads each weight row once; token j's
+ * activations at xq + j * kq, scales at xd / xs + j * kb). On AVX2 each block is unpacked once and
+ * dotted with every token's activations while it is in registers; two chains per token (even and
+ * odd blocks) hide the FMA latency. Always inlined and called with a constant n (gemv_rows), so the
+ * accumulators stay in registers; the single-row dot is the n = 1 case, so a sequence decoded in a
+ * batch gets bitwise the logits it gets alone. */
+#define GEMV_TOKENS 8
+
 #if defined(__AVX2__)
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+static inline __attribute__((always_inline)) void dot_q4_1_n(const uint8_t *w, const int8_t *xq, const float *xd,
+                                                             const float *xs, int nb, int n, long kq, long kb, float *y) {
+    __m256 acc0[GEMV_TOKENS], acc1[GEMV_TOKENS];
+    float offset[GEMV_TOKENS];
+    for (int j = 0; j < n; j++) acc0[j] = acc1[j] = _mm256_setzero_ps(), offset[j] = 0.0f;
     int b = 0;
-    for (; b + 1 < nb; b += 2) {  /* two blocks a step: independent chains for the FMA latency */
+    for (; b + 1 < nb; b += 2) {
+        const uint8_t *w0 = w + b * Q4_1_BYTES, *w1 = w0 + Q4_1_BYTES;
+        const __m256i q0 = unpack_nibbles(w0 + 4), q1 = unpack_nibbles(w1 + 4);
+        const float d0 = fp16_to_f32(w0), d1 = fp16_to_f32(w1), m0 = fp16_to_f32(w0 + 2), m1 = fp16_to_f32(w1 + 2);
+        for (int j = 0; j < n; j++) {
+            const int8_t *a = xq + j * kq + b * QK;
+            const float *dj = xd + j * kb + b, *sj = xs + j * kb + b;
+            const __m256i p0 = dot_u8s8(q0, _mm256_loadu_si256((const __m256i *)a));
+            const __m256i p1 = dot_u8s8(q1, _mm256_loadu_si256((const __m256i *)(a + QK)));
+            acc0[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * dj[0]), acc0[j]);
+            acc1[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d1 * dj[1]), acc1[j]);
+            offset[j] += m0 * sj[0] + m1 * sj[1];
+        }
+    }
+    for (; b < nb; b++) {
+        const uint8_t *w0 = w + b * Q4_1_BYTES;
+        const __m256i q0 = unpack_nibbles(w0 + 4);
+        const float d0 = fp16_to_f32(w0), m0 = fp16_to_f32(w0 + 2);
+        for (int j = 0; j < n; j++) {
+            const __m256i p0 = dot_u8s8(q0, _mm256_loadu_si256((const __m256i *)(xq + j * kq + b * QK)));
+            acc0[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * xd[j * kb + b]), acc0[j]);
+            offset[j] += m0 * xs[j * kb + b];
+        }
+    }
+    for (int j = 0; j < n; j++) y[j] = hsum256(_mm256_add_ps(acc0[j], acc1[j])) + offset[j];
+}
+
+static inline __attribute__((always_inline)) void dot_q8_0_n(const uint8_t *w, const int8_t *xq, const float *xd, int nb,
+                                                             int n, long kq, long kb, float *y) {
+    __m256 acc0[GEMV_TOKENS], acc1[GEMV_TOKENS];
+    for (int j = 0; j < n; j++) acc0[j] = acc1[j] = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
         const uint8_t *w0 = w + b * Q8_0_BYTES, *w1 = w0 + Q8_0_BYTES;
         const __m256i q0 = _mm256_loadu_si256((const __m256i *)(w0 + 2));
         const __m256i q1 = _mm256_loadu_si256((const __m256i *)(w1 + 2));
-        const __m256i a0 = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
-        const __m256i a1 = _mm256_loadu_si256((const __m256i *)(xq + (b + 1) * QK));
-        /* |w| x (a with w's sign): the u8 x s8 product wants one unsigned operand */
-        const __m256i p0 = dot_u8s8(_mm256_sign_epi8(q0, q0), _mm256_sign_epi8(a0, q0));
-        const __m256i p1 = dot_u8s8(_mm256_sign_epi8(q1, q1), _mm256_sign_epi8(a1, q1));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fp16_to_f32(w0) * xd[b]), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(fp16_to_f32(w1) * xd[b + 1]), acc1);
+        /* |w| x (a with w's sign): the u8 x s8 product wants one unsigned operand; |w| once per block */
+        const __m256i u0 = _mm256_sign_epi8(q0, q0), u1 = _mm256_sign_epi8(q1, q1);
+        const float d0 = fp16_to_f32(w0), d1 = fp16_to_f32(w1);
+        for (int j = 0; j < n; j++) {
+            const int8_t *a = xq + j * kq + b * QK;
+            const float *dj = xd + j * kb + b;
+            const __m256i p0 = dot_u8s8(u0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)a), q0));
+            const __m256i p1 = dot_u8s8(u1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(a + QK)), q1));
+            acc0[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * dj[0]), acc0[j]);
+            acc1[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d1 * dj[1]), acc1[j]);
+        }
     }
     for (; b < nb; b++) {
         const uint8_t *w0 = w + b * Q8_0_BYTES;
         const __m256i q0 = _mm256_loadu_si256((const __m256i *)(w0 + 2));
-        const __m256i a0 = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
-        const __m256i p0 = dot_u8s8(_mm256_sign_epi8(q0, q0), _mm256_sign_epi8(a0, q0));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fp16_to_f32(w0) * xd[b]), acc0);
+        const __m256i u0 = _mm256_sign_epi8(q0, q0);
+        const float d0 = fp16_to_f32(w0);
+        for (int j = 0; j < n; j++) {
+            const __m256i a0 = _mm256_loadu_si256((const __m256i *)(xq + j * kq + b * QK));
+            const __m256i p0 = dot_u8s8(u0, _mm256_sign_epi8(a0, q0));
+            acc0[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * xd[j * kb + b]), acc0[j]);
+        }
     }
-    return hsum256(_mm256_add_ps(acc0, acc1));
-#elif defined(__ARM_FEATURE_DOTPROD)
+    for (int j = 0; j < n; j++) y[j] = hsum256(_mm256_add_ps(acc0[j], acc1[j]));
+}
+
+static inline float dot_q8_0(const uint8_t *w, const int8_t *xq, const float *xd, int nb) {
+    float y;
+    dot_q8_0_n(w, xq, xd, nb, 1, 0, 0, &y);
+    return y;
+}
+
+static inline float dot_q4_1(const uint8_t *w, const int8_t *xq, const float *xd, const float *xs, int nb) {
+    float y;
+    dot_q4_1_n(w, xq, xd, xs, nb, 1, 0, 0, &y);
+    return y;
+}
+#else
+static inline float dot_q8_0(const uint8_t *w, const int8_t *xq, const float *xd, int nb) {
+#if defined(__ARM_FEATURE_DOTPROD)
     float32x4_t acc = vdupq_n_f32(0.0f);
     for (int b = 0; b < nb; b++) {
         const uint8_t *wb = w + b * Q8_0_BYTES;
@@ -188,27 +235,7 @@ static inline float dot_q8_0(const uint8_t *w, const int8_t *xq, const float *xd
 }
 
 static inline float dot_q4_1(const uint8_t *w, const int8_t *xq, const float *xd, const float *xs, int nb) {
-#if defined(__AVX2__)
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float offset = 0.0f;
-    int b = 0;
-    for (; b + 1 < nb; b += 2) {
-        const uint8_t *w0 = w + b * Q4_1_BYTES, *w1 = w0 + Q4_1_BYTES;
-        /* weights 0..15 are unsigned: u8 x s8 directly */
-        const __m256i p0 = dot_u8s8(unpack_nibbles(w0 + 4), _mm256_loadu_si256((const __m256i *)(xq + b * QK)));
-        const __m256i p1 = dot_u8s8(unpack_nibbles(w1 + 4), _mm256_loadu_si256((const __m256i *)(xq + (b + 1) * QK)));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fp16_to_f32(w0) * xd[b]), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(fp16_to_f32(w1) * xd[b + 1]), acc1);
-        offset += fp16_to_f32(w0 + 2) * xs[b] + fp16_to_f32(w1 + 2) * xs[b + 1];
-    }
-    for (; b < nb; b++) {
-        const uint8_t *w0 = w + b * Q4_1_BYTES;
-        const __m256i p0 = dot_u8s8(unpack_nibbles(w0 + 4), _mm256_loadu_si256((const __m256i *)(xq + b * QK)));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fp16_to_f32(w0) * xd[b]), acc0);
-        offset += fp16_to_f32(w0 + 2) * xs[b];
-    }
-    return hsum256(_mm256_add_ps(acc0, acc1)) + offset;
-#elif defined(__ARM_FEATURE_DOTPROD)
+#if defined(__ARM_FEATURE_DOTPROD)
     float32x4_t acc = vdupq_n_f32(0.0f);
     float offset = 0.0f;
     const uint8x16_t mask = vdupq_n_u8(0x0f);
@@ -239,89 +266,16 @@ static inline float dot_q4_1(const uint8_t *w, const int8_t *xq, const float *xd
 #endif
 }
 
-/* ---- one row against the activations of n tokens (n <= GEMV_TOKENS) --------------------
- * A decode step of several sequences reads each weight row once: its blocks are unpacked once
- * and dotted with every token's int8 activations while they are in registers (token j's
- * activations at xq + j * kq, scales at xd / xs + j * kb). Always inlined and called with a
- * constant n (gemv_rows), so the accumulators stay in registers; one token takes dot_q4_1 /
- * dot_q8_0, whose two chains per row hide the FMA latency. */
-#define GEMV_TOKENS 8
-
-static inline __attribute__((always_inline)) void dot_q4_1_n(const uint8_t *w, const int8_t *xq, const float *xd,
-                                                             const float *xs, int nb, int n, long kq, long kb, float *y) {
-#if defined(__AVX2__)
-    /* the same two chains (even, odd blocks) and sums per token as dot_q4_1: bitwise its result */
-    __m256 acc0[GEMV_TOKENS], acc1[GEMV_TOKENS];
-    float offset[GEMV_TOKENS];
-    for (int j = 0; j < n; j++) acc0[j] = acc1[j] = _mm256_setzero_ps(), offset[j] = 0.0f;
-    int b = 0;
-    for (; b + 1 < nb; b += 2) {
-        const uint8_t *w0 = w + b * Q4_1_BYTES, *w1 = w0 + Q4_1_BYTES;
-        const __m256i q0 = unpack_nibbles(w0 + 4), q1 = unpack_nibbles(w1 + 4);
-        const float d0 = fp16_to_f32(w0), d1 = fp16_to_f32(w1), m0 = fp16_to_f32(w0 + 2), m1 = fp16_to_f32(w1 + 2);
-        for (int j = 0; j < n; j++) {
-            const int8_t *a = xq + j * kq + b * QK;
-            const float *dj = xd + j * kb + b, *sj = xs + j * kb + b;
-            const __m256i p0 = dot_u8s8(q0, _mm256_loadu_si256((const __m256i *)a));
-            const __m256i p1 = dot_u8s8(q1, _mm256_loadu_si256((const __m256i *)(a + QK)));
-            acc0[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * dj[0]), acc0[j]);
-            acc1[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d1 * dj[1]), acc1[j]);
-            offset[j] += m0 * sj[0] + m1 * sj[1];
-        }
-    }
-    for (; b < nb; b++) {
-        const uint8_t *w0 = w + b * Q4_1_BYTES;
-        const __m256i q0 = unpack_nibbles(w0 + 4);
-        const float d0 = fp16_to_f32(w0), m0 = fp16_to_f32(w0 + 2);
-        for (int j = 0; j < n; j++) {
-            const __m256i p0 = dot_u8s8(q0, _mm256_loadu_si256((const __m256i *)(xq + j * kq + b * QK)));
-            acc0[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * xd[j * kb + b]), acc0[j]);
-            offset[j] += m0 * xs[j * kb + b];
-        }
-    }
-    for (int j = 0; j < n; j++) y[j] = hsum256(_mm256_add_ps(acc0[j], acc1[j])) + offset[j];
-#else
+static inline void dot_q4_1_n(const uint8_t *w, const int8_t *xq, const float *xd, const float *xs, int nb, int n,
+                              long kq, long kb, float *y) {
     for (int j = 0; j < n; j++) y[j] = dot_q4_1(w, xq + j * kq, xd + j * kb, xs + j * kb, nb);
-#endif
 }
 
-static inline __attribute__((always_inline)) void dot_q8_0_n(const uint8_t *w, const int8_t *xq, const float *xd, int nb,
-                                                             int n, long kq, long kb, float *y) {
-#if defined(__AVX2__)
-    __m256 acc0[GEMV_TOKENS], acc1[GEMV_TOKENS];  /* as dot_q8_0: bitwise its result */
-    for (int j = 0; j < n; j++) acc0[j] = acc1[j] = _mm256_setzero_ps();
-    int b = 0;
-    for (; b + 1 < nb; b += 2) {
-        const uint8_t *w0 = w + b * Q8_0_BYTES, *w1 = w0 + Q8_0_BYTES;
-        const __m256i q0 = _mm256_loadu_si256((const __m256i *)(w0 + 2));
-        const __m256i q1 = _mm256_loadu_si256((const __m256i *)(w1 + 2));
-        const __m256i u0 = _mm256_sign_epi8(q0, q0), u1 = _mm256_sign_epi8(q1, q1);  /* |w|, once per block */
-        const float d0 = fp16_to_f32(w0), d1 = fp16_to_f32(w1);
-        for (int j = 0; j < n; j++) {
-            const int8_t *a = xq + j * kq + b * QK;
-            const float *dj = xd + j * kb + b;
-            const __m256i p0 = dot_u8s8(u0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)a), q0));
-            const __m256i p1 = dot_u8s8(u1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(a + QK)), q1));
-            acc0[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * dj[0]), acc0[j]);
-            acc1[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d1 * dj[1]), acc1[j]);
-        }
-    }
-    for (; b < nb; b++) {
-        const uint8_t *w0 = w + b * Q8_0_BYTES;
-        const __m256i q0 = _mm256_loadu_si256((const __m256i *)(w0 + 2));
-        const __m256i u0 = _mm256_sign_epi8(q0, q0);
-        const float d0 = fp16_to_f32(w0);
-        for (int j = 0; j < n; j++) {
-            const __m256i a0 = _mm256_loadu_si256((const __m256i *)(xq + j * kq + b * QK));
-            const __m256i p0 = dot_u8s8(u0, _mm256_sign_epi8(a0, q0));
-            acc0[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * xd[j * kb + b]), acc0[j]);
-        }
-    }
-    for (int j = 0; j < n; j++) y[j] = hsum256(_mm256_add_ps(acc0[j], acc1[j]));
-#else
+static inline void dot_q8_0_n(const uint8_t *w, const int8_t *xq, const float *xd, int nb, int n, long kq, long kb,
+                              float *y) {
     for (int j = 0; j < n; j++) y[j] = dot_q8_0(w, xq + j * kq, xd + j * kb, nb);
-#endif
 }
+#endif
 
 static inline float dot_f32(const float *w, const float *x, int k) {
     vf acc0 = vzero(), acc1 = vzero();
@@ -443,7 +397,6 @@ static void layernorm(const float *x, const float *g, const float *b, float *y, 
     for (int c = 0; c < n; c++) y[c] = (x[c] - mean) * r * g[c] + b[c];
 }
 
-/* one query head over keys [0, n): out = softmax(q k^T * scale) v; scores is n floats */
 /* a cached key . q: dot_f32 itself for an fp32 cache (its two chains, its rounding), the same chains
  * over fp16 keys */
 static inline float kv_dot(const kv_t *kt, const float *q, int hd) {
@@ -461,6 +414,7 @@ static inline float kv_dot(const kv_t *kt, const float *q, int hd) {
 #endif
 }
 
+/* one query head over keys [0, n): out = softmax(q k^T * scale) v; scores is n floats */
 static void attend(const float *q, const kv_t *k, const kv_t *v, long kv_stride, int n, int hd, float scale,
                    float *scores, float *out) {
     float mx = -INFINITY;
