@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from ..compiler.decoder.runtime import CompiledLMBase
 from ..errors import CanaoError
 
 
@@ -112,8 +113,8 @@ class StepBatcher:
 class SlotCache:
     """A generation's handle on its slot; `close` gives the slot back."""
 
-    def __init__(self, batcher: StepBatcher, max_len: int):
-        self.batcher, self.max_len = batcher, max_len
+    def __init__(self, batcher: StepBatcher):
+        self.batcher = batcher
         self.slot = batcher.acquire()
 
     def close(self) -> None:
@@ -125,40 +126,20 @@ class SlotCache:
         self.close()
 
 
-class SlotLM:
-    """The generator's model interface over a compiled decoder with `slots` sequences at once."""
+class SlotLM(CompiledLMBase):
+    """The generator's model interface over a compiled decoder with `slots` sequences at once (no
+    sample_next: each generation samples from its own logits)."""
 
     def __init__(self, decoder, slots: int):
         if slots < 1:
             raise CanaoError(f"slots must be at least 1, got {slots}")
-        self.decoder, self.slots = decoder, slots
+        super().__init__(decoder)
+        self.slots = slots
         self.batcher = StepBatcher(decoder, slots)
-        self.config = decoder.manifest["model"]
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.decoder.max_ctx
 
     def new_cache(self, max_len: int | None = None, batch: int = 1) -> SlotCache:
-        if batch != 1:
-            raise CanaoError("each generation takes one slot (batch 1)")
-        if max_len is not None and max_len > self.decoder.max_ctx:
-            raise CanaoError(f"{max_len} positions requested but the artifact's context is {self.decoder.max_ctx}; "
-                             "recompile with a larger --max-seq")
-        return SlotCache(self.batcher, max_len or self.decoder.max_ctx)
-
-    def to(self, dtype):
-        import torch
-
-        if dtype != torch.float32:
-            raise CanaoError("a compiled decoder runs at its compiled precision; choose it at `canao compile` time")
-        return self
-
-    def eval(self):
-        return self
-
-    def parameters(self):
-        return iter(())
+        self._check_cache(max_len, batch)
+        return SlotCache(self.batcher)
 
     def __call__(self, input_ids, cache: SlotCache, start_pos: int = 0, last_only: bool = True):
         """Logits [1, 1, vocab] of the last of input_ids (this model answers last_only calls only)."""

@@ -45,21 +45,18 @@ def prompt_ids(tokenizer, context: int) -> list[int]:
     return (ids * (context // len(ids) + 1))[:context]
 
 
-def default_precision(spec) -> str:
-    """An artifact's own precision; for a file, its main weight type where canao and llama.cpp both
-    run it (q4_1, q8_0), else q8_0."""
-    source, artifact = source_of(spec)
-    if artifact is not None:
-        return json.loads((artifact / "manifest.json").read_text())["precision"]
-    if source.is_file():
-        from collections import Counter
+def main_weight_type(weight_types: dict) -> str | None:
+    """The tensor type most of a GGUF file's tensors have (load_causal_lm's info["weight_types"])."""
+    return max(weight_types, key=weight_types.get, default=None)
 
-        from ..models.gguf_loader import open_gguf
 
-        types = Counter(t.tensor_type.name.lower() for t in open_gguf(source).tensors.values())
-        main = max(types, key=types.get)
-        return main if main in ("q4_1", "q8_0") else "q8_0"
-    return "fp32"
+def default_precision(weight_types: dict, compiled: str | None) -> str:
+    """An artifact's own precision; for a GGUF file its main weight type where canao and llama.cpp both
+    run it (q4_1, q8_0), else q8_0; fp32 for a checkpoint folder."""
+    if compiled is not None:
+        return compiled
+    main = main_weight_type(weight_types)
+    return main.lower() if main in ("Q4_1", "Q8_0") else "q8_0" if weight_types else "fp32"
 
 
 def source_of(spec) -> tuple[Path, Path | None]:
@@ -141,7 +138,7 @@ def llamacpp_engine(source: Path, precision: str, n_ctx: int, weight_types: dict
     if not source.is_file():
         raise CanaoError(f"llama.cpp reads GGUF files; {source} is a folder")
     qtype = precision.upper()
-    path = source if max(weight_types, key=weight_types.get, default=None) == qtype else converted(source, qtype, log=log)
+    path = source if main_weight_type(weight_types) == qtype else converted(source, qtype, log=log)
     worker = Worker(log=log)
     worker.load(path, n_ctx=n_ctx, n_batch=max(512, n_ctx))
     eng = Engine("llama.cpp", precision, f"{worker.version} (llama.cpp, ggml threadpool, -march=native) {qtype}",
@@ -210,10 +207,10 @@ def engine_names(spec: str) -> list[str]:
     return names
 
 
-def run_decode_bench(spec, engines: list[str], precisions: list[str], contexts: list[int], threads: list[int],
-                     steps: int = protocol.DECODE_STEPS, rounds: int = 1, log=None, runners: dict | None = None) -> dict:
+def run_decode_bench(spec, engines: list[str], precisions: list[str] | None, contexts: list[int], threads: list[int],
+                     steps: int = protocol.DECODE_STEPS, rounds: int = 1, log=None) -> dict:
     """The `canao bench` report for a decoder: rows per (engine, precision, context, threads, phase).
-    runners: filled with the Engine of each (engine, precision) measured."""
+    precisions None: default_precision."""
     from ..compiler.targets import cpu_model
     from ..models.decoders import load_causal_lm
 
@@ -230,9 +227,9 @@ def run_decode_bench(spec, engines: list[str], precisions: list[str], contexts: 
     if n_ctx > int(info["context_length"]):
         raise CanaoError(f"--seq {max(contexts)} plus {steps} steps exceeds the model's context of "
                          f"{info['context_length']} tokens")
-    skipped = []
-    runners = {} if runners is None else runners
+    skipped, runners = [], {}
     compiled = json.loads((artifact / "manifest.json").read_text())["precision"] if artifact else None
+    precisions = precisions or [default_precision(info.get("weight_types") or {}, compiled)]
     for name in engines:
         for prec in precisions:
             if prec not in ENGINE_PRECISIONS[name] or (name == "canao" and compiled not in (None, prec)):

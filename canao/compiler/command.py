@@ -74,6 +74,7 @@ def _is_decoder_source(spec: str) -> bool:
     """A GGUF file, or a folder whose config.json names a causal LM, is compiled as a decoder."""
     import json
 
+    from ..models.decoders import HF_ARCHITECTURES
     from ..paths import resolve_model_path
 
     path = resolve_model_path(spec)
@@ -81,7 +82,7 @@ def _is_decoder_source(spec: str) -> bool:
         return path.suffix.lower() == ".gguf"
     config = path / "config.json"
     try:
-        return json.loads(config.read_text()).get("model_type") in ("llama", "qwen2", "phi3", "gpt2")
+        return json.loads(config.read_text()).get("model_type") in HF_ARCHITECTURES
     except (OSError, json.JSONDecodeError):
         return False
 
@@ -232,7 +233,7 @@ def _bench_decoder(args) -> dict:
     except ValueError:
         raise CanaoError(f"--seq {args.seq}: a decoder is benchmarked at context lengths (integers), comma-separated") from None
     engines = decode_bench.engine_names(args.engines or "canao,llama.cpp")
-    precisions = (args.precision or decode_bench.default_precision(args.model)).split(",")
+    precisions = args.precision.split(",") if args.precision else None
     threads = args.threads or sorted({1, os.cpu_count() or 1})
     report = decode_bench.run_decode_bench(args.model, engines, precisions, contexts, threads,
                                            steps=args.runs or decode_bench.protocol.DECODE_STEPS,

@@ -105,7 +105,7 @@ def _from_folder(folder: Path, with_tokenizer: bool):
             f"{folder}: model_type '{arch}' is not a supported decoder; canao generates with {', '.join(HF_ARCHITECTURES)}"
         )
     try:
-        if arch in ("llama", "qwen2", "phi3"):
+        if arch in gguf_loader.LLAMA_FAMILY:
             cfg = LlamaConfig.from_hf(config)
             model = Llama.from_state_dict(cfg, unfuse_phi3(load_state_dict(folder), cfg) if arch == "phi3"
                                           else load_state_dict(folder))

@@ -82,12 +82,14 @@ class Source:
         heads = gguf_loader.permuted_heads(self.gguf, self.config, gguf_name)  # a Q or K bias
         return (gguf_loader.reverse_permute(v, heads) if heads else v).numpy()
 
-    def matrix(self, name: str, gguf_name: str, fmt: str, permute_heads: int = 0) -> tuple[np.ndarray, bool]:
-        """(rows as a [out, row_bytes] uint8 array or [out, in] float32, taken raw?)."""
+    def matrix(self, name: str, gguf_name: str, fmt: str) -> tuple[np.ndarray, bool]:
+        """(rows as a [out, row_bytes] uint8 array or [out, in] float32, taken raw?). Rows llama.cpp
+        permuted (llama's Q and K) are put back in HF's order."""
         import gguf
 
-        raw = None
+        raw, permute_heads = None, 0
         if self.gguf is not None:
+            permute_heads = gguf_loader.permuted_heads(self.gguf, self.config, gguf_name)
             gguf_name, start, end = gguf_loader.file_rows(self.gguf, self.config, gguf_name)  # Phi-3: rows of a fused one
             t = self.gguf.tensors.get(gguf_name)
             if t is None:
@@ -100,7 +102,7 @@ class Source:
         else:
             dense = self.state[name].numpy() if self.gguf is None else \
                 gguf_loader.dequantize(self.gguf, gguf_name).numpy()[start:end]
-            if self.gguf is not None and permute_heads:
+            if permute_heads:
                 dense = gguf_loader.reverse_permute(torch.from_numpy(dense), permute_heads).numpy()
                 permute_heads = 0  # done
             dense = np.ascontiguousarray(dense, dtype=np.float32)
@@ -141,8 +143,8 @@ def pack_llama(src: Source, precision: str, max_ctx: int) -> tuple[Packed, dict]
         raise CanaoError(f"{precision} needs hidden and intermediate sizes that are multiples of {QK}; use --precision fp32")
     p = Packed()
 
-    def take(name, gname, fmt, heads=0):
-        rows, raw = src.matrix(name, gname, fmt, heads)
+    def take(name, gname, fmt):
+        rows, raw = src.matrix(name, gname, fmt)
         p.copied_raw += raw
         p.requantized += (not raw) and fmt != "F32"
         return rows
@@ -155,9 +157,6 @@ def pack_llama(src: Source, precision: str, max_ctx: int) -> tuple[Packed, dict]
         p.add("lm_head", take("lm_head.weight", "output.weight", efmt), efmt)
     p.add("out_norm", src.vector("norm.weight", "output_norm.weight"))
 
-    def heads(gguf_name):  # rows llama.cpp permuted (llama's Q and K), to put back in HF's order
-        return gguf_loader.permuted_heads(src.gguf, cfg, gguf_name) if src.gguf is not None else 0
-
     rope = RotaryEmbedding(cfg.head_dim, max_ctx, cfg.rope_theta)  # the same tables PyTorch uses
     half = cfg.head_dim // 2
     p.add("rope_cos", rope.cos[:, :half].numpy())
@@ -166,8 +165,8 @@ def pack_llama(src: Source, precision: str, max_ctx: int) -> tuple[Packed, dict]
         pre = f"layers.{i}."
         g = f"blk.{i}."
         p.add(f"{i}.attn_norm", src.vector(pre + "input_layernorm.weight", g + "attn_norm.weight"))
-        q = take(pre + "self_attn.q_proj.weight", g + "attn_q.weight", wfmt, heads(g + "attn_q.weight"))
-        k = take(pre + "self_attn.k_proj.weight", g + "attn_k.weight", wfmt, heads(g + "attn_k.weight"))
+        q = take(pre + "self_attn.q_proj.weight", g + "attn_q.weight", wfmt)
+        k = take(pre + "self_attn.k_proj.weight", g + "attn_k.weight", wfmt)
         v = take(pre + "self_attn.v_proj.weight", g + "attn_v.weight", wfmt)
         p.add(f"{i}.wqkv", np.concatenate([q, k, v]), wfmt)
         if cfg.attention_bias or cfg.qkv_bias:  # added by the GEMV's epilogue, before RoPE

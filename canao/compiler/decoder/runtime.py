@@ -143,27 +143,25 @@ class CompiledDecoder:
         self.close()
 
 
-class CompiledCausalLM:
-    """The generator's model interface (`model(ids, cache, start_pos, last_only=True)`, `new_cache`,
-    `max_seq_len`) over a compiled decoder: the KV cache lives in C, so `new_cache` only checks sizes."""
+class CompiledLMBase:
+    """What the generator's model interface over a compiled decoder always is (`max_seq_len`, `config`,
+    `to`, `eval`, `parameters`, the size checks of `new_cache`); CompiledCausalLM and
+    canao.apps.slots.SlotLM add the cache and the forward pass."""
 
     def __init__(self, decoder: CompiledDecoder):
         self.decoder = decoder
         self.config = decoder.manifest["model"]
-        # all-position logits through decode steps instead of one prefill (perplexity of the decode path)
-        self.score_by_decode_steps = False
 
     @property
     def max_seq_len(self) -> int:
         return self.decoder.max_ctx
 
-    def new_cache(self, max_len: int | None = None, batch: int = 1):
+    def _check_cache(self, max_len: int | None, batch: int) -> None:
         if batch != 1:
-            raise CanaoError("a compiled decoder generates one sequence at a time (batch 1)")
+            raise CanaoError("a compiled decoder generates one sequence per cache (batch 1)")
         if max_len is not None and max_len > self.decoder.max_ctx:
             raise CanaoError(f"{max_len} positions requested but the artifact's context is {self.decoder.max_ctx}; "
                              "recompile with a larger --max-seq")
-        return None
 
     def to(self, dtype):
         import torch
@@ -178,6 +176,20 @@ class CompiledCausalLM:
 
     def parameters(self):
         return iter(())
+
+
+class CompiledCausalLM(CompiledLMBase):
+    """The generator's model interface (`model(ids, cache, start_pos, last_only=True)`, `new_cache`,
+    `max_seq_len`) over a compiled decoder: the KV cache lives in C, so `new_cache` only checks sizes."""
+
+    def __init__(self, decoder: CompiledDecoder):
+        super().__init__(decoder)
+        # all-position logits through decode steps instead of one prefill (perplexity of the decode path)
+        self.score_by_decode_steps = False
+
+    def new_cache(self, max_len: int | None = None, batch: int = 1):
+        self._check_cache(max_len, batch)
+        return None
 
     def __call__(self, input_ids, cache=None, start_pos: int = 0, last_only: bool = False):
         """Logits [1, T, vocab] as the PyTorch model returns them ([1, 1, vocab] with last_only, a view of
