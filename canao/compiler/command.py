@@ -17,8 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True,
                    help="QA checkpoint folder (Hugging Face layout), or a decoder: .gguf file, HF llama folder, smollm2")
     p.add_argument("--out", required=True, help="artifact folder to write")
-    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "int8", "q8_0", "q4_1"],
-                   help="encoders: fp32 (default), bf16, int8; decoders: q4_1 (default), q8_0, fp32")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "int8", "q8_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k"],
+                   help="encoders: fp32 (default), bf16, int8; decoders: q4_1 (default), q8_0, fp32, or llama.cpp's "
+                        "k-quant mixes q4_k_m, q5_k_m, q6_k")
     p.add_argument("--attention", default=None, choices=["fp32", "int8"],
                    help="encoders: precision of the attention's two products (default: int8 for an int8 model, "
                         "fp32 otherwise); the softmax is fp32 either way")
@@ -103,8 +104,9 @@ def cmd_compile_decoder(args) -> dict:
         w = summary["weights"]
         print(f"wrote {summary['artifact']} (decoder, {summary['target']}, {precision}, context {summary['max_seq']}, "
               f"KV cache {summary['kv_cache']})")
-        print(f"  weights {w['bytes'] / 1e6:.1f} MB: layers {w['weights_format']}, embedding/output "
-              f"{w['embedding_format']}; {w['copied_from_source']} matrices copied block for block from the source, "
+        layers = ", ".join(f"{n} {f}" for f, n in sorted(w["matrix_formats"].items()))
+        print(f"  weights {w['bytes'] / 1e6:.1f} MB: layer matrices {layers}, embedding {w['embedding_format']}, output "
+              f"{w['output_format']}; {w['copied_from_source']} matrices copied block for block from the source, "
               f"{w['requantized']} requantized")
     return summary
 

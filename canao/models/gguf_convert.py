@@ -1,9 +1,10 @@
 """Re-quantize a GGUF file to another weight type (e.g. SmolLM2's Q4_1 -> Q8_0), in Python.
 
 Every block-quantized tensor of another type is dequantized and quantized again with the
-`gguf` package's reference kernels; float tensors (norms) and tensors already of the target
-type are copied byte for byte, and so is every metadata field (tokenizer, chat template,
-hyper-parameters) except general.file_type, which is set to match the new weights.
+`gguf` package's reference kernels (canao's own quantizer for the k-quants; the mixes Q4_K_M,
+Q5_K_M and Q6_K choose a type per tensor as llama.cpp does, kquants.mix_format); float tensors
+(norms) and tensors already of the target type are copied byte for byte, and so is every
+metadata field (tokenizer, chat template, hyper-parameters) except general.file_type, which is set to match the new weights.
 The result loads in llama.cpp and in canao.models.decoders alike.
 
     path = converted("smollm2", "Q8_0")        # cached under $CANAO_CACHE/gguf by source checksum
@@ -21,10 +22,11 @@ from ..errors import CanaoError
 from ..fileio import file_digest
 from ..paths import resolve_model_path
 
-# Types canao's own loader reads back (gguf_loader.SUPPORTED_TYPES) that gguf.quants can write.
-TARGET_TYPES = ("Q8_0", "Q4_0", "Q4_1")
-BLOCK_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # what we re-quantize; F32/F16/BF16 stay
-FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1"}
+# Types canao's own loader reads back (gguf_loader.SUPPORTED_TYPES) that gguf.quants or canao can write.
+TARGET_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K_M", "Q5_K_M", "Q6_K")
+BLOCK_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")  # re-quantized; F32/F16/BF16 stay
+FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q4_K_M": "MOSTLY_Q4_K_M",
+              "Q5_K_M": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K"}
 
 
 def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str | None = "Q8_0",
@@ -38,6 +40,8 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str | No
     import gguf
     from gguf import quants
 
+    from ..compiler.decoder import kquants
+
     if qtype is not None and qtype not in TARGET_TYPES:
         raise CanaoError(f"cannot convert GGUF weights to '{qtype}'; choose one of {', '.join(TARGET_TYPES)}")
     src, dst = resolve_model_path(src), Path(dst)
@@ -47,7 +51,7 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str | No
         reader = gguf.GGUFReader(str(src))
     except Exception as exc:
         raise CanaoError(f"{src}: not a readable GGUF file ({type(exc).__name__}: {exc}); download it again") from None
-    target = gguf.GGMLQuantizationType[qtype] if qtype else None
+    mix = qtype.lower() if qtype in ("Q4_K_M", "Q5_K_M", "Q6_K") else None
     arch_field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
     if arch_field is None:
         raise CanaoError(f"{src}: GGUF file has no general.architecture; it is not a model file")
@@ -64,6 +68,20 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str | No
         return int(name.split(".")[1]) < layers
 
     tensors = [t for t in reader.tensors if kept(t.name)]
+    n_layers = layers or reader.get_field(block_key).contents()
+    names = {t.name for t in tensors}
+
+    def type_of(t):
+        """The type tensor t is written as."""
+        if qtype is None or t.tensor_type.name not in BLOCK_TYPES:
+            return t.tensor_type
+        if mix is None:
+            return gguf.GGMLQuantizationType[qtype]
+        if t.tensor_type.name in kquants.MIXES[mix]:  # as compiling at the mix does: kept
+            return t.tensor_type
+        # llama.cpp: a tied embedding is the output matrix; an untied one gets the mix's base format
+        name = "output.weight" if t.name == "token_embd.weight" and "output.weight" not in names else t.name
+        return gguf.GGMLQuantizationType[kquants.mix_format(mix, name, int(t.shape[0]), n_layers)]
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
@@ -85,10 +103,11 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str | No
         writer.add_key_value(field.name, value, vtype, sub_type=sub)
 
     def requantized(t) -> bool:
-        return target is not None and t.tensor_type.name in BLOCK_TYPES and t.tensor_type != target
+        return type_of(t) != t.tensor_type
 
     for t in tensors:
         if requantized(t):
+            target = type_of(t)
             rows = tuple(int(d) for d in reversed(t.shape))  # numpy order: [..., row length]
             if rows[-1] % gguf.GGML_QUANT_SIZES[target][0]:
                 raise CanaoError(f"{src}: tensor '{t.name}' rows of {rows[-1]} do not split into {qtype} blocks")
@@ -102,7 +121,10 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str | No
     try:
         for t in tensors:
             if requantized(t):
-                data = quants.quantize(quants.dequantize(t.data, t.tensor_type).astype(np.float32), target)
+                dense = quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+                target = type_of(t)
+                data = kquants.quantize(dense, target.name, t.name) if target.name in kquants.FORMATS else \
+                    quants.quantize(dense, target)
             else:
                 data = t.data
             writer.write_tensor_data(data, tensor_endianess=reader.endianess)

@@ -19,8 +19,8 @@ from ..errors import CanaoError
 from .limits import check_sizes
 
 # Tensor types we dequantize. The reference numpy kernels in `gguf.quants` cover more
-# (K-quants, IQ*), but these are the ones this project is tested on.
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+# (the other k-quants, IQ*), but these are the ones this project is tested on.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED_ARCHS = ("llama", "qwen2", "phi3", "gpt2")
 # run by canao.models.llama.Llama: Qwen2 is Llama with biases on q, k and v; Phi-3 is Llama with
 # Q/K/V in one matrix and gate/up in another. Neither permutes Q/K rows in the file (llama.cpp

@@ -1,8 +1,8 @@
 /* The fixed part of a decoder artifact: weights mapping, KV cache, thread pool and the
  * Llama forward pass (prefill and decode step) over canao_decoder_kernels.h.
  *
- * The generated model.c defines the model's shapes, weight formats and the tensor offset
- * table as compile-time constants and then includes this file, so every loop bound below
+ * The generated model.c defines the model's shapes and the tensor table (offsets and each
+ * matrix's weight format) as compile-time constants and then includes this file, so every loop bound below
  * is a constant the C compiler specialises on.
  *
  * Fusions: Q, K and V are one packed matrix (one GEMV); gate and up are interleaved in
@@ -47,9 +47,7 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-static long row_bytes(int type, int k) {
-    return type == WT_F32 ? (long)k * 4 : type == WT_Q8_0 ? (long)k / QK * Q8_0_BYTES : (long)k / QK * Q4_1_BYTES;
-}
+static long row_bytes(int type, int k) { return (long)k / block_weights(type) * block_bytes(type); }
 
 /* ---- thread pool: persistent workers, dynamic chunks, spin then futex ------------------ */
 
@@ -87,6 +85,7 @@ struct canao_lm {
     const void *w;
     const float *bias;           /* per output row, or NULL */
     int wtype, k, rows, n, layer, mode;
+    long ldo;                    /* floats between one token's outputs and the next's */
     int gemv;                    /* this forward's matrices run as GEMVs (a decode step of 1..GEMV_TOKENS sequences) */
     long chunks, chunks_per_item; /* a decode GEMV's chunks, and how many one claimed item runs */
     const float *in;
@@ -200,8 +199,13 @@ static inline float act_gelu(float x) { return GELU_TANH ? gelu_tanh(x) : gelu_e
 #define GEMV_ROWS(N)                                                                                             \
     for (int r = 0; r < nrows; r++) {                                                                            \
         const uint8_t *w = (const uint8_t *)m->w + (long)(r0 + r) * rb;                                           \
-        if (m->wtype == WT_Q4_1) dot_q4_1_n(w, m->xq, m->xd, m->xs, nb, N, KMAX, KMAX / QK, y[r]);              \
-        else dot_q8_0_n(w, m->xq, m->xd, nb, N, KMAX, KMAX / QK, y[r]);                                          \
+        switch (m->wtype) {                                                                                      \
+        case WT_Q4_1: dot_q4_1_n(w, m->xq, m->xd, m->xs, nb, N, KMAX, KMAX / QK, y[r]); break;                   \
+        case WT_Q4_K: dot_q4_k_n(w, m->xq, m->xd, m->xs, nb, N, KMAX, KMAX / QK, y[r]); break;                   \
+        case WT_Q5_K: dot_q5_k_n(w, m->xq, m->xd, m->xs, nb, N, KMAX, KMAX / QK, y[r]); break;                   \
+        case WT_Q6_K: dot_q6_k_n(w, m->xq, m->xd, m->xs, nb, N, KMAX, KMAX / QK, y[r]); break;                   \
+        default: dot_q8_0_n(w, m->xq, m->xd, nb, N, KMAX, KMAX / QK, y[r]);                                      \
+        }                                                                                                        \
     }                                                                                                            \
     break;
 
@@ -239,7 +243,7 @@ static void gemv_chunk(struct canao_lm *m, int tid, long chunk) {
     for (int t = 0; t < n; t++) {
         if (m->bias && m->mode != EPI_SWIGLU)
             for (int r = 0; r < nrows; r++) y[r][t] += m->bias[r0 + r];
-        float *out = m->out + (long)t * (m->mode == EPI_SWIGLU ? m->rows / 2 : m->rows);
+        float *out = m->out + (long)t * m->ldo;
         if (m->mode == EPI_STORE) for (int r = 0; r < nrows; r++) out[r0 + r] = y[r][t];
         else if (m->mode == EPI_ADD) for (int r = 0; r < nrows; r++) out[r0 + r] += y[r][t];
         else if (m->mode == EPI_GELU) for (int r = 0; r < nrows; r++) out[r0 + r] = act_gelu(y[r][t]);
@@ -264,11 +268,12 @@ static void gemm_chunk(struct canao_lm *m, int tid, long chunk) {
         const int r0 = (int)chunk * NR, nrows = m->rows - r0 < NR ? m->rows - r0 : NR;
         dequant_panel(m->wtype, m->w, rb, r0, nrows, k, panel);
         float *dst = m->mode == EPI_ADD ? m->tmp + r0 : m->out + r0;
-        panel_gemm(m->in, k, n, k, panel, dst, m->rows, nrows);
+        const long ld = m->mode == EPI_ADD ? m->rows : m->ldo;
+        panel_gemm(m->in, k, n, k, panel, dst, ld, nrows);
         const float *bias = m->bias ? m->bias + r0 : NULL;
         for (int t = 0; t < n; t++) {
-            float *o = m->out + (long)t * m->rows + r0;
-            const float *acc = dst + (long)t * m->rows;
+            float *o = m->out + (long)t * m->ldo + r0;
+            const float *acc = dst + (long)t * ld;
             if (m->mode == EPI_ADD) for (int r = 0; r < nrows; r++) o[r] += acc[r] + (bias ? bias[r] : 0.0f);
             else if (m->mode == EPI_GELU) for (int r = 0; r < nrows; r++) o[r] = act_gelu(acc[r] + (bias ? bias[r] : 0.0f));
             else if (bias) for (int r = 0; r < nrows; r++) o[r] += bias[r];
@@ -283,14 +288,16 @@ static void gemm_chunk(struct canao_lm *m, int tid, long chunk) {
     }
     for (int t = 0; t < n; t++) {
         const float *g = m->tmp + (long)t * m->rows + r0;
-        for (int r = 0; r < NR; r++) m->out[(long)t * (m->rows / 2) + chunk * NR + r] = silu(g[r]) * g[NR + r];
+        for (int r = 0; r < NR; r++) m->out[(long)t * m->ldo + chunk * NR + r] = silu(g[r]) * g[NR + r];
     }
 }
 
-/* out = W in (+ epilogue), for m->n tokens; rows are split into chunks over the threads */
-static void matmul(struct canao_lm *m, const void *w, const float *bias, int wtype, int k, int rows, const float *in,
-                   float *out, int mode) {
+/* out = W in (+ epilogue), for m->n tokens, token t's outputs at out + t * ldo; rows are split into
+ * chunks over the threads */
+static void matmul_ld(struct canao_lm *m, const void *w, const float *bias, int wtype, int k, int rows, const float *in,
+                      float *out, long ldo, int mode) {
     m->w = w;
+    m->ldo = ldo;
     m->bias = bias;
     m->wtype = wtype;
     m->k = k;
@@ -314,6 +321,11 @@ static void matmul(struct canao_lm *m, const void *w, const float *bias, int wty
     } else {
         parallel(m, gemm_chunk, chunks);
     }
+}
+
+static void matmul(struct canao_lm *m, const void *w, const float *bias, int wtype, int k, int rows, const float *in,
+                   float *out, int mode) {
+    matmul_ld(m, w, bias, wtype, k, rows, in, out, mode == EPI_SWIGLU ? rows / 2 : rows, mode);
 }
 
 /* ---- attention over the cache ------------------------------------------------------- */
@@ -406,20 +418,9 @@ static int forward(canao_lm *m, const int32_t *tokens, int n, const int32_t *slo
         float row[DIM];
         const uint8_t *e = (const uint8_t *)tensor(m, OFF_TOK_EMBD) + (long)tokens[t] * erb;
         if (E_TYPE == WT_F32) memcpy(row, e, DIM * sizeof(float));
-        else if (E_TYPE == WT_Q8_0)
-            for (int b = 0; b < DIM / QK; b++) {
-                const float d = fp16_to_f32(e + b * Q8_0_BYTES);
-                for (int j = 0; j < QK; j++) row[b * QK + j] = d * ((const int8_t *)e)[b * Q8_0_BYTES + 2 + j];
-            }
         else
-            for (int b = 0; b < DIM / QK; b++) {
-                const uint8_t *blk = e + b * Q4_1_BYTES;
-                const float d = fp16_to_f32(blk), mn = fp16_to_f32(blk + 2);
-                for (int j = 0; j < 16; j++) {
-                    row[b * QK + j] = d * (blk[4 + j] & 15) + mn;
-                    row[b * QK + j + 16] = d * (blk[4 + j] >> 4) + mn;
-                }
-            }
+            for (int b = 0; b < DIM / block_weights(E_TYPE); b++)
+                dequant_block(E_TYPE, e + b * block_bytes(E_TYPE), row + b * block_weights(E_TYPE));
         if (ARCH == ARCH_GPT2) {  /* learned absolute positions */
             const float *wpe = (const float *)tensor(m, OFF_WPE) + (long)m->tok_pos[t] * DIM;
             for (int c = 0; c < DIM; c++) row[c] += wpe[c];
@@ -431,7 +432,14 @@ static int forward(canao_lm *m, const int32_t *tokens, int n, const int32_t *slo
         const layer_offsets *L = &LAYERS[l];
         m->layer = l;
         norm_rows(m, m->x, L->attn_norm, L->attn_norm_b, m->xn, n);
-        matmul(m, tensor(m, L->wqkv), tensor(m, L->bqkv), W_TYPE, DIM, QKV_ROWS, m->xn, m->qkv, EPI_STORE);
+        if (L->wv_t == L->wqkv_t) matmul(m, tensor(m, L->wqkv), tensor(m, L->bqkv), L->wqkv_t, DIM, QKV_ROWS, m->xn, m->qkv, EPI_STORE);
+        else {  /* V rows in a format of their own (llama.cpp's mixes), right after the Q and K rows */
+            const float *bias = tensor(m, L->bqkv);
+            matmul_ld(m, tensor(m, L->wqkv), bias, L->wqkv_t, DIM, Q_ROWS + KV_ROWS, m->xn, m->qkv, QKV_ROWS, EPI_STORE);
+            matmul_ld(m, tensor(m, L->wqkv + (Q_ROWS + KV_ROWS) * row_bytes(L->wqkv_t, DIM)),
+                      bias ? bias + Q_ROWS + KV_ROWS : NULL, L->wv_t, DIM, KV_ROWS, m->xn, m->qkv + Q_ROWS + KV_ROWS,
+                      QKV_ROWS, EPI_STORE);
+        }
         for (int t = 0; t < n; t++) {  /* RoPE on q and k, then k and v into the cache */
             float *row = m->qkv + (long)t * QKV_ROWS;
             const long p = m->tok_pos[t];
@@ -444,15 +452,15 @@ static int forward(canao_lm *m, const int32_t *tokens, int n, const int32_t *slo
             }
         }
         parallel(m, attention_item, (long)n * N_HEAD);
-        matmul(m, tensor(m, L->wo), tensor(m, L->bo), W_TYPE, Q_ROWS, DIM, m->att, m->x, EPI_ADD);
+        matmul(m, tensor(m, L->wo), tensor(m, L->bo), L->wo_t, Q_ROWS, DIM, m->att, m->x, EPI_ADD);
         norm_rows(m, m->x, L->ffn_norm, L->ffn_norm_b, m->xn, n);
-        if (ARCH == ARCH_GPT2) matmul(m, tensor(m, L->w13), tensor(m, L->b13), W_TYPE, DIM, FFN, m->xn, m->hid, EPI_GELU);
-        else matmul(m, tensor(m, L->w13), NULL, W_TYPE, DIM, 2 * FFN, m->xn, m->hid, EPI_SWIGLU);
-        matmul(m, tensor(m, L->w2), tensor(m, L->b2), W_TYPE, FFN, DIM, m->hid, m->x, EPI_ADD);
+        if (ARCH == ARCH_GPT2) matmul(m, tensor(m, L->w13), tensor(m, L->b13), L->w13_t, DIM, FFN, m->xn, m->hid, EPI_GELU);
+        else matmul(m, tensor(m, L->w13), NULL, L->w13_t, DIM, 2 * FFN, m->xn, m->hid, EPI_SWIGLU);
+        matmul(m, tensor(m, L->w2), tensor(m, L->b2), L->w2_t, FFN, DIM, m->hid, m->x, EPI_ADD);
     }
     if (all_logits) {  /* every position's logits (perplexity): one GEMM over the output matrix */
         norm_rows(m, m->x, OFF_OUT_NORM, OFF_OUT_NORM_B, m->xn, n);
-        matmul(m, tensor(m, OFF_LM_HEAD), NULL, E_TYPE, DIM, VOCAB, m->xn, all_logits, EPI_STORE);
+        matmul(m, tensor(m, OFF_LM_HEAD), NULL, H_TYPE, DIM, VOCAB, m->xn, all_logits, EPI_STORE);
         memcpy(m->logits, all_logits + (long)(n - 1) * VOCAB, VOCAB * sizeof(float));
         return 0;
     }
@@ -460,7 +468,7 @@ static int forward(canao_lm *m, const int32_t *tokens, int n, const int32_t *slo
     norm_rows(m, m->x + (long)(n - 1) * DIM, OFF_OUT_NORM, OFF_OUT_NORM_B, m->xn, 1);
     m->n = 1;
     m->gemv = 1;
-    matmul(m, tensor(m, OFF_LM_HEAD), NULL, E_TYPE, DIM, VOCAB, m->xn, m->logits, EPI_STORE);
+    matmul(m, tensor(m, OFF_LM_HEAD), NULL, H_TYPE, DIM, VOCAB, m->xn, m->logits, EPI_STORE);
     return 0;
 }
 

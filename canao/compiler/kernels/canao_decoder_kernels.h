@@ -8,8 +8,12 @@
  *   Q8_0: 32 weights = fp16 d, 32 x int8             (34 bytes),  w = d * q
  *   Q4_1: 32 weights = fp16 d, fp16 m, 16 bytes      (20 bytes),  w = d * q + m, q in 0..15;
  *         byte j holds weight j (low nibble) and weight j + 16 (high nibble).
+ *   Q4_K, Q5_K, Q6_K: ggml's k-quants, super-blocks of 256 weights (canao/compiler/decoder/kquants.py
+ *         describes the layouts); a Q4_K / Q5_K sub-block of 32 is d * sc * q - dmin * m, a Q6_K
+ *         sub-block of 16 is d * sc * (q - 32).
  * Activations entering a quantized GEMV are quantized per 32-block to int8 (xq, scale xd)
- * with xs = xd * sum(xq) for Q4_1's offset term, as llama.cpp's Q8_1. */
+ * with xs = xd * sum(xq) for the offset terms (Q4_1's m, the k-quants' mins), as llama.cpp's Q8_1;
+ * a k-quant sub-block of 32 meets exactly one activation block. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -17,7 +21,43 @@
 #define QK 32
 #define Q8_0_BYTES 34
 #define Q4_1_BYTES 20
-enum { WT_F32 = 0, WT_Q8_0 = 1, WT_Q4_1 = 2 };
+#define QK_K 256
+#define Q4_K_BYTES 144
+#define Q5_K_BYTES 176
+#define Q6_K_BYTES 210
+enum { WT_F32 = 0, WT_Q8_0 = 1, WT_Q4_1 = 2, WT_Q4_K = 3, WT_Q5_K = 4, WT_Q6_K = 5 };
+
+static inline int block_weights(int type) { return type >= WT_Q4_K ? QK_K : QK; }
+static inline long block_bytes(int type) {
+    static const long bytes[] = {4 * QK, Q8_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES};
+    return bytes[type];
+}
+
+/* the eight 6-bit scales and mins of a Q4_K / Q5_K super-block's 12 bytes (ggml's get_scale_min_k4) */
+static inline void kq_scales(const uint8_t *s, int *sc, int *mn) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63;
+        mn[j] = s[j + 4] & 63;
+        sc[j + 4] = (s[j + 8] & 15) | ((s[j] >> 6) << 4);
+        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    }
+}
+
+/* the 32 weights (as q, before offsets) of k-quant sub-block s of a super-block: Q4_K / Q5_K 0..31, Q6_K q - 32 */
+static inline void kq_sub_weights(int type, const uint8_t *blk, int s, int8_t *q) {
+    if (type == WT_Q6_K) {
+        const int h = s / 4, t = s % 4;
+        const uint8_t *ql = blk + 64 * h + 32 * (t & 1), *qh = blk + 128 + 32 * h;
+        for (int l = 0; l < 32; l++)
+            q[l] = (int8_t)((((ql[l] >> (4 * (t >> 1))) & 15) | (((qh[l] >> (2 * t)) & 3) << 4)) - 32);
+        return;
+    }
+    const uint8_t *qs = blk + (type == WT_Q5_K ? 48 : 16) + 32 * (s / 2);
+    for (int l = 0; l < 32; l++) {
+        q[l] = (int8_t)((qs[l] >> (4 * (s & 1))) & 15);
+        if (type == WT_Q5_K) q[l] |= (int8_t)(((blk[16 + l] >> s) & 1) << 4);
+    }
+}
 
 static inline float fp16_to_f32(const uint8_t *p) {
     uint16_t h;
@@ -210,6 +250,97 @@ static inline float dot_q4_1(const uint8_t *w, const int8_t *xq, const float *xd
     dot_q4_1_n(w, xq, xd, xs, nb, 1, 0, 0, &y);
     return y;
 }
+
+/* Q4_K / Q5_K: per sub-block of 32, d * sc * (q . a) - dmin * m * xs; two chains (even and odd
+ * sub-blocks) per token. Q5_K ORs bit s of qh[l] into weight l of sub-block s as 16. */
+static inline __attribute__((always_inline)) void dot_qk_n(const uint8_t *w, int five, const int8_t *xq, const float *xd,
+                                                           const float *xs, int nb, int n, long kq, long kb, float *y) {
+    __m256 acc0[GEMV_TOKENS], acc1[GEMV_TOKENS];
+    float offset[GEMV_TOKENS];
+    for (int j = 0; j < n; j++) acc0[j] = acc1[j] = _mm256_setzero_ps(), offset[j] = 0.0f;
+    const __m256i m4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(16);
+    const long bytes = five ? Q5_K_BYTES : Q4_K_BYTES;
+    for (int sb = 0; sb < nb / 8; sb++) {
+        const uint8_t *blk = w + sb * bytes, *qs = blk + (five ? 48 : 16);
+        const float d = fp16_to_f32(blk), dmin = fp16_to_f32(blk + 2);
+        int sc[8], mn[8];
+        kq_scales(blk + 4, sc, mn);
+        const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
+        for (int p = 0; p < 4; p++) {  /* 32 bytes: sub-block 2p in the low nibbles, 2p + 1 in the high */
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
+            __m256i q0 = _mm256_and_si256(b, m4), q1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+            if (five) {
+                const __m256i s0 = _mm256_set1_epi8((char)(1 << (2 * p))), s1 = _mm256_set1_epi8((char)(2 << (2 * p)));
+                q0 = _mm256_or_si256(q0, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, s0), s0), bit4));
+                q1 = _mm256_or_si256(q1, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, s1), s1), bit4));
+            }
+            const float d0 = d * (float)sc[2 * p], d1 = d * (float)sc[2 * p + 1];
+            const float m0 = dmin * (float)mn[2 * p], m1 = dmin * (float)mn[2 * p + 1];
+            const int bi = sb * 8 + 2 * p;
+            for (int j = 0; j < n; j++) {
+                const int8_t *a = xq + j * kq + bi * QK;
+                const float *dj = xd + j * kb + bi, *sj = xs + j * kb + bi;
+                const __m256i p0 = dot_u8s8(q0, _mm256_loadu_si256((const __m256i *)a));
+                const __m256i p1 = dot_u8s8(q1, _mm256_loadu_si256((const __m256i *)(a + QK)));
+                acc0[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * dj[0]), acc0[j]);
+                acc1[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d1 * dj[1]), acc1[j]);
+                offset[j] += m0 * sj[0] + m1 * sj[1];
+            }
+        }
+    }
+    for (int j = 0; j < n; j++) y[j] = hsum256(_mm256_add_ps(acc0[j], acc1[j])) - offset[j];
+}
+
+static inline __attribute__((always_inline)) void dot_q4_k_n(const uint8_t *w, const int8_t *xq, const float *xd,
+                                                             const float *xs, int nb, int n, long kq, long kb, float *y) {
+    dot_qk_n(w, 0, xq, xd, xs, nb, n, kq, kb, y);
+}
+
+static inline __attribute__((always_inline)) void dot_q5_k_n(const uint8_t *w, const int8_t *xq, const float *xd,
+                                                             const float *xs, int nb, int n, long kq, long kb, float *y) {
+    dot_qk_n(w, 1, xq, xd, xs, nb, n, kq, kb, y);
+}
+
+/* Q6_K: q - 32 fits int8, so |q - 32| x (a with its sign) as Q8_0; the products' 8 lanes are weights
+ * 0..15 (lanes 0-3) and 16..31 (lanes 4-7) of a sub-block of 32, whose two int8 scales multiply them
+ * as integers (|sum| < 2^24: exact in fp32) before d * xd. */
+static inline __attribute__((always_inline)) void dot_q6_k_n(const uint8_t *w, const int8_t *xq, const float *xd,
+                                                             const float *xs, int nb, int n, long kq, long kb, float *y) {
+    (void)xs;
+    __m256 acc0[GEMV_TOKENS], acc1[GEMV_TOKENS];
+    for (int j = 0; j < n; j++) acc0[j] = acc1[j] = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30), k32 = _mm256_set1_epi8(32);
+    for (int sb = 0; sb < nb / 8; sb++) {
+        const uint8_t *blk = w + sb * Q6_K_BYTES;
+        const int8_t *sc = (const int8_t *)blk + 192;
+        const float d = fp16_to_f32(blk + 208);
+        for (int h = 0; h < 2; h++) {  /* 128 weights: four sub-blocks of 32 from 64 ql and 32 qh bytes */
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h));
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32));
+            const __m256i hb = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+            __m256i q[4] = {
+                _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30)),
+                _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hb, m30)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30)),
+            };
+            for (int s = 0; s < 4; s++) {
+                const __m256i qs = _mm256_sub_epi8(q[s], k32), u = _mm256_sign_epi8(qs, qs);
+                const int i = 4 * h + s, bi = sb * 8 + i;
+                const __m256i scl = _mm256_setr_epi32(sc[2 * i], sc[2 * i], sc[2 * i], sc[2 * i], sc[2 * i + 1],
+                                                      sc[2 * i + 1], sc[2 * i + 1], sc[2 * i + 1]);
+                for (int j = 0; j < n; j++) {
+                    const __m256i a = _mm256_loadu_si256((const __m256i *)(xq + j * kq + bi * QK));
+                    const __m256i p = _mm256_mullo_epi32(dot_u8s8(u, _mm256_sign_epi8(a, qs)), scl);
+                    const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[j * kb + bi]));
+                    if (s & 1) acc1[j] = _mm256_add_ps(acc1[j], t);
+                    else acc0[j] = _mm256_add_ps(acc0[j], t);
+                }
+            }
+        }
+    }
+    for (int j = 0; j < n; j++) y[j] = hsum256(_mm256_add_ps(acc0[j], acc1[j]));
+}
 #else
 static inline float dot_q8_0(const uint8_t *w, const int8_t *xq, const float *xd, int nb) {
 #if defined(__ARM_FEATURE_DOTPROD)
@@ -275,6 +406,57 @@ static inline void dot_q8_0_n(const uint8_t *w, const int8_t *xq, const float *x
                               float *y) {
     for (int j = 0; j < n; j++) y[j] = dot_q8_0(w, xq + j * kq, xd + j * kb, nb);
 }
+
+/* q . a over 32 weights; Q6_K: its two 16-weight halves times their scales */
+static inline int kq_idot(const int8_t *q, const int8_t *a, int sc0, int sc1) {
+#if defined(__ARM_FEATURE_DOTPROD)
+    const int lo = vaddvq_s32(vdotq_s32(vdupq_n_s32(0), vld1q_s8(q), vld1q_s8(a)));
+    const int hi = vaddvq_s32(vdotq_s32(vdupq_n_s32(0), vld1q_s8(q + 16), vld1q_s8(a + 16)));
+#else
+    int lo = 0, hi = 0;
+    for (int l = 0; l < 16; l++) lo += q[l] * a[l], hi += q[l + 16] * a[l + 16];
+#endif
+    return lo * sc0 + hi * sc1;
+}
+
+static inline float dot_kq(int type, const uint8_t *w, const int8_t *xq, const float *xd, const float *xs, int nb) {
+    const long bytes = block_bytes(type);
+    float sum = 0.0f, offset = 0.0f;
+    for (int sb = 0; sb < nb / 8; sb++) {
+        const uint8_t *blk = w + sb * bytes;
+        int sc[8], mn[8];
+        if (type != WT_Q6_K) kq_scales(blk + 4, sc, mn);
+        const float d = fp16_to_f32(type == WT_Q6_K ? blk + 208 : blk), dmin = type == WT_Q6_K ? 0.0f : fp16_to_f32(blk + 2);
+        for (int s = 0; s < 8; s++) {
+            int8_t q[32];
+            kq_sub_weights(type, blk, s, q);
+            const int b = sb * 8 + s;
+            if (type == WT_Q6_K) {
+                const int8_t *s6 = (const int8_t *)blk + 192;
+                sum += (float)kq_idot(q, xq + b * QK, s6[2 * s], s6[2 * s + 1]) * (d * xd[b]);
+            } else {
+                sum += (float)kq_idot(q, xq + b * QK, 1, 1) * (d * (float)sc[s] * xd[b]);
+                offset += dmin * (float)mn[s] * xs[b];
+            }
+        }
+    }
+    return sum - offset;
+}
+
+static inline void dot_q4_k_n(const uint8_t *w, const int8_t *xq, const float *xd, const float *xs, int nb, int n,
+                              long kq, long kb, float *y) {
+    for (int j = 0; j < n; j++) y[j] = dot_kq(WT_Q4_K, w, xq + j * kq, xd + j * kb, xs + j * kb, nb);
+}
+
+static inline void dot_q5_k_n(const uint8_t *w, const int8_t *xq, const float *xd, const float *xs, int nb, int n,
+                              long kq, long kb, float *y) {
+    for (int j = 0; j < n; j++) y[j] = dot_kq(WT_Q5_K, w, xq + j * kq, xd + j * kb, xs + j * kb, nb);
+}
+
+static inline void dot_q6_k_n(const uint8_t *w, const int8_t *xq, const float *xd, const float *xs, int nb, int n,
+                              long kq, long kb, float *y) {
+    for (int j = 0; j < n; j++) y[j] = dot_kq(WT_Q6_K, w, xq + j * kq, xd + j * kb, xs + j * kb, nb);
+}
 #endif
 
 static inline float dot_f32(const float *w, const float *x, int k) {
@@ -292,6 +474,38 @@ static inline float dot_f32(const float *w, const float *x, int k) {
 
 #define NR 16  /* output columns (weight rows) of one prefill panel */
 
+/* one block of a quantized format (QK or QK_K weights) as floats */
+static void dequant_block(int type, const uint8_t *blk, float *out) {
+    if (type == WT_Q8_0) {
+        const float d = fp16_to_f32(blk);
+        for (int j = 0; j < QK; j++) out[j] = d * ((const int8_t *)blk)[2 + j];
+    } else if (type == WT_Q4_1) {
+        const float d = fp16_to_f32(blk), m = fp16_to_f32(blk + 2);
+        for (int j = 0; j < 16; j++) {
+            out[j] = d * (blk[4 + j] & 0x0f) + m;
+            out[j + 16] = d * (blk[4 + j] >> 4) + m;
+        }
+    } else if (type == WT_Q6_K) {
+        const int8_t *sc = (const int8_t *)blk + 192;
+        const float d = fp16_to_f32(blk + 208);
+        for (int s = 0; s < 8; s++) {
+            int8_t q[32];
+            kq_sub_weights(WT_Q6_K, blk, s, q);
+            for (int l = 0; l < 32; l++) out[32 * s + l] = d * (float)sc[2 * s + l / 16] * (float)q[l];
+        }
+    } else {  /* Q4_K, Q5_K */
+        int sc[8], mn[8];
+        kq_scales(blk + 4, sc, mn);
+        const float d = fp16_to_f32(blk), dmin = fp16_to_f32(blk + 2);
+        for (int s = 0; s < 8; s++) {
+            int8_t q[32];
+            kq_sub_weights(type, blk, s, q);
+            const float ds = d * (float)sc[s], dm = dmin * (float)mn[s];
+            for (int l = 0; l < 32; l++) out[32 * s + l] = ds * (float)q[l] - dm;
+        }
+    }
+}
+
 static void dequant_panel(int type, const void *w, long row_bytes, int r0, int nrows, int k, float *panel) {
     for (int r = 0; r < NR; r++) {
         if (r >= nrows) {
@@ -302,22 +516,13 @@ static void dequant_panel(int type, const void *w, long row_bytes, int r0, int n
         if (type == WT_F32) {
             const float *f = (const float *)row;
             for (int c = 0; c < k; c++) panel[(long)c * NR + r] = f[c];
-        } else if (type == WT_Q8_0) {
-            for (int b = 0; b < k / QK; b++) {
-                const uint8_t *blk = row + b * Q8_0_BYTES;
-                const float d = fp16_to_f32(blk);
-                const int8_t *q = (const int8_t *)blk + 2;
-                for (int j = 0; j < QK; j++) panel[(long)(b * QK + j) * NR + r] = d * q[j];
-            }
-        } else {
-            for (int b = 0; b < k / QK; b++) {
-                const uint8_t *blk = row + b * Q4_1_BYTES;
-                const float d = fp16_to_f32(blk), m = fp16_to_f32(blk + 2);
-                for (int j = 0; j < 16; j++) {
-                    panel[(long)(b * QK + j) * NR + r] = d * (blk[4 + j] & 0x0f) + m;
-                    panel[(long)(b * QK + j + 16) * NR + r] = d * (blk[4 + j] >> 4) + m;
-                }
-            }
+            continue;
+        }
+        const int bw = block_weights(type);
+        for (int b = 0; b < k / bw; b++) {
+            float v[QK_K];
+            dequant_block(type, row + b * block_bytes(type), v);
+            for (int j = 0; j < bw; j++) panel[(long)(b * bw + j) * NR + r] = v[j];
         }
     }
 }
