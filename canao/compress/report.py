@@ -106,6 +106,9 @@ def markdown(state: dict, job) -> str:
         lines.append(f"| teacher | largest, canao fp32 | {t['f1']:.2f} | {f1_cell(t, 'f1_heldout')} | - | "
                      f"{tl['median_ms']:.2f} | {tl['p95_ms']:.2f} | - |")
     for name, b in state.get("baselines", {}).items():
+        if b.get("same_as") == "canao":  # the same shape from the same start: trained once
+            lines.append(f"| {name} | `{b['key']}`: CANAO's model (same architecture and start) | | | | | | |")
+            continue
         lines.append(f"| {name} | `{b['key']}` | {f1_cell(b)} | {f1_cell(b, 'f1_heldout')} | {f1_cell(b, 'f1_select')} | "
                      f"{b.get('median_ms', float('nan')):.2f} | {b.get('p95_ms', float('nan')):.2f} | "
                      f"{pq_cell(b.get('per_question'))}{'' if b.get('within_budget', True) else ' (over budget)'} |")

@@ -67,3 +67,47 @@ def test_short_evolution_mutates_from_seeded_anchors():
     seeded = np.mean([children_reward(s, good) for s in range(5)])
     unseeded = np.mean([run(RandomController(SPACE, seed=s), 12).mean() for s in range(5)])
     assert seeded > unseeded + 0.3  # the toy reward spans 0.3 .. 2
+
+
+class _Timings:
+    """Measured p95 per architecture key (confirm's oracle): each measurement counted."""
+
+    def __init__(self, p95):
+        self.p95, self.calls = p95, []
+
+    def measure(self, arch, threads=1, fresh=False):
+        self.calls.append(arch.key())
+        return {"median_ms": self.p95[arch.key()] * 0.9, "p95_ms": self.p95[arch.key()]}
+
+
+def _confirm(tmp_path, p95_by_depth, guard):
+    from canao.compress.search import Search, SearchConfig
+
+    archs = [SPACE.uniform(d, 12, 1536, 384, "int8") for d in p95_by_depth]
+    oracle = _Timings({a.key(): p for a, p in zip(archs, p95_by_depth.values())})
+    search = Search(SPACE, BertConfig(), None, oracle, None, SearchConfig(budget_ms=10.0), tmp_path / "log.jsonl",
+                    progress=False)
+    ranked = [{"arch": a.to_dict(), "key": a.key(), "f1": 50.0 - i, "predicted_ms": 9.0} for i, a in enumerate(archs)]
+    arch, m, trail = search.confirm(ranked, guard=guard)
+    return arch.depth, m["p95_ms"], trail, oracle
+
+
+def test_confirm_keeps_a_guard_band_under_the_budget(tmp_path):
+    # the best candidate is 1 % under the budget: within it, not within a 3 % guard; measured again before it is passed over
+    depth, p95, trail, oracle = _confirm(tmp_path, {6: 9.9, 5: 9.5, 4: 8.0}, guard=0.03)
+    assert depth == 5 and p95 == 9.5 and [t["within_guard"] for t in trail] == [False, True]
+    assert oracle.calls.count(SPACE.uniform(6, 12, 1536, 384, "int8").key()) == 3
+    # without the guard the first within the budget wins at once
+    assert _confirm(tmp_path, {6: 9.9, 5: 9.5}, guard=0.0)[0] == 6
+    # none clears the guard: the first within the budget itself, not an error
+    depth, p95, trail, _ = _confirm(tmp_path, {6: 10.4, 5: 9.9, 4: 9.8}, guard=0.03)
+    assert depth == 5 and p95 == 9.9 and [t["within_budget"] for t in trail] == [False, True, True]
+
+
+def test_confirm_refuses_when_nothing_fits(tmp_path):
+    import pytest
+
+    from canao.errors import CanaoError
+
+    with pytest.raises(CanaoError, match="none of the 2 best candidates met the 10.0 ms budget"):
+        _confirm(tmp_path, {6: 10.4, 5: 11.0}, guard=0.03)

@@ -9,7 +9,8 @@ from canao.compress.teacher_cache import WindowSettings
 from canao.errors import CanaoError
 
 TINY = dict(search_dev=6, select_dev=6, eval_dev=20, calibration=4, proposals=3, phase2_steps=2, phase2_seconds=None,
-            eval_every=0, batch_size=4, runs=3, rounds=2, hidden_fracs=(0.5, 1.0))  # the hidden width searched too
+            eval_every=0, batch_size=4, runs=3, rounds=2, hidden_fracs=(0.5, 1.0),  # the hidden width searched too
+            baselines=("width-shrunk", "layer-dropped"), external=("onnxruntime",))  # the quick preset's are fewer
 # the distillation data (and, in the standard preset, the supernet): 16 questions and one augmented copy each
 SUPER_TINY = dict(train_limit=16, copies=1, window=WindowSettings(128, 32), importance_batches=1, steps=4, seconds=None,
                   batch_size=4, reference_dev=6, save_every=2)
@@ -63,6 +64,21 @@ def test_search_end_to_end_and_resume(tmp_path, teacher_dir, data_dir):
     again = run(job(tmp_path, teacher_dir, data_dir, speedup=1.5, seq_choices=(96, 128)), resume=True, progress=False)
     assert again["arch"] == res["arch"] and again["f1"] == res["f1"]
     assert len((out / "search-log.jsonl").read_text().splitlines()) == len(log)
+
+
+def test_a_baseline_identical_to_canaos_model_is_not_trained_twice(tmp_path, teacher_dir, data_dir):
+    from canao.compress.pipeline import PRESETS
+
+    assert PRESETS["quick"].baselines == ("width-shrunk",)  # the main job trains one baseline
+    # a budget the teacher's shape meets: the only candidate (both anchors are the teacher's shape) is
+    # CANAO's model, and the width-shrunk baseline would repeat its training from the same teacher slices
+    res = run(job(tmp_path, teacher_dir, data_dir, 400.0, controllers=(), over=dict(baselines=("width-shrunk",), external=())),
+              progress=False)
+    state = json.loads((tmp_path / "out" / "state.json").read_text())
+    base = state["baselines"]["width-shrunk"]
+    assert set(state["baselines"]) == {"width-shrunk"} and base["key"] == state["final"]["key"]
+    assert base["same_as"] == "canao" and base["steps"] == state["phase2"]["steps"] and base["f1"] == res["f1"]
+    assert not (tmp_path / "out" / "baseline-width-shrunk").exists() and state["returned"]["name"] == "canao"
 
 
 def test_standard_preset_trains_a_supernet_that_a_second_search_reuses(tmp_path, teacher_dir, data_dir):
