@@ -60,7 +60,7 @@ class Preset:
     supernet: str | None  # supernet preset trained into OUT/supernet when --supernet is not given; None: none
     data: str  # supernet preset whose data settings (questions, augmentation, windows) phase 2 uses
     search_dev: int  # dev questions for candidate F1 (the search slice)
-    select_dev: int  # further dev questions: phase 2 keeps its best checkpoint on them, the returned model too
+    select_dev: int  # further dev questions: phase 2 keeps its best checkpoint on them (PyTorch, every eval_every steps)
     eval_dev: int | None  # dev questions of the reported F1 (None: the whole dev file)
     calibration: int
     proposals: int
@@ -74,6 +74,9 @@ class Preset:
     # uniformly shrunk students trained like CANAO's model (the safety net and the comparison);
     # the int8 teacher is measured too wherever int8 is searched
     baselines: tuple[str, ...] = ("width-shrunk", "layer-dropped")
+    # further dev questions after the selection slice: the returned model is chosen among the compiled
+    # finals on selection + these (500 questions ranked a 2x search's models ~2 F1 off their whole-file order)
+    choose_dev: int = 0
     latency_guard: float = 0.03  # confirm a candidate only this fraction under the budget, so the final timing holds
     external: tuple[str, ...] = ("onnxruntime", "tflite")  # engines of the int8-teacher points on the plot
     hidden_fracs: tuple[float, ...] = (0.5, 0.75, 1.0)  # residual-stream widths searched (fractions of the teacher's)
@@ -92,11 +95,11 @@ PRESETS = {
     # About 2 hours on 2 CPU cores: the standard supernet (45 min, reused by later searches of the same
     # teacher), a search ranked by its sub-networks, 25 minutes of phase 2 (what F1 needs most: a 4x
     # student gained 3.8 F1 in its first 140 steps), then the baselines with the same steps.
-    "standard": Preset(supernet="standard", data="standard", search_dev=300, select_dev=500, eval_dev=None,
+    "standard": Preset(supernet="standard", data="standard", search_dev=300, select_dev=500, choose_dev=1000, eval_dev=None,
                        calibration=20, proposals=15, phase2_steps=20000, phase2_seconds=25 * 60, eval_every=200,
                        rounds=4, external=("onnxruntime",), hidden_fracs=(1.0,)),
     # A GPU for the training stages (scripts/device_search.sh), then the device stages on the target.
-    "full": Preset(supernet="full", data="full", search_dev=500, select_dev=500, eval_dev=None, calibration=30,
+    "full": Preset(supernet="full", data="full", search_dev=500, select_dev=500, choose_dev=1000, eval_dev=None, calibration=30,
                    proposals=40, phase2_steps=6000, eval_every=500, batch_size=64),
 }
 
@@ -236,12 +239,15 @@ def _search(job: Job, resume: bool, progress: bool) -> dict:
     space = SearchSpace.from_teacher(tcfg, seq=seqs, precisions=list(job.precisions), min_depth=pre.min_depth,
                                      hidden_fracs=tuple(pre.hidden_fracs))
     dev = squad.read_squad(dev_file)
-    n_sel = pre.search_dev + pre.select_dev
-    if len(dev) <= n_sel:
-        raise CanaoError(f"{dev_file}: {len(dev)} dev questions; the search and selection slices need more than {n_sel}")
-    search_ex, select_ex = dev[:pre.search_dev], dev[pre.search_dev:n_sel]
+    n_sel = pre.search_dev + pre.select_dev + pre.choose_dev
     eval_ex = dev if pre.eval_dev is None else dev[:pre.eval_dev]
-    sets = DevSets(tok, {"select": select_ex, "eval": eval_ex, "heldout": dev[n_sel:len(eval_ex)]})
+    if len(eval_ex) <= n_sel:
+        raise CanaoError(f"{dev_file}: {len(eval_ex)} dev questions to report on; the search, selection and choice "
+                         f"slices need more than {n_sel}")
+    search_ex, select_ex = dev[:pre.search_dev], dev[pre.search_dev:pre.search_dev + pre.select_dev]
+    # the choice slice holds the selection slice: scored from the eval predictions, which cover both
+    sets = DevSets(tok, {"select": select_ex, "choose": dev[pre.search_dev:n_sel], "eval": eval_ex,
+                         "heldout": dev[n_sel:len(eval_ex)]})
 
     oracle = None
     if job.measure:
@@ -481,7 +487,7 @@ def torch_runner(model):
 
 
 class DevSets:
-    """The dev slices a search scores on ("select", "eval", "heldout"), windowed per maximum length once."""
+    """The dev slices a search scores on ("select", "choose", "eval", "heldout"), windowed per maximum length once."""
 
     def __init__(self, tok, slices: dict[str, list]):
         self.tok, self.slices = tok, slices
@@ -499,7 +505,9 @@ class DevSets:
         """F1 on the eval questions, and on the held-out part of them (not used for any choice)."""
         metrics, preds = squad.score(run_fn, self.slices["eval"], self.features("eval", seq))
         held = self.slices["heldout"]
-        res = {"f1": metrics["f1"], "em": metrics["em"]}
+        res = {"f1": metrics["f1"], "em": metrics["em"],
+               "f1_choose": squad.squad_metrics(self.slices["choose"], preds)["f1"],
+               "choose_questions": len(self.slices["choose"])}
         if held:
             res["f1_heldout"] = squad.squad_metrics(held, preds)["f1"]
             res["heldout_questions"] = len(held)
@@ -667,7 +675,9 @@ class Phase2:
         fits = lambda b: b.get("within_budget") or (b.get("key") == fin["key"] and fin["within_budget"])  # noqa: E731
         pool = {"canao": fin} | {k: b for k, b in st.data.get("baselines", {}).items()
                                  if fits(b) and "f1_select" in b}
-        name = max(pool, key=lambda k: (pool[k]["f1_select"], k == "canao"))
+        # the larger choice slice where every final has it (searches started before it: the selection slice)
+        by = "f1_choose" if all("f1_choose" in b for b in pool.values()) else "f1_select"
+        name = max(pool, key=lambda k: (pool[k][by], k == "canao"))
         chosen = pool[name]
         for folder in ("artifact", "artifact-host"):
             shutil.rmtree(out / folder, ignore_errors=True)
@@ -684,10 +694,13 @@ class Phase2:
         for folder in (out / "artifact", out / "artifact-host"):  # the apps tokenize before they run an artifact
             if folder.exists():
                 add_files(folder, tokenizer_files(self.job.teacher))
-        why = ("CANAO's model has the best selection-slice F1" if name == "canao" else
-               f"the {name} baseline scored higher on the selection slice ({chosen['f1_select']:.2f} vs "
-               f"{fin['f1_select']:.2f}) and fits the budget, so it is returned instead")
-        return {"name": name, "key": chosen["key"], "f1_select": chosen["f1_select"], "why": why}
+        slice_words = (f"the {chosen.get('choose_questions')} choice questions" if by == "f1_choose"
+                       else "the selection slice")
+        why = (f"CANAO's model has the best F1 on {slice_words}" if name == "canao" else
+               f"the {name} baseline scored higher on {slice_words} ({chosen[by]:.2f} vs {fin[by]:.2f}) and fits "
+               "the budget, so it is returned instead")
+        return {"name": name, "key": chosen["key"], "f1_select": chosen["f1_select"], "by": by, by: chosen[by],
+                "why": why}
 
 
 def _budget_words(job: dict) -> str:

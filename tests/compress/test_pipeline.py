@@ -8,7 +8,7 @@ from canao.compress.pipeline import Job, run
 from canao.compress.teacher_cache import WindowSettings
 from canao.errors import CanaoError
 
-TINY = dict(search_dev=6, select_dev=6, eval_dev=20, calibration=4, proposals=3, phase2_steps=2, phase2_seconds=None,
+TINY = dict(search_dev=6, select_dev=6, choose_dev=4, eval_dev=20, calibration=4, proposals=3, phase2_steps=2, phase2_seconds=None,
             eval_every=0, batch_size=4, runs=3, rounds=2, hidden_fracs=(0.5, 1.0),  # the hidden width searched too
             baselines=("width-shrunk", "layer-dropped"), external=("onnxruntime",))  # the quick preset's are fewer
 # the distillation data (and, in the standard preset, the supernet): 16 questions and one augmented copy each
@@ -52,9 +52,11 @@ def test_search_end_to_end_and_resume(tmp_path, teacher_dir, data_dir):
     assert state["phase2"]["steps"] == 2 and state["phase2"]["start"] == "supernet"
     assert {b["steps"] for b in state["baselines"].values() if "steps" in b} == {2}  # the baselines got the same
     assert state["phase2"]["best"]["f1"] == max(e["f1"] for e in state["phase2"]["evals"])  # kept the best
-    # never below an in-budget baseline on the selection slice
+    # never below an in-budget baseline on the choice slice (selection + 4 further questions)
     pool = [state["final"]] + [b for b in state["baselines"].values() if b.get("within_budget") and "f1_select" in b]
-    assert state["returned"]["f1_select"] == max(b["f1_select"] for b in pool)
+    assert state["returned"]["by"] == "f1_choose" and state["final"]["choose_questions"] == 10
+    assert state["returned"]["f1_choose"] == max(b["f1_choose"] for b in pool)
+    assert state["final"]["heldout_questions"] == 4  # the eval questions after search, selection and choice
     assert res["f1"] > 0 and res["eval_questions"] == 20
     # a finished run resumes without redoing anything
     with pytest.raises(CanaoError, match="--resume"):
@@ -111,6 +113,12 @@ def test_standard_preset_trains_a_supernet_that_a_second_search_reuses(tmp_path,
 def test_impossible_budget_names_fastest_latency(tmp_path, teacher_dir, data_dir):
     with pytest.raises(CanaoError, match=r"fastest reachable latency is [0-9.]+ ms"):
         run(job(tmp_path, teacher_dir, data_dir, 0.001), progress=False)
+
+
+def test_dev_slices_larger_than_the_report_are_refused(tmp_path, teacher_dir, data_dir):
+    with pytest.raises(CanaoError, match="20 dev questions to report on; the search, selection and choice slices "
+                                         "need more than 112"):
+        run(job(tmp_path, teacher_dir, data_dir, 400.0, over=dict(choose_dev=100)), progress=False)
 
 
 def test_impossible_budget_leaves_nothing_to_resume(tmp_path, teacher_dir, data_dir):
