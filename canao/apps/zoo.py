@@ -137,9 +137,11 @@ def export_student(search: Path, name: str, data: Path, threads: int | None = No
     dev = squad.read_squad(dev_file)
     seq = entry["arch"]["seq"]
     feats = squad.make_features(tok, dev, seq, eval_stride(seq))
-    # held out: the dev questions after the search and selection slices, on which no choice was made
+    # held out: the dev questions after the search, selection (and, where the search chose on one, choice)
+    # slices, on which no choice was made
     pre = PRESETS[state["job"]["preset"]]
-    held = dev[pre.search_dev + pre.select_dev:]
+    chose = state.get("returned", {}).get("by") == "f1_choose"
+    held = dev[pre.search_dev + pre.select_dev + (pre.choose_dev if chose else 0):]
 
     def scored(run_fn) -> dict:
         metrics, preds = squad.score(run_fn, dev, feats)
