@@ -15,8 +15,8 @@ import torch
 from canao.compiler.build import KERNEL_DIR, compiler
 from canao.compiler.decoder import CompiledDecoder, compile_decoder
 from canao.compiler.decoder import kquants
-from canao.compiler.decoder.pack import FORMATS, Source, pack_llama, row_bytes
-from canao.compiler.targets import TARGETS, host_target, is_cross
+from canao.compiler.decoder.pack import FORMATS, Source, row_bytes
+from canao.compiler.targets import TARGETS, X86_VARIANTS, host_target, is_cross
 from canao.errors import CanaoError
 from canao.models import gguf_loader
 from canao.models.gguf_convert import convert_gguf
@@ -194,6 +194,17 @@ def test_gemv_equals_a_float_reference_and_batches_bitwise(build, harness):
         assert np.array_equal(y_n, y_1), fmt  # a token in a batch gets bitwise what it gets alone
 
 
+def test_builds_this_machine_cannot_run_compile(tmp_path):
+    """AVX-512 (vpdpbusd in dot_u8s8 with VNNI) where the host is AVX2: compiled, not run."""
+    (tmp_path / "harness.c").write_text(HARNESS)
+    ran = {b[0] for b in _builds()}
+    for name in X86_VARIANTS:
+        if name not in ran and host_target().arch == "x86_64":
+            target = TARGETS[name]
+            subprocess.run([compiler(target), "-O2", *target.cflags, "-I", str(KERNEL_DIR), "-include", target.vec_header,
+                            "-c", str(tmp_path / "harness.c"), "-o", str(tmp_path / f"{name}.o")], check=True)
+
+
 def test_rows_not_a_multiple_of_256_are_a_clear_error():
     with pytest.raises(CanaoError, match=r"blk.0.ffn_up.weight: rows of 576 .*Q4_K.*q8_0 or q4_1"):
         kquants.quantize(np.zeros((4, 576), np.float32), "Q4_K", "blk.0.ffn_up.weight")
@@ -241,17 +252,24 @@ def _compare(pytorch, artifact, n=32):
 
 def test_smollm2_q4_k_m_from_its_file_is_raw_and_tracks_pytorch(smol):
     path, summary, pytorch = smol["q4_k_m"]
-    kinds = {n: t.tensor_type.name for n, t in gguf_loader.open_gguf(path).tensors.items()}
+    tensors = gguf_loader.open_gguf(path).tensors
+    kinds = {n: t.tensor_type.name for n, t in tensors.items()}
     # 576-wide rows fall back (Q4_1, Q8_0); the 1536-wide down projections are Q4_K or Q6_K
     assert kinds["blk.5.ffn_down.weight"] == "Q6_K" and kinds["blk.6.ffn_down.weight"] == "Q4_K"
     assert kinds["blk.5.attn_v.weight"] == "Q8_0" and kinds["blk.6.attn_v.weight"] == "Q4_1"
     w = summary["weights"]
     assert w["copied_from_source"] == 211 and w["requantized"] == 0
     assert w["matrix_formats"] == {"Q4_1": 166, "Q8_0": 14, "Q4_K": 16, "Q6_K": 14}
-    # quantizing SmolLM2's Q4_1 file at q4_k_m packs the same bytes as copying the Q4_K_M file's blocks
-    packed, formats = pack_llama(Source("smollm2"), "q4_k_m", 64)
-    assert packed.requantized == 44 and formats == {k: w[k] for k in formats}
-    assert (Path(summary["artifact"]) / "weights.bin").read_bytes()[64:] == bytes(packed.blob)
+    # the file's blocks are in weights.bin as they are, and quantizing SmolLM2's own Q4_1 matrices
+    # (compiling smollm2 at q4_k_m) gives the same blocks
+    blob = (Path(summary["artifact"]) / "weights.bin").read_bytes()
+    assert np.asarray(tensors["blk.5.attn_v.weight"].data).tobytes() in blob  # Q8_0 V rows after Q4_1 Q and K
+    smollm2 = Source("smollm2")
+    for i, fmt in ((5, "Q6_K"), (6, "Q4_K")):
+        blocks = np.asarray(tensors[f"blk.{i}.ffn_down.weight"].data, np.uint8)
+        assert blocks.tobytes() in blob
+        rows, raw = smollm2.matrix(f"layers.{i}.mlp.down_proj.weight", f"blk.{i}.ffn_down.weight", fmt)
+        assert not raw and np.array_equal(rows, blocks.reshape(rows.shape))
     got, ref = _compare(pytorch, summary["artifact"])
     assert np.abs(got - ref).max() < 2.0  # only the GEMVs' int8 activations differ
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9

@@ -49,3 +49,22 @@ def test_llamacpp_matches_pytorch_on_converted_file(tmp_path):
         assert len(w.ttft_ms(ids, 3)) == 3
         greedy = w.greedy(ids, 8)
     assert len(greedy) == 8 and greedy[0] == first
+
+
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q6_K"])
+def test_llamacpp_reads_our_k_quant_blocks(tmp_path, mix):
+    """canao's k-quant quantizer writes ggml's blocks: llama.cpp's logits on the converted file track
+    PyTorch's on canao's dequantization of it (to llama.cpp's 8-bit activations)."""
+    from canao.baselines.llamacpp import Worker
+
+    cut = convert_gguf("smollm2", tmp_path / "cut.gguf", None, layers=2)
+    kq = convert_gguf(cut, tmp_path / f"cut.{mix}.gguf", mix)
+    model, tok, _ = load_causal_lm(kq)
+    ids = tok.encode(PROMPT)
+    with Worker() as w:
+        w.load(kq, n_ctx=256)
+        got = np.asarray(w.logits(ids))
+    with torch.inference_mode():
+        want = model(torch.tensor([ids]))[0, -1].numpy()
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max() + 0.05
+    assert int(got.argmax()) == int(want.argmax())

@@ -30,20 +30,28 @@ def _fp16(x: np.ndarray) -> np.ndarray:
 
 def _scale_min_fit(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row of x [n, 32]: (scale, min) with x ~ scale * q - min, q in 0..nmax (make_qkx2_quants:
-    weights av|x| + |x|, 21 candidate scales, each refit by weighted least squares)."""
+    weights av|x| + |x|, 21 candidate scales, each refit by weighted least squares). A candidate's
+    error comes from its sums (sum w (s q + m - x)^2 expanded), not from another pass over x."""
     w = np.sqrt(np.mean(x * x, axis=1, keepdims=True)) + np.abs(x)
     lo = np.minimum(x.min(axis=1, keepdims=True), 0.0)
     hi = x.max(axis=1, keepdims=True)
     span = hi - lo
     flat = span[:, 0] <= 0
     span = np.where(span > 0, span, 1.0)
-    sw, swx = w.sum(1), (w * x).sum(1)
-    best_scale, best_min = span[:, 0] / nmax, lo[:, 0]
-    q = np.clip(np.rint((x - lo) * (nmax / span)), 0, nmax)
-    best_err = (w * (best_scale[:, None] * q + lo - x) ** 2).sum(1)
+    wx = w * x
+    sw, swx, swx2 = (v.sum(1, dtype=np.float64) for v in (w, wx, wx * x))
+
+    def fit(q):
+        wq = w * q
+        return wq.sum(1, dtype=np.float64), (wq * q).sum(1, dtype=np.float64), (wq * x).sum(1, dtype=np.float64)
+
+    def error(scale, mn, sl, sl2, sxl):
+        return scale * scale * sl2 + 2 * scale * mn * sl + mn * mn * sw - 2 * scale * sxl - 2 * mn * swx + swx2
+
+    best_scale, best_min = span[:, 0].astype(np.float64) / nmax, lo[:, 0].astype(np.float64)
+    best_err = error(best_scale, best_min, *fit(np.clip(np.rint((x - lo) * (nmax / span)), 0, nmax)))
     for step in range(21):
-        q = np.clip(np.rint((x - lo) * ((-1.0 + 0.1 * step + nmax) / span)), 0, nmax)
-        sl, sl2, sxl = (w * q).sum(1), (w * q * q).sum(1), (w * q * x).sum(1)
+        sl, sl2, sxl = fit(np.clip(np.rint((x - lo) * ((-1.0 + 0.1 * step + nmax) / span)), 0, nmax))
         det = sw * sl2 - sl * sl
         ok = det > 0
         det = np.where(ok, det, 1.0)
@@ -52,7 +60,7 @@ def _scale_min_fit(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         pos = mn > 0  # the min is an offset below zero only: refit the scale alone
         scale = np.where(pos, sxl / np.where(sl2 > 0, sl2, 1.0), scale)
         mn = np.where(pos, 0.0, mn)
-        err = (w * (scale[:, None] * q + mn[:, None] - x) ** 2).sum(1)
+        err = error(scale, mn, sl, sl2, sxl)
         better = ok & (err < best_err)
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, scale, best_scale)

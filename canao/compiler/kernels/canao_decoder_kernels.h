@@ -407,41 +407,106 @@ static inline void dot_q8_0_n(const uint8_t *w, const int8_t *xq, const float *x
     for (int j = 0; j < n; j++) y[j] = dot_q8_0(w, xq + j * kq, xd + j * kb, nb);
 }
 
-/* q . a over 32 weights; Q6_K: its two 16-weight halves times their scales */
-static inline int kq_idot(const int8_t *q, const int8_t *a, int sc0, int sc1) {
 #if defined(__ARM_FEATURE_DOTPROD)
-    const int lo = vaddvq_s32(vdotq_s32(vdupq_n_s32(0), vld1q_s8(q), vld1q_s8(a)));
-    const int hi = vaddvq_s32(vdotq_s32(vdupq_n_s32(0), vld1q_s8(q + 16), vld1q_s8(a + 16)));
-#else
-    int lo = 0, hi = 0;
-    for (int l = 0; l < 16; l++) lo += q[l] * a[l], hi += q[l + 16] * a[l + 16];
-#endif
-    return lo * sc0 + hi * sc1;
+/* 32 weights (two int8 x 16) . 32 activations, in 4 int32 lanes (sdot) */
+static inline int32x4_t sdot32(int8x16_t q0, int8x16_t q1, const int8_t *a) {
+    return vdotq_s32(vdotq_s32(vdupq_n_s32(0), q0, vld1q_s8(a)), q1, vld1q_s8(a + 16));
 }
 
+/* Q6_K: q - 32 as int8 against the activations, each 16-weight half times its scale as integers */
+static inline float dot_q6_k(const uint8_t *w, const int8_t *xq, const float *xd, int nb) {
+    const uint8x16_t m4 = vdupq_n_u8(0x0f), m30 = vdupq_n_u8(0x30);
+    const int8x16_t k32 = vdupq_n_s8(32);
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    for (int sb = 0; sb < nb / 8; sb++) {
+        const uint8_t *blk = w + sb * Q6_K_BYTES;
+        const int8_t *sc = (const int8_t *)blk + 192;
+        const float d = fp16_to_f32(blk + 208);
+        for (int h = 0; h < 2; h++) {  /* 128 weights: four sub-blocks of 32 from 64 ql and 32 qh bytes */
+            uint8x16_t q[4][2];
+            for (int half = 0; half < 2; half++) {
+                const uint8x16_t l0 = vld1q_u8(blk + 64 * h + 16 * half), l1 = vld1q_u8(blk + 64 * h + 32 + 16 * half);
+                const uint8x16_t hb = vld1q_u8(blk + 128 + 32 * h + 16 * half);
+                q[0][half] = vorrq_u8(vandq_u8(l0, m4), vandq_u8(vshlq_n_u8(hb, 4), m30));
+                q[1][half] = vorrq_u8(vandq_u8(l1, m4), vandq_u8(vshlq_n_u8(hb, 2), m30));
+                q[2][half] = vorrq_u8(vshrq_n_u8(l0, 4), vandq_u8(hb, m30));
+                q[3][half] = vorrq_u8(vshrq_n_u8(l1, 4), vandq_u8(vshrq_n_u8(hb, 2), m30));
+            }
+            for (int s = 0; s < 4; s++) {
+                const int i = 4 * h + s, b = sb * 8 + i;
+                const int32x4_t lo = vdotq_s32(vdupq_n_s32(0), vsubq_s8(vreinterpretq_s8_u8(q[s][0]), k32), vld1q_s8(xq + b * QK));
+                const int32x4_t hi = vdotq_s32(vdupq_n_s32(0), vsubq_s8(vreinterpretq_s8_u8(q[s][1]), k32),
+                                               vld1q_s8(xq + b * QK + 16));
+                const int32x4_t p = vmlaq_n_s32(vmulq_n_s32(lo, sc[2 * i]), hi, sc[2 * i + 1]);
+                acc = vmlaq_n_f32(acc, vcvtq_f32_s32(p), d * xd[b]);
+            }
+        }
+    }
+    return vaddvq_f32(acc);
+}
+
+/* Q4_K / Q5_K: nibbles (and Q5_K's fifth bits) as int8 against the activations, per sub-block of 32 */
+static inline float dot_qk(int five, const uint8_t *w, const int8_t *xq, const float *xd, const float *xs, int nb) {
+    const uint8x16_t m4 = vdupq_n_u8(0x0f), bit4 = vdupq_n_u8(16);
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    float offset = 0.0f;
+    for (int sb = 0; sb < nb / 8; sb++) {
+        const uint8_t *blk = w + sb * (five ? Q5_K_BYTES : Q4_K_BYTES), *qs = blk + (five ? 48 : 16);
+        int sc[8], mn[8];
+        kq_scales(blk + 4, sc, mn);
+        const float d = fp16_to_f32(blk), dmin = fp16_to_f32(blk + 2);
+        const uint8x16_t qh0 = vld1q_u8(blk + 16), qh1 = vld1q_u8(blk + 32);  /* Q5_K's qh (Q4_K: unused) */
+        for (int p = 0; p < 4; p++) {  /* 32 bytes: sub-block 2p in the low nibbles, 2p + 1 in the high */
+            const uint8x16_t b0 = vld1q_u8(qs + 32 * p), b1 = vld1q_u8(qs + 32 * p + 16);
+            uint8x16_t lo0 = vandq_u8(b0, m4), lo1 = vandq_u8(b1, m4), hi0 = vshrq_n_u8(b0, 4), hi1 = vshrq_n_u8(b1, 4);
+            if (five) {  /* bit s of qh moved to bit 4: a left shift by 4 - s (negative: right) */
+                const int8x16_t sl = vdupq_n_s8((int8_t)(4 - 2 * p)), sh = vdupq_n_s8((int8_t)(3 - 2 * p));
+                lo0 = vorrq_u8(lo0, vandq_u8(vshlq_u8(qh0, sl), bit4));
+                lo1 = vorrq_u8(lo1, vandq_u8(vshlq_u8(qh1, sl), bit4));
+                hi0 = vorrq_u8(hi0, vandq_u8(vshlq_u8(qh0, sh), bit4));
+                hi1 = vorrq_u8(hi1, vandq_u8(vshlq_u8(qh1, sh), bit4));
+            }
+            const int b = sb * 8 + 2 * p;
+            const int32x4_t p0 = sdot32(vreinterpretq_s8_u8(lo0), vreinterpretq_s8_u8(lo1), xq + b * QK);
+            const int32x4_t p1 = sdot32(vreinterpretq_s8_u8(hi0), vreinterpretq_s8_u8(hi1), xq + (b + 1) * QK);
+            acc = vmlaq_n_f32(acc, vcvtq_f32_s32(p0), d * (float)sc[2 * p] * xd[b]);
+            acc = vmlaq_n_f32(acc, vcvtq_f32_s32(p1), d * (float)sc[2 * p + 1] * xd[b + 1]);
+            offset += dmin * (float)mn[2 * p] * xs[b] + dmin * (float)mn[2 * p + 1] * xs[b + 1];
+        }
+    }
+    return vaddvq_f32(acc) - offset;
+}
+
+static inline float dot_kq(int type, const uint8_t *w, const int8_t *xq, const float *xd, const float *xs, int nb) {
+    return type == WT_Q6_K ? dot_q6_k(w, xq, xd, nb) : dot_qk(type == WT_Q5_K, w, xq, xd, xs, nb);
+}
+#else
+/* plain C: each sub-block's weights as int8 (kq_sub_weights), integer dots, Q6_K's halves times their scales */
 static inline float dot_kq(int type, const uint8_t *w, const int8_t *xq, const float *xd, const float *xs, int nb) {
     const long bytes = block_bytes(type);
     float sum = 0.0f, offset = 0.0f;
     for (int sb = 0; sb < nb / 8; sb++) {
         const uint8_t *blk = w + sb * bytes;
+        const int8_t *s6 = (const int8_t *)blk + 192;
         int sc[8], mn[8];
         if (type != WT_Q6_K) kq_scales(blk + 4, sc, mn);
-        const float d = fp16_to_f32(type == WT_Q6_K ? blk + 208 : blk), dmin = type == WT_Q6_K ? 0.0f : fp16_to_f32(blk + 2);
+        const float d = fp16_to_f32(type == WT_Q6_K ? blk + 208 : blk);
         for (int s = 0; s < 8; s++) {
             int8_t q[32];
             kq_sub_weights(type, blk, s, q);
             const int b = sb * 8 + s;
-            if (type == WT_Q6_K) {
-                const int8_t *s6 = (const int8_t *)blk + 192;
-                sum += (float)kq_idot(q, xq + b * QK, s6[2 * s], s6[2 * s + 1]) * (d * xd[b]);
-            } else {
-                sum += (float)kq_idot(q, xq + b * QK, 1, 1) * (d * (float)sc[s] * xd[b]);
-                offset += dmin * (float)mn[s] * xs[b];
+            int lo = 0, hi = 0;
+            for (int l = 0; l < 16; l++) lo += q[l] * xq[b * QK + l], hi += q[l + 16] * xq[b * QK + l + 16];
+            if (type == WT_Q6_K) sum += (float)(lo * s6[2 * s] + hi * s6[2 * s + 1]) * (d * xd[b]);
+            else {
+                sum += (float)(lo + hi) * (d * (float)sc[s] * xd[b]);
+                offset += fp16_to_f32(blk + 2) * (float)mn[s] * xs[b];
             }
         }
     }
     return sum - offset;
 }
+#endif
 
 static inline void dot_q4_k_n(const uint8_t *w, const int8_t *xq, const float *xd, const float *xs, int nb, int n,
                               long kq, long kb, float *y) {
