@@ -3,6 +3,7 @@ dequantizer reads them back bitwise as ours and as the C kernels' do), the C GEM
 reference on every x86 build this machine runs and under qemu on aarch64, and SmolLM2 compiled at the
 mixes tracks PyTorch on the same weights, with a k-quant GGUF's blocks copied as they are."""
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -221,6 +222,66 @@ def test_mix_formats_follow_llama_cpp():
     assert kquants.mix_format("q5_k_m", "output.weight", 1024, 30) == "Q6_K"
     assert kquants.mix_format("q4_k_m", "blk.6.attn_q.weight", 576, 30) == "Q4_1"  # llama.cpp: Q5_0
     assert kquants.mix_format("q6_k", "blk.6.attn_q.weight", 576, 30) == "Q8_0"
+
+
+HF_TO_GGUF = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output", "gate_proj": "ffn_gate",
+              "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_m"])
+def test_llama_folder_with_256_wide_rows_uses_every_format_and_equals_pytorch(mix, tmp_path):
+    """A random Llama from a HF folder whose rows all split into super-blocks: the mix's base format,
+    Q6_K on some V / down projections (V rows a GEMV of their own) and on the untied output. A prompt
+    runs the panel GEMM on the dequantized weights (equal to PyTorch on the same weights to fp32
+    rounding); decode steps run the int8 GEMVs."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from canao.models.llama import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    n = 8
+    cfg = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_layers=n, num_heads=4, num_kv_heads=2,
+                      head_dim=64, max_seq_len=64, tie_embeddings=False)
+    model = Llama(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 300, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": n,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 64,
+        "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}))
+    tok = Tokenizer(models.BPE())  # any byte-level BPE: the model never decodes text here
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(folder / "tokenizer.json"))
+    summary = compile_decoder(folder, tmp_path / mix, precision=mix, max_seq=64, kv_cache="f32")
+    base = kquants.MIXES[mix][0]
+    assert summary["weights"]["matrix_formats"] == {base: 7 * n - 8, "Q6_K": 8}  # V and down on layers 0, 3, 6, 7
+    assert summary["weights"]["output_format"] == "Q6_K" and summary["weights"]["requantized"] == 7 * n + 2
+    # PyTorch on the weights as packed
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "embed_tokens.weight":
+                q8 = gguf.GGMLQuantizationType.Q8_0
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), q8), q8)))
+            elif p.dim() == 2:
+                parts = name.split(".")
+                gname = "output.weight" if name == "lm_head.weight" else f"blk.{parts[1]}.{HF_TO_GGUF[parts[3]]}.weight"
+                fmt = kquants.mix_format(mix, gname, p.shape[1], n)
+                p.copy_(torch.from_numpy(kquants.dequantize(kquants.quantize(p.numpy(), fmt), fmt)))
+    ids = list(np.random.default_rng(0).integers(0, 300, 24))
+    with torch.inference_mode():
+        ref = model(torch.tensor([ids]), model.new_cache(64), 0)[0].numpy()
+    decoder = CompiledDecoder(summary["artifact"], threads=2)
+    assert np.abs(decoder.forward_all(ids[:16], 0) - ref[:16]).max() < 1e-4 * np.abs(ref[:16]).max()
+    for pos in range(16, 24):
+        got = decoder.forward([ids[pos]], pos)
+        assert np.abs(got - ref[pos]).max() < 0.03 * np.abs(ref[pos]).max(), pos
 
 
 @pytest.fixture(scope="module")
