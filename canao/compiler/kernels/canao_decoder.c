@@ -2,12 +2,12 @@
  * Llama forward pass (prefill and decode step) over canao_decoder_kernels.h.
  *
  * The generated model.c defines the model's shapes and the tensor table (offsets and each
- * matrix's weight format) as compile-time constants and then includes this file, so every loop bound below
- * is a constant the C compiler specialises on.
+ * matrix's weight format) as compile-time constants and then includes this file, so every
+ * loop bound below is a constant the C compiler specialises on.
  *
- * Fusions: Q, K and V are one packed matrix (one GEMV); gate and up are interleaved in
- * chunks of NR rows so the thread computing a chunk applies SiLU(gate) * up before the only
- * store; o_proj and down_proj add into the residual stream in their epilogue; RoPE and the
+ * Fusions: Q, K and V are one packed matrix (one GEMV; two where a k-quant mix gives the V
+ * rows a format of their own); gate and up are interleaved in chunks of NR rows so the
+ * thread computing a chunk applies SiLU(gate) * up before the only store; o_proj and down_proj add into the residual stream in their epilogue; RoPE and the
  * KV-cache write happen in one pass; the last RMSNorm runs only for the last token. A
  * decode step uses weight-only quantized GEMVs (activations quantized once per matrix
  * input); a prompt of several tokens uses the panel GEMM, which dequantizes NR weight rows
