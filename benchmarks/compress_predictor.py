@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from canao.compress.latency import LatencyOracle, LatencyPredictor, calibration_set, holdout_error, host_id  # noqa: E402
+from canao.compress.oracle import LatencyOracle, host_id  # noqa: E402
+from canao.compress.predictor import LatencyPredictor, calibration_set, holdout_error  # noqa: E402
 from canao.compress.space import SearchSpace  # noqa: E402
 from canao.models.bert import BertConfig  # noqa: E402
 from canao.models.checkpoint import read_config  # noqa: E402

@@ -205,7 +205,7 @@ def main() -> None:
         canao_int8_f1 = next((st["baselines"]["teacher-int8"]["f1"] for st in states
                               if st.get("baselines", {}).get("teacher-int8", {}).get("f1") is not None), None)
         if canao_int8_f1 is None:  # no search scored it (over their budgets): score it here
-            from canao.compress.latency import artifact_runner
+            from canao.compress.oracle import artifact_runner
 
             run, close = artifact_runner(tmp / "teacher-int8", args.threads)
             try:

@@ -42,7 +42,7 @@ COMPILED_FLOORS = {"minilm-squad-4x": 75.9, "minilm-squad-8x": 72.3}  # measured
 @pytest.mark.parametrize("name", STUDENTS)
 def test_compiled_student_keeps_its_f1(name, data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("CANAO_CACHE", str(tmp_path))
-    from canao.compress.latency import artifact_runner
+    from canao.compress.oracle import artifact_runner
 
     art = compiled_student(name, threads=1)
     assert json.loads((art / "manifest.json").read_text())["attention"] == "int8"

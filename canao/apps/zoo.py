@@ -93,7 +93,7 @@ def export_student(search: Path, name: str, data: Path, threads: int | None = No
 
     from ..compress.search import eval_stride
     from ..compress.pipeline import PRESETS, data_files, torch_runner
-    from ..compress.latency import artifact_runner
+    from ..compress.oracle import artifact_runner
     from ..errors import CanaoError
     from ..models.encoders import SHARED_TABLE, load_encoder, save_encoder
     from ..models.checkpoint import read_config

@@ -1,13 +1,14 @@
 """Compiler-aware architecture search (CANAO): search space, latency oracle, supernet,
 distillation, controllers and the search loop. Talks to the compiler only through
-latency.py (LatencyOracle, compile_final, verify_artifact, per_question_latency).
+oracle.py (LatencyOracle, compile_final, verify_artifact, per_question_latency).
 
     space.py       Arch (per-layer heads/FFN, seq, precision) and the SearchSpace bounded by the teacher
     importance.py  head/neuron importance (Taylor) and reordering of the teacher (same function)
     supernet.py    SuperNet: run any sub-network on slices of one weight set; extract() == slicing
-    latency.py     LatencyOracle (compile + time here or on a device, JSON database), LatencyPredictor
-                   (per precision: per-layer FLOP costs + per-choice corrections of the median, p95 by
-                   a fitted ratio; held-out error, recalibration)
+    oracle.py      LatencyOracle (compile + time here or on a device, JSON database); the final
+                   model through the compiler (compile, verify against PyTorch, per-question timing)
+    predictor.py   LatencyPredictor (per precision: per-layer FLOP costs + per-choice corrections of
+                   the median, p95 by a fitted ratio; held-out error, recalibration), calibration set
     distill.py     losses (logit KL, hidden MSE, attention KL), phase 1 (sandwich) and phase 2
                    (intermediate, then prediction), resumable, optional time budgets
     controllers.py LSTM REINFORCE (moving baseline), regularized evolution, random

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from ..errors import CanaoError
 from ..fileio import atomic_save_tensors
 from ..train.finetune import _device, _load_state, _lr_factor, _optimizer, _save_state, recover_state
-from .space import Arch, SearchSpace, keep_layers
+from .space import Arch, SearchSpace
 
 NEG = -1e4
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import CanaoError
 from ..tasks import squad
-from .latency import timing_stats
+from .oracle import timing_stats
 
 ENGINES = ("onnxruntime", "tflite")
 NEG = -1e9  # logits past a window's length (what squad.predict fills in)

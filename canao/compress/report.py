@@ -3,7 +3,6 @@ against latency with the teacher and the baselines on it, and a markdown report.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 

@@ -259,7 +259,7 @@ def _teacher_runner(teacher, engine: str, max_len: int, threads: int | None, win
         return torch_run, lambda: None
     if engine != "canao":
         raise CanaoError(f"teacher cache engine '{engine}' unknown; use canao or torch")
-    from .latency import artifact_runner, compile_final
+    from .oracle import artifact_runner, compile_final
     from .space import Arch
 
     cfg = teacher.config

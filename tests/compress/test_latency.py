@@ -1,11 +1,10 @@
 import json
-import random
 
 import numpy as np
 import pytest
 
-from canao.compress.latency import (MIN_OWN, LatencyOracle, LatencyPredictor, _Model, _nnls_relative, calibration_set,
-                                    features, holdout_error)
+from canao.compress.oracle import LatencyOracle
+from canao.compress.predictor import MIN_OWN, LatencyPredictor, _Model, _nnls_relative, calibration_set, features, holdout_error
 from canao.compress.space import Arch, SearchSpace
 from canao.models.bert import BertConfig
 
@@ -97,7 +96,7 @@ def test_compiler_oracle_measures_compiled_code(tmp_path):
 def test_timings_of_another_compiler_are_not_reused(tmp_path, monkeypatch):
     """A changed kernel or code generator makes the stored timings stale: the database keys them by
     the compiler's fingerprint, so a search after the change measures again."""
-    import canao.compress.latency as latency
+    import canao.compress.oracle as oracle_module
 
     small = BertConfig(vocab_size=200, hidden_size=64, layer_heads=[4] * 2, layer_ffn=[128] * 2, head_dim=16)
     arch = Arch((2,), (64,), 32)
@@ -105,7 +104,7 @@ def test_timings_of_another_compiler_are_not_reused(tmp_path, monkeypatch):
     oracle.measure(arch)
     again = LatencyOracle(small, threads=1, backend="canao", db_path=tmp_path / "db.json", runs=3, warmup=1, rounds=1)
     assert again.cached(arch) is not None and len(again.all_cached()) == 1
-    monkeypatch.setattr(latency, "compiler_fingerprint", lambda: "0123456789ab")
+    monkeypatch.setattr(oracle_module, "compiler_fingerprint", lambda: "0123456789ab")
     assert again.cached(arch) is None and again.all_cached() == []
     again.measure(arch)
     assert again.measured_now == 1 and len(json.loads((tmp_path / "db.json").read_text())) == 2

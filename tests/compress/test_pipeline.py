@@ -83,6 +83,32 @@ def test_a_baseline_identical_to_canaos_model_is_not_trained_twice(tmp_path, tea
     assert not (tmp_path / "out" / "baseline-width-shrunk").exists() and state["returned"]["name"] == "canao"
 
 
+def test_training_without_the_target_then_the_device_stages_on_it(tmp_path, teacher_dir, data_dir):
+    """scripts/device_search.sh: a GPU machine trains with a predictor fitted on the target (measure=False),
+    then `--resume` on the target measures, compiles and reports without training again."""
+    from canao.compress.predictor import LatencyPredictor
+    from canao.models.bert import BertConfig
+
+    arch = lambda d: {"heads": [12] * d, "ffn": [1536] * d, "seq": 128, "precision": "fp32"}  # noqa: E731
+    pred = LatencyPredictor(BertConfig())  # any fitted predictor will do: the budget below fits every candidate
+    from canao.compress.space import Arch
+
+    pred.fit([(Arch.from_dict(arch(d)), {"median_ms": 5.0 * d, "p95_ms": 5.5 * d}) for d in (1, 2, 4, 6)])
+    (tmp_path / "predictor.json").write_text(json.dumps({"predictor": pred.to_dict()}))
+    over = dict(baselines=("width-shrunk",), external=())
+    trained = run(job(tmp_path, teacher_dir, data_dir, 400.0, controllers=(), measure=False,
+                      predictor_file=tmp_path / "predictor.json", over=over), progress=False)
+    state = trained["state"]
+    assert "stopped" in state and "final" not in state and state["phase2"]["steps"] == 2
+    assert set(state["baseline_partial"]) == {"width-shrunk"} and (tmp_path / "out" / "model" / "config.json").exists()
+    done = run(job(tmp_path, teacher_dir, data_dir, 400.0, controllers=(), over=over), resume=True, progress=False)
+    final = json.loads((tmp_path / "out" / "state.json").read_text())
+    assert done["within_budget"] and final["phase2"]["train_s"] == state["phase2"]["train_s"]  # not trained again
+    base = final["baselines"]["width-shrunk"]  # trained on the GPU machine, compiled and measured on the target
+    assert base["steps"] == 2 and base["p95_ms"] > 0 and (tmp_path / "out" / "baseline-width-shrunk" /
+                                                         f"artifact-{base['key']}").exists()
+
+
 def test_standard_preset_trains_a_supernet_that_a_second_search_reuses(tmp_path, teacher_dir, data_dir):
     from canao.models.encoders import load_encoder
 

@@ -137,7 +137,7 @@ def test_gradients_reach_shared_weights():
 def test_narrow_student_compiles_and_matches_pytorch(teacher, tmp_path):
     """A sub-network with a narrower residual stream (and heads x head_dim != hidden) goes through
     the compiler like any other candidate."""
-    from canao.compress.latency import artifact_runner, compile_final
+    from canao.compress.oracle import artifact_runner, compile_final
 
     model, _ = teacher
     net = SuperNet(model, SearchSpace.from_teacher(model.config))

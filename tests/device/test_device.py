@@ -191,7 +191,7 @@ def test_ssh_measure(artifact, sshd):
 
 def test_latency_oracle_on_device(sshd, tmp_path):
     """The search's latency oracle compiles for the device's target and times there, keyed by device."""
-    from canao.compress.latency import LatencyOracle
+    from canao.compress.oracle import LatencyOracle
     from canao.compress.space import Arch
     from canao.models.bert import BertConfig
 
