@@ -197,8 +197,7 @@ def quantize(w: np.ndarray, fmt: str, name: str = "matrix") -> np.ndarray:
     w = np.ascontiguousarray(w, dtype=np.float32)
     check_rows(name, w.shape[-1], fmt)
     blocks = w.reshape(-1, QK_K)
-    out = np.concatenate([_QUANTIZERS[fmt](blocks[i:i + ROWS_PER_CHUNK])
-                          for i in range(0, len(blocks), ROWS_PER_CHUNK)] or [np.zeros((0, BLOCK_BYTES[fmt]), np.uint8)])
+    out = np.concatenate([_QUANTIZERS[fmt](blocks[i:i + ROWS_PER_CHUNK]) for i in range(0, len(blocks), ROWS_PER_CHUNK)])
     return out.reshape(w.shape[0], -1)
 
 

@@ -2,9 +2,11 @@
 
 A matrix whose GGUF type is already the wanted format is copied block for block (no
 round trip through fp32); any other is dequantized and requantized with the `gguf`
-package's reference quantizers (Q8_0, Q4_1) or canao's k-quant quantizer (kquants.py). Rows are what moves: llama.cpp's Q/K row permutation is
-undone by reordering whole rows, which is exact for any block format, and Q/K/V and
-gate/up are packed by concatenating and interleaving rows.
+package's reference quantizers (Q8_0, Q4_1) or canao's k-quant quantizer (kquants.py).
+Each matrix has a format of its own (llama.cpp's k-quant mixes differ per tensor). Rows
+are what moves: llama.cpp's Q/K row permutation is undone by reordering whole rows, which
+is exact for any block format, and Q/K/V and gate/up are packed by concatenating and
+interleaving rows.
 """
 
 from __future__ import annotations
@@ -283,7 +285,8 @@ def pack_gpt2(src: Source, precision: str, max_ctx: int) -> tuple[Packed, dict]:
                             ("b13", "mlp.c_fc.bias"), ("b2", "mlp.c_proj.bias")):
             p.add(f"{i}.{field}", vec(pre + name))
         # the same roles as llama.cpp's names for GPT-2's matrices (its mixes treat them as for Llama)
-        for field, name, role in (("wqkv", "attn.c_attn.weight", "attn_qkv"), ("wo", "attn.c_proj.weight", "attn_output"),
+        for field, name, role in (("wqkv", "attn.c_attn.weight", "attn_qkv"),
+                                  ("wo", "attn.c_proj.weight", "attn_output"),
                                   ("w13", "mlp.c_fc.weight", "ffn_up"), ("w2", "mlp.c_proj.weight", "ffn_down")):
             fmt = matrix_format(src, precision, pre + name, f"blk.{i}.{role}.weight", c.n_layer)
             p.add(f"{i}.{field}", mat(pre + name, fmt), fmt)
