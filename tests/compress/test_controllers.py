@@ -111,3 +111,26 @@ def test_confirm_refuses_when_nothing_fits(tmp_path):
 
     with pytest.raises(CanaoError, match="none of the 2 best candidates met the 10.0 ms budget"):
         _confirm(tmp_path, {6: 10.4, 5: 11.0}, guard=0.03)
+
+
+def test_baselines_are_sized_by_measurement_not_only_by_prediction():
+    from canao.compress.pipeline import baseline_candidates, first_within
+
+    class Flops:  # a predictor: proportional to the candidate's work
+        def predict(self, arch):
+            return sum(h * 64 + f for h, f in zip(arch.heads, arch.ffn)) / 100
+
+    space = SearchSpace.from_teacher(BertConfig(), seq=384, precisions=["int8"])
+    budget = Flops().predict(SPACE.uniform(6, 6, 768, 384, "int8")) + 0.1
+    cands = baseline_candidates(space, Flops(), budget, 384, "int8")
+    shrunk = cands["width-shrunk"]
+    assert shrunk[0].heads == (6,) * 6 and all(Flops().predict(a) <= budget for a in shrunk)
+    assert [a.heads[0] for a in shrunk] == sorted((a.heads[0] for a in shrunk), reverse=True)
+    assert all(a.depth == 6 for a in shrunk) and all(a.heads == (12,) * a.depth for a in cands["layer-dropped"])
+    # the predictor's largest fit measures over the budget: the next one that measures within it is taken
+    measured = {a.key(): (budget * 1.04 if i == 0 else budget * 0.9) for i, a in enumerate(shrunk)}
+    seen = []
+    pick = first_within(shrunk, lambda a: seen.append(a) or {"p95_ms": measured[a.key()]}, budget)
+    assert pick == shrunk[1] and seen == shrunk[:2]
+    # none within the budget among the tries: the largest (reported as over the budget)
+    assert first_within(shrunk, lambda a: {"p95_ms": budget * 2}, budget, tries=2) == shrunk[0]
