@@ -79,6 +79,9 @@ class _Timings:
         self.calls.append(arch.key())
         return {"median_ms": self.p95[arch.key()] * 0.9, "p95_ms": self.p95[arch.key()]}
 
+    def cached(self, arch, threads=1):  # nothing measured before confirm
+        return None
+
 
 def _confirm(tmp_path, p95_by_depth, guard):
     from canao.compress.search import Search, SearchConfig
@@ -88,7 +91,7 @@ def _confirm(tmp_path, p95_by_depth, guard):
     search = Search(SPACE, BertConfig(), None, oracle, None, SearchConfig(budget_ms=10.0), tmp_path / "log.jsonl",
                     progress=False)
     ranked = [{"arch": a.to_dict(), "key": a.key(), "f1": 50.0 - i, "predicted_ms": 9.0} for i, a in enumerate(archs)]
-    arch, m, trail = search.confirm(ranked, guard=guard)
+    arch, m, trail = search.confirm(ranked, guard=guard, repairs=0)
     return arch.depth, m["p95_ms"], trail, oracle
 
 
@@ -134,3 +137,37 @@ def test_baselines_are_sized_by_measurement_not_only_by_prediction():
     assert pick == shrunk[1] and seen == shrunk[:2]
     # none within the budget among the tries: the largest (reported as over the budget)
     assert first_within(shrunk, lambda a: {"p95_ms": budget * 2}, budget, tries=2) == shrunk[0]
+
+
+def test_a_candidate_over_the_budget_is_shrunk_until_it_fits_and_confirmed(tmp_path):
+    """The predictor put the best candidate under the budget, the oracle 20 % over it: confirm shrinks
+    it step by step (keeping the higher-F1 option each step) instead of falling to a far weaker one."""
+    from canao.compress.search import Search, SearchConfig
+
+    class Flops:
+        def predict(self, arch):
+            return sum(h * 64 + f for h, f in zip(arch.heads, arch.ffn)) / 100
+
+    class Measured(_Timings):  # 20 % slower than predicted
+        def measure(self, arch, threads=1, fresh=False):
+            self.calls.append(arch.key())
+            p = Flops().predict(arch) * 1.2
+            return {"median_ms": p * 0.95, "p95_ms": p}
+
+    class Slices:  # sub-network F1: heads matter more than FFN width
+        def f1(self, arch):
+            return sum(arch.heads) * 2.0 + sum(arch.ffn) / 1000
+
+    best = SPACE.uniform(6, 6, 768, 384, "int8")
+    weak = SPACE.uniform(2, 2, 192, 384, "int8")
+    budget = Flops().predict(best) * 1.05
+    search = Search(SPACE, BertConfig(), Flops(), Measured({}), Slices(), SearchConfig(budget_ms=budget),
+                    tmp_path / "log.jsonl", progress=False)
+    ranked = [{"arch": a.to_dict(), "key": a.key(), "f1": Slices().f1(a), "predicted_ms": Flops().predict(a)}
+              for a in (best, weak)]
+    arch, m, trail = search.confirm(ranked, guard=0.03)
+    assert [t["key"] for t in trail] == [best.key(), arch.key()] and arch != weak
+    assert m["p95_ms"] <= budget * 0.97 and arch.heads == best.heads  # FFN gave way first: heads carry the F1
+    assert all(f <= 768 for f in arch.ffn) and sum(arch.ffn) < sum(best.ffn)
+    fitted = [e for e in search.entries if e["controller"] == "fit"]
+    assert len(fitted) == 1 and fitted[0]["from"] == best.key() and fitted[0]["key"] == arch.key()
