@@ -137,6 +137,11 @@ def test_baselines_are_sized_by_measurement_not_only_by_prediction():
     assert pick == shrunk[1] and seen == shrunk[:2]
     # none within the budget among the tries: the largest (reported as over the budget)
     assert first_within(shrunk, lambda a: {"p95_ms": budget * 2}, budget, tries=2) == shrunk[0]
+    # a guard band as confirm's: 1 % under the budget is not enough where the next one clears 3 %
+    measured = {a.key(): (budget * 0.99 if i == 0 else budget * 0.9) for i, a in enumerate(shrunk)}
+    assert first_within(shrunk, lambda a: {"p95_ms": measured[a.key()]}, budget, guard=0.03) == shrunk[1]
+    measured = {a.key(): budget * 0.99 for a in shrunk}  # none clears the guard: the first within the budget
+    assert first_within(shrunk, lambda a: {"p95_ms": measured[a.key()]}, budget, guard=0.03) == shrunk[0]
 
 
 def test_a_candidate_over_the_budget_is_shrunk_until_it_fits_and_confirmed(tmp_path):
