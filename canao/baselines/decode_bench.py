@@ -8,7 +8,8 @@ after a prefill of `context` tokens (a row with "phase": "decode", median_ms per
 prefill alone from an empty cache (time to first token, "phase": "ttft").
 
 Engines (each with the precisions it runs; others are skipped and listed as such):
-  canao        q4_1, q8_0, fp32   the compiled decoder (or the --artifact given), built once per
+  canao        q4_1, q8_0, q4_k_m, q5_k_m, q6_k, fp32
+                                  the compiled decoder (or the --artifact given), built once per
                                   precision and compiler version under $CANAO_CACHE/bench-decoders
   llama.cpp    q4_1, q8_0         the GGUF file itself if it has that type, else canao's
                                   re-quantization of it (llama.cpp's own f16 KV cache)
@@ -34,7 +35,7 @@ TEXT = ("The history of the printing press begins in the fifteenth century, when
         "hundred towns, and millions of copies had been printed. ")
 GREEDY_PROMPT = "Once upon a time, in a small village by the sea, there lived a"
 GREEDY_TOKENS = 32
-ENGINE_PRECISIONS = {"canao": ("q4_1", "q8_0", "fp32"), "llama.cpp": ("q4_1", "q8_0"),
+ENGINE_PRECISIONS = {"canao": ("q4_1", "q8_0", "q4_k_m", "q5_k_m", "q6_k", "fp32"), "llama.cpp": ("q4_1", "q8_0"),
                      "onnxruntime": ("fp32",), "pytorch": ("fp32",)}
 ALIASES = {"llamacpp": "llama.cpp", "ort": "onnxruntime", "torch": "pytorch"}
 

@@ -67,3 +67,12 @@ def test_two_threads_compute_what_one_computes(cut, tmp_path, precision):
         dec.close()
     for one, two in zip(logits[1], logits[2]):
         np.testing.assert_array_equal(one, two)
+
+
+def test_every_precision_canao_compiles_is_benchmarked():
+    """`canao bench` on a k-quant artifact refused it ("no engine runs precision q4_k_m") while
+    `canao compile` made it: the bench's list follows the compiler's."""
+    from canao.baselines.decode_bench import ENGINE_PRECISIONS
+    from canao.compiler.decoder.compile import DECODER_PRECISIONS
+
+    assert set(ENGINE_PRECISIONS["canao"]) == set(DECODER_PRECISIONS)
