@@ -37,8 +37,10 @@ def test_search_end_to_end_and_resume(tmp_path, teacher_dir, data_dir):
     assert (out / "pareto.png").exists() and (out / "report.md").exists()
     log = [json.loads(line) for line in (out / "search-log.jsonl").read_text().splitlines()]
     cands = [e for e in log if e["type"] == "candidate"]
-    assert len([e for e in cands if e["controller"] != "anchor"]) == 9
-    assert {e["controller"] for e in cands} == {"rl", "evolution", "random", "anchor"}
+    assert len([e for e in cands if e["controller"] in ("rl", "evolution", "random")]) == 9
+    # "fit": a confirmed candidate that measured over the budget, shrunk (timing noise decides whether one is)
+    assert {"rl", "evolution", "random", "anchor"} <= {e["controller"] for e in cands} <= {"rl", "evolution", "random",
+                                                                                          "anchor", "fit"}
     assert all("predicted_ms" in e and "reward" in e for e in cands)
     assert any(e["arch"].get("hidden") == 192 for e in cands)  # narrow residual streams were proposed
     assert {e["arch"]["seq"] for e in cands} == {96, 128}  # and shorter maximum lengths
