@@ -30,7 +30,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from canao.compiler import compile_model, load_artifact  # noqa: E402
-from canao.compiler.bench import _Ort, _TFLite  # noqa: E402
+from canao.compiler import compile_model  # noqa: E402
+from canao.baselines.encoder_engines import CanaoEngine, OnnxRuntimeEngine, TFLiteEngine  # noqa: E402
 from canao.compiler.targets import cpu_model  # noqa: E402
 from canao.compress.space import Arch  # noqa: E402
 from canao.models.bert import BertForQuestionAnswering  # noqa: E402
@@ -49,12 +48,11 @@ from canao.models.encoders import load_encoder  # noqa: E402
 SEQ = 384
 
 
-class Artifact:
-    def __init__(self, path: Path, threads: int):
-        self.m = load_artifact(path, threads=threads)
-
-    def __call__(self, ids, tt, mask):
-        return self.m.run(ids, tt, mask)
+def Artifact(path: Path, threads: int) -> CanaoEngine:
+    """canao's engine on a compiled artifact, at the artifact's own precision."""
+    eng = CanaoEngine(None, None, path)
+    eng.prepare(threads)
+    return eng
 
 
 def p95(ts):
@@ -161,12 +159,12 @@ def main() -> None:
         others = args.engines.split(",")
         if "tflite" in others:
             for prec in ("fp32", "int8"):
-                eng = _TFLite(teacher, None, prec)
+                eng = TFLiteEngine(teacher, prec)
                 eng.setup(SEQ)
                 eng.prepare(args.threads)
                 engines[f"teacher TFLite {prec}"] = eng
         if "onnxruntime" in others:
-            eng = _Ort(teacher, None, "int8")
+            eng = OnnxRuntimeEngine(teacher, "int8")
             eng.prepare(args.threads)
             engines["teacher ONNX Runtime int8"] = eng
         for e in entries:
@@ -178,17 +176,14 @@ def main() -> None:
         mask = np.ones_like(ids)
         for eng in engines.values():
             for _ in range(args.warmup):
-                eng(ids, tt, mask)
+                eng.time_ms(ids, tt, mask)
         times = {k: [] for k in engines}
         for _ in range(args.runs):
             for k, eng in engines.items():  # interleaved: load from elsewhere hits every engine alike
-                t0 = time.perf_counter()
-                eng(ids, tt, mask)
-                times[k].append(getattr(eng, "last_ms", None) or (time.perf_counter() - t0) * 1e3)
+                times[k].append(eng.time_ms(ids, tt, mask))
         lat = {k: {"median_ms": statistics.median(v), "p95_ms": p95(v)} for k, v in times.items()}
         for eng in engines.values():
-            if hasattr(eng, "worker"):
-                eng.worker.close()
+            eng.close()
         # F1 of the int8 teacher on the other engines, whole dev file
         from canao.compress.external import int8_teacher_points
         from canao.compress.search import eval_stride

@@ -20,6 +20,7 @@ from .errors import CanaoError
 COMMAND_MODULES = [
     "canao.apps.commands",
     "canao.compiler.command",
+    "canao.baselines.command",
     "canao.serve.command",
     "canao.compress.command",
     "canao.device.command",

@@ -1,7 +1,9 @@
-"""Decode baselines that canao's compiled text generation is measured against.
+"""Every engine canao is measured against, and `canao bench`.
 
-Each engine here runs outside canao's own code path (llama.cpp through llama-cpp-python
-in its own venv, ONNX Runtime on an exported fp32 graph) and answers the same
-questions: per-token decode milliseconds at a given context, time to first token,
-and the greedy token ids for a fixed prompt.
+encoder_engines: QA encoders on canao's artifact, PyTorch, ONNX Runtime, OpenVINO, TFLite/LiteRT and
+ExecuTorch behind one interface (load, run, time); encoder_bench interleaves them.
+decode_bench: canao's compiled decoder against llama.cpp (llama-cpp-python) and ONNX Runtime on
+the same questions: per-token decode milliseconds at a given context, time to first token, and the
+greedy token ids for a fixed prompt (protocol). Engines that cannot share canao's environment run
+in managed venvs as JSON-lines workers (venv_worker).
 """

@@ -14,13 +14,11 @@ in numpy), so sampling and detokenizing are not in them.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from .venv_worker import JsonLinesWorker, ManagedVenv, serve_json_lines
 
 VERSION = "0.3.36"
 PINS = (f"llama-cpp-python=={VERSION}", "numpy==2.4.6", "jinja2==3.1.6")
@@ -28,117 +26,56 @@ PINS = (f"llama-cpp-python=={VERSION}", "numpy==2.4.6", "jinja2==3.1.6")
 CMAKE_ARGS = ("-DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_VULKAN=OFF "
               "-DGGML_METAL=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
               "-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF")
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# its own numpy, not the main environment's: the venv does not see canao's packages
+VENV = ManagedVenv("llamacpp", PINS, see_main_packages=False, build_stamp=CMAKE_ARGS, needs_tools=("cmake", "c++"),
+                   build_env={"CMAKE_ARGS": CMAKE_ARGS, "FORCE_CMAKE": "1",
+                              "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)},
+                   install_hint="run `python -m canao.baselines.llamacpp build` once online",
+                   size_note=", compiles llama.cpp: several minutes")
+MODULE = "canao.baselines.llamacpp"
 
 
 def venv_dir() -> Path:
-    from ..paths import cache_dir
-
-    return cache_dir() / "venvs" / "llamacpp"
-
-
-def _stamp() -> str:
-    return " ".join(PINS) + " | " + CMAKE_ARGS
+    return VENV.folder
 
 
 def venv_ready() -> bool:
-    marker = venv_dir() / ".canao-ready"
-    return marker.exists() and marker.read_text() == _stamp()
+    return VENV.ready()
 
 
 def ensure_venv(log=None) -> Path:
     """The venv's python, building llama-cpp-python into a fresh venv when missing (minutes)."""
-    from ..errors import CanaoError
-
-    v = venv_dir()
-    py = v / "bin" / "python"
-    if venv_ready():
-        return py
-    missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
-    if missing:
-        raise CanaoError(f"llama.cpp baseline needs {' and '.join(missing)} to build llama-cpp-python: "
-                         "apt-get install cmake g++")
-    say = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    say(f"llamacpp: building llama-cpp-python {VERSION} into {v} (compiles llama.cpp; several minutes, once)")
-    t0 = time.perf_counter()
-    if v.exists():
-        shutil.rmtree(v)
-    subprocess.run([sys.executable, "-m", "venv", str(v)], check=True)
-    env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "FORCE_CMAKE": "1",
-           "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
-    build_log = v / "build.log"
-    with open(build_log, "w") as fh:
-        proc = subprocess.run([str(py), "-m", "pip", "install", "--no-cache-dir", "-v", *PINS],
-                              stdout=fh, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
-        tail = build_log.read_text()[-600:].strip()
-        raise CanaoError(f"llamacpp: building llama-cpp-python failed (log {build_log}): ...{tail}")
-    (v / ".canao-ready").write_text(_stamp())
-    (v / ".canao-build-seconds").write_text(f"{time.perf_counter() - t0:.0f}")
-    say(f"llamacpp: built in {time.perf_counter() - t0:.0f} s")
-    return py
+    return VENV.ensure(log)
 
 
-def _env() -> dict:
-    # only the repo on the path: the worker imports canao.baselines.protocol (stdlib + numpy)
-    return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-
-
-class Worker:
+class Worker(JsonLinesWorker):
     """A llama.cpp worker process in the venv. Timings are taken inside it, without the pipe."""
 
     def __init__(self, log=None):
-        py = ensure_venv(log)
-        self.stderr = open(venv_dir() / "worker.log", "a")
-        self.proc = subprocess.Popen([str(py), "-m", "canao.baselines.llamacpp", "serve"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=_env())
-        self.info = self._ask({"cmd": "version"})
+        ensure_venv(log)
+        super().__init__(VENV, MODULE, log=log, stderr=venv_dir() / "worker.log")
+        self.info = self.ask({"cmd": "version"})
         self.version = f"llama-cpp-python {self.info['version']}"
-
-    def _ask(self, msg: dict) -> dict:
-        from ..errors import CanaoError
-
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise CanaoError(f"llama.cpp worker exited (see {venv_dir() / 'worker.log'})")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise CanaoError(f"llama.cpp worker: {reply['error']}")
-        return reply
 
     def load(self, path: str | os.PathLike, n_ctx: int, n_batch: int = 512) -> dict:
         """Load a GGUF (read into memory, no mmap) with a context of n_ctx positions; replaces the last one."""
-        return self._ask({"cmd": "load", "path": str(path), "n_ctx": n_ctx, "n_batch": n_batch})
+        return self.ask({"cmd": "load", "path": str(path), "n_ctx": n_ctx, "n_batch": n_batch})
 
     def threads(self, n: int) -> None:
-        self._ask({"cmd": "threads", "n": n})
+        self.ask({"cmd": "threads", "n": n})
 
     def decode_ms(self, prompt: list[int], steps: int, warmup: int) -> list[float]:
-        return self._ask({"cmd": "decode", "prompt": prompt, "steps": steps, "warmup": warmup})["ms"]
+        return self.ask({"cmd": "decode", "prompt": prompt, "steps": steps, "warmup": warmup})["ms"]
 
     def ttft_ms(self, prompt: list[int], runs: int) -> list[float]:
-        return self._ask({"cmd": "ttft", "prompt": prompt, "runs": runs})["ms"]
+        return self.ask({"cmd": "ttft", "prompt": prompt, "runs": runs})["ms"]
 
     def greedy(self, prompt: list[int], n: int) -> list[int]:
-        return self._ask({"cmd": "greedy", "prompt": prompt, "n": n})["ids"]
+        return self.ask({"cmd": "greedy", "prompt": prompt, "n": n})["ids"]
 
     def logits(self, prompt: list[int]) -> list[float]:
         """The last position's logits after `prompt`, from an empty cache (for parity checks)."""
-        return self._ask({"cmd": "logits", "prompt": prompt})["logits"]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=30)
-        self.stderr.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        return self.ask({"cmd": "logits", "prompt": prompt})["logits"]
 
 
 # -- in the venv -----------------------------------------------------------------------
@@ -218,38 +155,35 @@ def _serve_main() -> None:
     lc.llama_log_set(quiet, None)
     lc.llama_backend_init()
     engine = None
-    for line in sys.stdin:
-        msg = json.loads(line)
-        try:
-            cmd = msg["cmd"]
-            if cmd == "version":
-                reply = {"version": lc.__version__, "system_info": lc.llama_print_system_info().decode().strip()}
-            elif cmd == "load":
-                if engine is not None:
-                    engine.free()
-                    engine = None
-                engine = _Engine(msg["path"], msg["n_ctx"], msg["n_batch"])
-                reply = {"n_vocab": engine.n_vocab}
-            elif engine is None:
-                raise RuntimeError("no model loaded")
-            elif cmd == "threads":
-                engine.set_threads(msg["n"])
-                reply = {"ok": True}
-            elif cmd == "decode":
-                reply = {"ms": protocol.decode_ms(engine, msg["prompt"], msg["steps"], msg["warmup"])}
-            elif cmd == "ttft":
-                reply = {"ms": protocol.ttft_ms(engine, msg["prompt"], msg["runs"])}
-            elif cmd == "greedy":
-                reply = {"ids": protocol.greedy(engine, msg["prompt"], msg["n"])}
-            elif cmd == "logits":
-                engine.reset()
-                reply = {"logits": engine.feed(msg["prompt"]).tolist()}
-            else:
-                raise RuntimeError(f"unknown command {cmd}")
-        except Exception as exc:  # report, keep serving
-            reply = {"error": f"{type(exc).__name__}: {exc}"}
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
+
+    def handle(msg: dict) -> dict:
+        nonlocal engine
+        cmd = msg["cmd"]
+        if cmd == "version":
+            return {"version": lc.__version__, "system_info": lc.llama_print_system_info().decode().strip()}
+        if cmd == "load":
+            if engine is not None:
+                engine.free()
+                engine = None
+            engine = _Engine(msg["path"], msg["n_ctx"], msg["n_batch"])
+            return {"n_vocab": engine.n_vocab}
+        if engine is None:
+            raise RuntimeError("no model loaded")
+        if cmd == "threads":
+            engine.set_threads(msg["n"])
+            return {"ok": True}
+        if cmd == "decode":
+            return {"ms": protocol.decode_ms(engine, msg["prompt"], msg["steps"], msg["warmup"])}
+        if cmd == "ttft":
+            return {"ms": protocol.ttft_ms(engine, msg["prompt"], msg["runs"])}
+        if cmd == "greedy":
+            return {"ids": protocol.greedy(engine, msg["prompt"], msg["n"])}
+        if cmd == "logits":
+            engine.reset()
+            return {"logits": engine.feed(msg["prompt"]).tolist()}
+        raise RuntimeError(f"unknown command {cmd}")
+
+    serve_json_lines(handle)
 
 
 if __name__ == "__main__":

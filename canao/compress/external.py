@@ -4,10 +4,10 @@ other engines, with its F1 on the search's held-out eval slice and its latency.
     points = int8_teacher_points(teacher, eval_ex, eval_feats, seq, threads)
     # {"teacher-int8-onnxruntime": {...}, "teacher-int8-tflite": {...}}
 
-Engines come from `canao bench` (canao.compiler.bench): ONNX Runtime (torch.onnx export,
+Engines come from canao.baselines.encoder_engines (what `canao bench` runs): ONNX Runtime (torch.onnx export,
 onnxruntime.quantization.quantize_dynamic: per-channel int8 weights, activations quantized
 at run time) and TFLite/LiteRT (litert-torch conversion, ai-edge-quantizer dynamic_wi8_afp32,
-XNNPACK; a worker process in its own venv, canao.compiler.litert).
+XNNPACK; a worker process in its own venv, canao.baselines.litert).
 
 Each point: F1 (official SQuAD, the same decoding as the search's other points) and the
 median/p95 of `runs` timed invokes at batch 1 with the input padded to `seq` tokens (real eval
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
 import subprocess
 import time
 
@@ -92,25 +91,18 @@ def _onnxruntime(model, eval_ex, eval_feats, seq, threads, runs, warmup, log) ->
         from onnxruntime.quantization import quantize_dynamic  # noqa: F401  (needs the onnx package too)
     except ImportError as exc:
         raise Unavailable(f"onnxruntime is not installed ({exc}); pip install 'canao[bench]'") from None
-    from ..compiler.bench import _Ort
+    from ..baselines.encoder_engines import OnnxRuntimeEngine
 
     log("teacher int8 on ONNX Runtime: exporting and quantizing (quantize_dynamic, per-channel int8)")
     quiet = _DropPreprocessHint()
     logging.getLogger().addFilter(quiet)  # quantize_dynamic's advice to run its pre-processing first
     try:
-        eng = _Ort(model, None, "int8")
+        eng = OnnxRuntimeEngine(model, "int8")
     finally:
         logging.getLogger().removeFilter(quiet)
     try:
         eng.prepare(threads)
-        sess = eng.sess
-
-        def padded_ms(ids, tt, mask):
-            t0 = time.perf_counter()
-            sess.run(None, {"input_ids": ids, "token_type_ids": tt, "attention_mask": mask})
-            return (time.perf_counter() - t0) * 1e3
-
-        timing = _timed_padded(padded_ms, _padded(eval_feats, seq), runs, warmup)
+        timing = _timed_padded(eng.time_ms, _padded(eval_feats, seq), runs, warmup)
         per_window, tokens = [], []
 
         def run_fn(ids, tt, mask):  # batch 1, each window at its real length (dynamic shapes)
@@ -120,8 +112,7 @@ def _onnxruntime(model, eval_ex, eval_feats, seq, threads, runs, warmup, log) ->
             for r in range(b):
                 n = int(mask[r].sum())
                 t0 = time.perf_counter()
-                s, e = sess.run(None, {"input_ids": ids[r: r + 1, :n], "token_type_ids": tt[r: r + 1, :n],
-                                       "attention_mask": mask[r: r + 1, :n]})
+                s, e = eng.run(ids[r: r + 1, :n], tt[r: r + 1, :n], mask[r: r + 1, :n])
                 per_window.append((time.perf_counter() - t0) * 1e3)
                 tokens.append(n)
                 start[r, :n], end[r, :n] = s[0], e[0]
@@ -131,7 +122,7 @@ def _onnxruntime(model, eval_ex, eval_feats, seq, threads, runs, warmup, log) ->
         f1 = _f1(run_fn, eval_ex, eval_feats)
         version = eng.version.removesuffix(" int8")
     finally:
-        shutil.rmtree(eng.path.parent, ignore_errors=True)  # the exported .onnx files (a temporary folder)
+        eng.close()  # the exported .onnx files (a temporary folder)
     return {"engine": "onnxruntime", "version": version, "precision": "int8",
             "quantization": "onnxruntime.quantization.quantize_dynamic: int8 per-channel weights, activations "
                             "quantized at run time", "f1": f1, "median_ms": timing["median_ms"],
@@ -143,31 +134,29 @@ def _onnxruntime(model, eval_ex, eval_feats, seq, threads, runs, warmup, log) ->
 
 
 def _tflite(model, eval_ex, eval_feats, seq, threads, runs, warmup, log) -> dict:
-    from ..compiler import litert
+    from ..baselines import litert
 
     try:
         litert.ensure_venv(log)  # creating it needs the network (pip): without it the engine is skipped
     except (CanaoError, subprocess.CalledProcessError, OSError) as exc:
         raise Unavailable(f"TFLite: its venv {litert.venv_dir()} is missing and could not be created: "
                           f"{exc}") from None
-    from ..compiler.bench import _TFLite
+    from ..baselines.encoder_engines import TFLiteEngine
 
-    eng = _TFLite(model, None, "int8")
+    eng = TFLiteEngine(model, "int8", log=log)
     try:
-        eng.log = log
         log("teacher int8 on TFLite: converting (litert-torch, ai-edge-quantizer dynamic_wi8_afp32; cached)")
         eng.setup(seq)  # the model's static input is [1, seq]
         eng.prepare(threads)
-        worker, key = eng.worker, eng.key
         padded = _padded(eval_feats, seq)
-        timing = _timed_padded(lambda ids, tt, mask: worker.run(key, ids, tt, mask), padded, runs, warmup)
+        timing = _timed_padded(eng.time_ms, padded, runs, warmup)
 
         def run_fn(ids, tt, mask):  # batch 1, every window padded to seq by the worker (static shape)
             b, width = ids.shape
             start = np.full((b, width), NEG, np.float32)
             end = np.full((b, width), NEG, np.float32)
             for r in range(b):
-                s, e = worker.logits(key, ids[r: r + 1], tt[r: r + 1], mask[r: r + 1])
+                s, e = eng.run(ids[r: r + 1], tt[r: r + 1], mask[r: r + 1])
                 start[r], end[r] = s[0], e[0]
             return start, end
 
@@ -176,7 +165,7 @@ def _tflite(model, eval_ex, eval_feats, seq, threads, runs, warmup, log) -> dict
         f1 = _f1(run_fn, eval_ex, eval_feats)
         version = eng.version.removesuffix(" int8")
     finally:
-        eng.worker.close()
+        eng.close()
     return {"engine": "tflite", "version": version, "precision": "int8",
             "quantization": "ai-edge-quantizer dynamic_wi8_afp32: int8 weights, float activations",
             "f1": f1, "median_ms": timing["median_ms"], "p95_ms": timing["p95_ms"], "runs": timing["runs"],

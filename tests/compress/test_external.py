@@ -77,7 +77,7 @@ def test_onnxruntime_int8_point_keeps_the_teachers_f1(qa_slice):
 
 
 def test_unavailable_engines_are_skipped_not_raised(qa_slice, monkeypatch):
-    from canao.compiler import litert
+    from canao.baselines import litert
     from canao.compress.external import int8_teacher_points
 
     model, ex, feats, _ = qa_slice
@@ -97,7 +97,7 @@ def test_unavailable_engines_are_skipped_not_raised(qa_slice, monkeypatch):
 
 
 def test_a_real_error_raises(qa_slice, monkeypatch):
-    from canao.compiler import bench
+    from canao.baselines import encoder_engines
     from canao.compress.external import int8_teacher_points
 
     model, ex, feats, _ = qa_slice
@@ -106,7 +106,7 @@ def test_a_real_error_raises(qa_slice, monkeypatch):
         def __init__(self, *a, **k):
             raise RuntimeError("export failed")
 
-    monkeypatch.setattr(bench, "_Ort", Broken)
+    monkeypatch.setattr(encoder_engines, "OnnxRuntimeEngine", Broken)
     with pytest.raises(RuntimeError, match="export failed"):
         int8_teacher_points(model, ex, feats, SEQ, 1, engines=("onnxruntime",))
     with pytest.raises(CanaoError, match="unknown engine"):
@@ -133,7 +133,7 @@ def test_tflite_int8_point_keeps_the_teachers_f1(qa_slice):
 @opt_in
 def test_litert_worker_returns_the_logits(qa_slice):
     """Worker.logits (the F1 path) matches PyTorch for the fp32 conversion; run() still gives milliseconds."""
-    from canao.compiler import litert
+    from canao.baselines import litert
 
     model, _, feats, _ = qa_slice
     path = litert.convert(model, SEQ, "fp32", log=print)

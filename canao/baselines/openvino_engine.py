@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .encoder_engines import export_onnx
+
 INSTALL_HINT = "pip install 'canao[bench]' (openvino==2026.4.1)"
-NAMES = ("input_ids", "token_type_ids", "attention_mask")
 
 
 def _openvino():
@@ -27,16 +28,6 @@ def _openvino():
     except ImportError:
         raise CanaoError(f"openvino is not installed: {INSTALL_HINT}") from None
     return openvino
-
-
-def export_onnx(model, path: Path) -> Path:
-    import torch
-
-    ids = torch.ones((1, 16), dtype=torch.long)
-    torch.onnx.export(model.eval(), (ids, ids * 0, ids), str(path), input_names=list(NAMES),
-                      output_names=["start", "end"], dynamic_axes={n: {0: "batch", 1: "seq"} for n in NAMES},
-                      dynamo=False, opset_version=17)
-    return path
 
 
 class OpenVINOModel:

@@ -1,4 +1,4 @@
-"""The ExecuTorch and OpenVINO baseline engines of `canao bench`.
+"""The encoder engines of `canao bench` (canao.baselines.encoder_engines), ExecuTorch and OpenVINO in detail.
 
 OpenVINO installs with the `bench` extra (scripts/setup.sh), so its parity test always runs.
 The ExecuTorch parity test runs ONLY when opted in with CANAO_TEST_BASELINES=1: it needs the
@@ -40,7 +40,7 @@ def _reference(model, ids, tt, mask):
 
 def test_executorch_offline_without_venv_is_a_clear_error(tmp_path, monkeypatch, capsys):
     from canao.cli import main
-    from canao.compiler import executorch_engine
+    from canao.baselines import executorch_engine
 
     monkeypatch.setenv("CANAO_CACHE", str(tmp_path))
     monkeypatch.setenv("CANAO_OFFLINE", "1")
@@ -59,8 +59,8 @@ def test_executorch_offline_without_venv_is_a_clear_error(tmp_path, monkeypatch,
 def test_openvino_missing_is_a_clear_error(monkeypatch):
     import sys
 
-    from canao.compiler.bench import run_bench
-    from canao.compiler.openvino_engine import OpenVINOModel
+    from canao.baselines.encoder_bench import run_bench
+    from canao.baselines.openvino_engine import OpenVINOModel
 
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
     with pytest.raises(CanaoError, match=r"openvino is not installed: pip install 'canao\[bench\]'"):
@@ -70,7 +70,7 @@ def test_openvino_missing_is_a_clear_error(monkeypatch):
 
 
 def test_openvino_matches_pytorch_on_the_teacher(qa_teacher):
-    from canao.compiler.openvino_engine import OpenVINOModel
+    from canao.baselines.openvino_engine import OpenVINOModel
 
     m = OpenVINOModel(qa_teacher, threads=1)
     assert m.threads == 1
@@ -85,7 +85,7 @@ def test_openvino_matches_pytorch_on_the_teacher(qa_teacher):
 
 @opt_in
 def test_executorch_matches_pytorch_on_the_teacher(qa_teacher):
-    from canao.compiler import executorch_engine
+    from canao.baselines import executorch_engine
 
     path = executorch_engine.convert(qa_teacher, 128, "fp32", log=print)
     worker = executorch_engine.Worker()
@@ -119,8 +119,75 @@ def test_bench_bad_sequence_settings_are_one_line_errors(tmp_path, capsys, seq, 
 
 
 def test_executorch_refuses_squad_unpadded():
-    from canao.compiler.bench import _ExecuTorch
+    from canao.baselines.encoder_engines import ExecuTorchEngine
 
-    eng = _ExecuTorch.__new__(_ExecuTorch)  # no venv needed: the setting is refused before any conversion
+    eng = ExecuTorchEngine.__new__(ExecuTorchEngine)  # no venv needed: the setting is refused before any conversion
     with pytest.raises(CanaoError, match="needs a program per length"):
         eng.setup("squad-unpadded", [])
+
+
+@pytest.fixture(scope="module")
+def tiny_compiled(tmp_path_factory):
+    """A two-layer random encoder and its fp32 artifact (random weights: only the engines are under test)."""
+    from canao.compiler import compile_model
+    from canao.models.bert import BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(BertConfig(hidden_size=64, layer_heads=[2, 2], layer_ffn=[128, 128],
+                                                head_dim=32)).eval()
+    out = tmp_path_factory.mktemp("tiny") / "artifact-fp32"
+    compile_model(model, out, precision="fp32", max_seq=32, tune=False)
+    return model, out
+
+
+def test_engines_share_one_interface_and_agree(tiny_compiled):
+    """canao, PyTorch and ONNX Runtime behind open_engine: the same logits (fp32), milliseconds from time_ms."""
+    from canao.baselines.encoder_engines import open_engine
+
+    model, artifact = tiny_compiled
+    ids, tt, mask = _inputs(model, 24, seed=3)
+    tt[:, 12:] = 1
+    mask[:, 20:] = 0
+    want = _reference(model, ids, tt, mask)
+    engines = [open_engine("canao", model, "fp32", artifact), open_engine("pytorch", model),
+               open_engine("onnxruntime", model, "fp32")]
+    try:
+        for eng in engines:
+            eng.setup(24, [(ids, tt, mask)])
+            eng.prepare(1)
+            got = eng.run(ids, tt, mask)
+            for g, w in zip(got, want):
+                assert np.asarray(g).shape == (1, 24)
+                assert np.abs(np.asarray(g) - w).max() <= 1e-4, (eng.name, np.abs(np.asarray(g) - w).max())
+            assert eng.time_ms(ids, tt, mask) > 0 and eng.padded_to is None
+    finally:
+        for eng in engines:
+            eng.close()
+    assert not engines[2].folder.exists()  # ONNX Runtime's exported files are removed on close
+    with pytest.raises(CanaoError, match="canao runs fp32, bf16, int8, not q4_1"):
+        open_engine("canao", model, "q4_1", artifact)
+    with pytest.raises(CanaoError, match=r"is a fp32 artifact, not int8"):
+        open_engine("canao", model, "int8", artifact)
+    with pytest.raises(CanaoError, match="unknown engine 'tensorrt'; available: canao, pytorch"):
+        open_engine("tensorrt", model)
+
+
+def test_run_bench_interleaves_the_engines(tiny_compiled):
+    from canao.baselines.encoder_bench import markdown, run_bench
+
+    model, artifact = tiny_compiled
+    report = run_bench(model, {"fp32": artifact}, ["canao", "pytorch", "onnxruntime"], [16, 32], [1], runs=20,
+                       warmup=2, precisions=["fp32"])
+    rows = report["results"]
+    assert [(r["engine"], r["seq"]) for r in rows] == [
+        (e, s) for s in (16, 32) for e in ("canao", "pytorch", "onnxruntime")]
+    for r in rows:
+        assert r["runs"] == 20 and 0 < r["median_ms"] <= r["p90_ms"] and r["mean_tokens"] == r["seq"]
+        assert r["padded_to"] is None and r["threads"] == 1
+    table = markdown(report)
+    assert "| 32 | 1 |" in table and "canao fp32" in table and "x onnxruntime fp32" in table
+    # a precision an engine lacks is skipped and said so; canao without an artifact of that precision is an error
+    report = run_bench(model, None, ["pytorch"], [16], [1], runs=20, warmup=1, precisions=["int8"])
+    assert report["results"] == [] and report["skipped"] == ["pytorch int8"]
+    with pytest.raises(CanaoError, match="the canao engine needs a compiled artifact"):
+        run_bench(model, {"fp32": artifact}, ["canao"], [16], [1], precisions=["int8"])
