@@ -15,7 +15,7 @@ import torch
 
 from canao.compiler.build import KERNEL_DIR, compiler
 from canao.compiler.decoder import CompiledDecoder, compile_decoder
-from canao.compiler.decoder import kquants
+from canao.models import kquants
 from canao.compiler.decoder.pack import FORMATS, Source, row_bytes
 from canao.compiler.targets import TARGETS, X86_VARIANTS, host_target, is_cross
 from canao.errors import CanaoError

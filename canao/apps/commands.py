@@ -117,8 +117,11 @@ def cmd_eval(args) -> dict:
             print(f"SQuAD {result['questions']} questions: EM {result['em']:.2f}  F1 {result['f1']:.2f}")
         return result
     from ..tasks.lm import perplexity
+    from .decoders import load_causal_lm
 
-    result = perplexity(args.model, data_file(args.data, WIKITEXT), window=args.window, stride=args.stride or 256,
+    text = data_file(args.data, WIKITEXT)
+    model, tokenizer, _ = load_causal_lm(args.model)
+    result = perplexity(model, tokenizer, text, window=args.window, stride=args.stride or 256,
                         max_tokens=args.limit, decode_steps=args.decode_steps)
     if not args.json:
         print(f"perplexity {result['ppl']:.3f} over {result['tokens']} tokens (window {result['window']}, stride {result['stride']})")

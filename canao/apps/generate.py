@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..errors import CanaoError
-from ..models.decoders import load_causal_lm
+from .decoders import load_causal_lm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -213,7 +213,7 @@ def run_decode_bench(spec, engines: list[str], precisions: list[str] | None, con
     """The `canao bench` report for a decoder: rows per (engine, precision, context, threads, phase).
     precisions None: default_precision."""
     from ..compiler.targets import cpu_model
-    from ..models.decoders import load_causal_lm
+    from ..apps.decoders import load_causal_lm
 
     if steps < 20:
         raise CanaoError("use at least 20 decode steps (--runs) so medians mean something")

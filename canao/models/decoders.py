@@ -33,25 +33,26 @@ def load_decoder(spec: str | Path) -> tuple[torch.nn.Module, dict]:
     return model, info
 
 
-def load_causal_lm(spec: str | Path, threads: int | None = None) -> tuple[torch.nn.Module, BPETokenizer, dict]:
-    """(model, tokenizer, info) from a .gguf file, a HF folder, a compiled artifact folder, or a
-    built-in name ('smollm2').
+def load_causal_lm(spec: str | Path) -> tuple[torch.nn.Module, BPETokenizer, dict]:
+    """(model, tokenizer, info) from a .gguf file, a HF folder, or a built-in name ('smollm2'), in PyTorch.
+    A compiled artifact is loaded by canao.apps.decoders.load_causal_lm, which takes all of these too.
 
-    threads: the compiled runtime's thread pool size (an artifact only; default: the artifact's
-    own setting, else all cores). PyTorch models use PyTorch's setting.
-    info: path, format ('gguf' | 'hf' | 'canao-artifact'), architecture, params, context_length,
-    config (dict), weight_types (GGUF tensor type counts; the model itself always runs in float32), load_ms.
+    info: path, format ('gguf' | 'hf'), architecture, params, context_length, config (dict),
+    weight_types (GGUF tensor type counts; the model itself always runs in float32), load_ms.
     """
-    return _load(spec, with_tokenizer=True, threads=threads)
+    return _load(spec, with_tokenizer=True)
 
 
-def _load(spec, with_tokenizer: bool, threads: int | None = None):
+def is_compiled_artifact(path: Path) -> bool:
+    return path.is_dir() and (path / "manifest.json").exists()
+
+
+def _load(spec, with_tokenizer: bool):
     start = time.perf_counter()
     path = resolve_model_path(spec)
-    if path.is_dir() and (path / "manifest.json").exists():
-        model, tokenizer, info = _from_artifact(path, with_tokenizer, threads)
-        info.update(path=str(path), load_ms=(time.perf_counter() - start) * 1000.0)
-        return model, tokenizer, info
+    if is_compiled_artifact(path):
+        raise CanaoError(f"{path} is a compiled canao artifact, not a PyTorch model: load it with "
+                         f"canao.apps.decoders.load_causal_lm (what `canao generate` and `canao eval` use)")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise CanaoError(f"{path}: expected a .gguf file or a checkpoint folder (config.json + model.safetensors)")
@@ -81,20 +82,6 @@ def _from_gguf(path: Path, with_tokenizer: bool):
     types = Counter(t.tensor_type.name for t in gf.tensors.values())
     info = {"format": "gguf", "architecture": arch, "name": gf.get("general.name"), "weight_types": dict(types)}
     return model, tokenizer, info
-
-
-def _from_artifact(folder: Path, with_tokenizer: bool, threads: int | None = None):
-    """A decoder compiled by `canao compile` (native code; the tokenizer travels with it)."""
-    from ..compiler.decoder.runtime import CompiledCausalLM, CompiledDecoder
-
-    decoder = CompiledDecoder(folder, threads=threads)
-    tokenizer = BPETokenizer.from_folder(folder) if with_tokenizer else None
-    m = decoder.manifest
-    info = {"format": "canao-artifact", "engine": "canao", "architecture": m["model"]["architecture"], "name": folder.name,
-            "precision": m["precision"], "target": m["target"]["name"], "weight_types": {}, "params": 0,
-            "context_length": decoder.max_ctx, "config": m["model"], "threads": decoder.threads,
-            "kv_cache": m.get("kv_cache", "f32"), "size_mb": round(m["weights"]["bytes"] / 2**20, 1)}
-    return CompiledCausalLM(decoder), tokenizer, info
 
 
 def _from_folder(folder: Path, with_tokenizer: bool):

@@ -40,7 +40,7 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str | No
     import gguf
     from gguf import quants
 
-    from ..compiler.decoder import kquants
+    from . import kquants
 
     if qtype is not None and qtype not in TARGET_TYPES:
         raise CanaoError(f"cannot convert GGUF weights to '{qtype}'; choose one of {', '.join(TARGET_TYPES)}")

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CanaoError
-from ..models.decoders import load_causal_lm
 
 
 def read_text(path: str | Path) -> str:
@@ -64,13 +63,14 @@ def sliding_window_nll(model, ids: list[int], window: int, stride: int, progress
     return total, scored
 
 
-def perplexity(model_spec, text_path, window: int = 512, stride: int = 256, max_tokens: int | None = None,
+def perplexity(model, tokenizer, text_path, window: int = 512, stride: int = 256, max_tokens: int | None = None,
                progress: bool = False, decode_steps: bool = False) -> dict:
     """Perplexity of a causal LM on a text file.
 
     Returns {"ppl", "tokens" (scored), "window", "stride", "nll" (mean nats per scored token),
     "text_tokens" (tokens in the evaluated text)}. decode_steps (compiled decoders): compute every
     window's logits one token at a time, as generation does (quantized activations included).
+    model, tokenizer: as canao.apps.decoders.load_causal_lm gives them (PyTorch or a compiled decoder).
     """
     if window < 2:
         raise CanaoError(f"window must be at least 2 tokens, got {window}")
@@ -79,11 +79,8 @@ def perplexity(model_spec, text_path, window: int = 512, stride: int = 256, max_
     if max_tokens is not None and max_tokens < 2:
         raise CanaoError(f"max_tokens must be at least 2, got {max_tokens}")
     text = read_text(text_path)
-    model, tokenizer, _ = load_causal_lm(model_spec)
-    if decode_steps:  # score through the compiled decode path (one token a step), not the prompt path
-        if not hasattr(model, "score_by_decode_steps"):
-            raise CanaoError("--decode-steps scores a compiled decoder artifact token by token; this model is not one")
-        model.score_by_decode_steps = True
+    if decode_steps and not hasattr(model, "score_by_decode_steps"):
+        raise CanaoError("--decode-steps scores a compiled decoder artifact token by token; this model is not one")
     if window > model.max_seq_len:
         raise CanaoError(f"window {window} exceeds the model's context window of {model.max_seq_len}; pass a smaller window")
     ids = tokenizer.encode(text, add_special_tokens=True)
@@ -91,7 +88,13 @@ def perplexity(model_spec, text_path, window: int = 512, stride: int = 256, max_
         ids = ids[:max_tokens]
     if len(ids) < 2:
         raise CanaoError(f"{text_path}: the text is only {len(ids)} token(s); perplexity needs at least 2")
-    nll, scored = sliding_window_nll(model, ids, window, stride, progress)
+    if decode_steps:  # score through the compiled decode path (one token a step), not the prompt path
+        model.score_by_decode_steps = True
+    try:
+        nll, scored = sliding_window_nll(model, ids, window, stride, progress)
+    finally:
+        if decode_steps:
+            model.score_by_decode_steps = False
     mean = nll / scored
     return {"ppl": math.exp(mean), "tokens": scored, "window": window, "stride": stride, "nll": mean,
             "text_tokens": len(ids)}

@@ -8,7 +8,6 @@ error when that venv is missing and cannot be created (CANAO_OFFLINE=1) always r
 """
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -15,7 +15,7 @@ from canao.apps.generate import Generator
 from canao.compiler.decoder import CompiledDecoder, compile_decoder
 from canao.errors import CanaoError
 from safetensors.torch import save_file
-from canao.models.decoders import load_causal_lm
+from canao.apps.decoders import load_causal_lm
 from canao.models.llama import Llama, LlamaConfig
 
 PROMPTS = ["What is the capital of France?", "Write a short poem about the ocean."]
@@ -245,8 +245,9 @@ def test_all_position_logits_and_perplexity_match_pytorch(smollm2, artifacts, da
         ref = smollm2.model(torch.tensor([ids]))[0].numpy()
     assert np.abs(decoder.forward_all(ids, 0) - ref).max() < 2e-4
     text = data_dir / "wikitext-2" / "valid.txt"
-    ours = perplexity(artifacts["fp32"]["artifact"], text, window=128, stride=64, max_tokens=384)
-    theirs = perplexity("smollm2", text, window=128, stride=64, max_tokens=384)
+    compiled, tokenizer, _ = load_causal_lm(artifacts["fp32"]["artifact"])
+    ours = perplexity(compiled, tokenizer, text, window=128, stride=64, max_tokens=384)
+    theirs = perplexity(smollm2.model, smollm2.tokenizer, text, window=128, stride=64, max_tokens=384)
     assert ours["tokens"] == theirs["tokens"] and abs(ours["ppl"] - theirs["ppl"]) < 1e-3 * theirs["ppl"]
 
 
@@ -260,18 +261,23 @@ def test_decode_speed_measured_through_the_device_runner(artifacts):
         measure_decode(artifacts["q4_1"]["artifact"], "local", context=250)
 
 
-def test_perplexity_through_decode_steps(artifacts, data_dir):
+def test_perplexity_through_decode_steps(smollm2, artifacts, data_dir):
     """The decode path (int8 activations in every GEMV) scores text within 3% of the prompt path."""
     from canao.tasks.lm import perplexity
 
     text = data_dir / "wikitext-2" / "valid.txt"
-    art = artifacts["q4_1"]["artifact"]
-    steps = perplexity(art, text, window=64, stride=32, max_tokens=160, decode_steps=True)
-    prompt = perplexity(art, text, window=64, stride=32, max_tokens=160)
+    art, tokenizer, info = load_causal_lm(artifacts["q4_1"]["artifact"])
+    assert info["format"] == "canao-artifact" and info["precision"] == "q4_1"
+    from canao.models import decoders  # PyTorch models only: an artifact is the apps' to load, with a clear word
+
+    with pytest.raises(CanaoError, match="is a compiled canao artifact, not a PyTorch model: load it with canao.apps"):
+        decoders.load_causal_lm(artifacts["q4_1"]["artifact"])
+    steps = perplexity(art, tokenizer, text, window=64, stride=32, max_tokens=160, decode_steps=True)
+    prompt = perplexity(art, tokenizer, text, window=64, stride=32, max_tokens=160)
     assert steps["tokens"] == prompt["tokens"] == 159
     assert abs(steps["ppl"] - prompt["ppl"]) < 0.03 * prompt["ppl"]
     with pytest.raises(CanaoError, match="not one"):
-        perplexity("smollm2", text, max_tokens=16, decode_steps=True)
+        perplexity(smollm2.model, smollm2.tokenizer, text, max_tokens=16, decode_steps=True)
 
 
 def test_batched_decode_of_four_sequences_equals_each_alone(artifacts):

@@ -19,7 +19,7 @@ import torch
 from ...errors import CanaoError
 from ...models import gguf_loader
 from ...models.llama import LlamaConfig, RotaryEmbedding
-from . import kquants
+from ...models import kquants
 
 QK = 32
 NR = 16  # rows per kernel chunk; gate/up are interleaved in chunks of NR (canao_decoder.c)

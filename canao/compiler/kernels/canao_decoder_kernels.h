@@ -8,7 +8,7 @@
  *   Q8_0: 32 weights = fp16 d, 32 x int8             (34 bytes),  w = d * q
  *   Q4_1: 32 weights = fp16 d, fp16 m, 16 bytes      (20 bytes),  w = d * q + m, q in 0..15;
  *         byte j holds weight j (low nibble) and weight j + 16 (high nibble).
- *   Q4_K, Q5_K, Q6_K: ggml's k-quants, super-blocks of 256 weights (canao/compiler/decoder/kquants.py
+ *   Q4_K, Q5_K, Q6_K: ggml's k-quants, super-blocks of 256 weights (canao/models/kquants.py
  *         describes the layouts); a Q4_K / Q5_K sub-block of 32 is d * sc * q - dmin * m, a Q6_K
  *         sub-block of 16 is d * sc * (q - 32).
  * Activations entering a quantized GEMV are quantized per 32-block to int8 (xq, scale xd)
