@@ -15,8 +15,8 @@ from ..paths import cache_dir  # noqa: F401  (the compiler's caches live there t
 from .targets import Target, is_cross
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
-SUPPORT_FILES = ("canao.h", "canao_kernels.h", "canao_runtime.c", "canao_run.c", "vec_avx2.h", "vec_avx512.h",
-                 "vec_neon.h")
+SUPPORT_FILES = ("canao.h", "canao_kernels.h", "canao_runtime.c", "canao_run.c", "canao_pool.h", "canao_weights.h",
+                 "canao_stats.h", "vec_avx2.h", "vec_avx512.h", "vec_neon.h")
 BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-std=gnu11",
               "-Werror=incompatible-pointer-types", "-Werror=int-conversion")
 
@@ -94,8 +94,8 @@ def build_artifact(source_dir: Path, target: Target, library: str | None, runner
     program `runner` (statically linked for another machine). Returns the names written."""
     cc = compiler(target)
     model = _object(source_dir, "model.c", target, tuple(SUPPORT_FILES))
-    runtime = _object(source_dir, "canao_runtime.c", target, ("canao.h",))
-    main = _object(source_dir, "canao_run.c", target, ("canao.h",))
+    runtime = _object(source_dir, "canao_runtime.c", target, ("canao.h", "canao_pool.h", "canao_weights.h"))
+    main = _object(source_dir, "canao_run.c", target, ("canao.h", "canao_stats.h"))
     written = []
     if library and not is_cross(target):
         lib = _cached("lib", cc, [], [model, runtime], ".so",

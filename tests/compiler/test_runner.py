@@ -111,7 +111,7 @@ def test_profile_times_every_kernel(artifact_dir):
     rows = [line.split() for line in lines[1:]]
     assert any("attention" in r for r in rows) and any("layernorm" in r for r in rows)
     assert any(r[4] == "matmul" and r[5].startswith("K") and r[6].startswith("N") for r in rows)  # GEMM shapes
-    assert rows[-1][-2:] == ["barrier", "waits"]
+    assert rows[-1][-2:] == ["join", "waits"]
     assert abs(sum(float(r[2].rstrip("%")) for r in rows) - 100) < 1.0
     plain = _run(artifact_dir, *args)
     assert plain.returncode == 0 and plain.stderr == ""

@@ -12,7 +12,8 @@ transpose or reshape ever copies.
 Kernels are grouped into phases: within a phase every kernel reads only the rows of
 its inputs that the same row block wrote, so a row block runs through the whole phase
 without synchronisation; a kernel that reads across rows (attention reads all keys)
-starts a new phase behind a barrier. The runtime hands row blocks to its threads.
+starts a new phase, which begins when every row block of the last one is done. The runtime
+hands row blocks to its threads (canao_pool.h).
 """
 
 from __future__ import annotations
@@ -604,7 +605,7 @@ static void {k.name}({ARGS}) {{
  * precision {self.precision}, attention products {self.attention_precision}.
  * W: packed weights (weights.bin); arena: activations, placed by liveness ({plan.peak_bytes} bytes peak).
  * The runtime (canao_runtime.c) runs each phase's kernels on row blocks [r0, r1) taken by the
- * threads in any order, with one barrier between phases ({barriers} per forward pass). */
+ * threads in any order; a phase starts when every block of the last one is done ({barriers} joins per forward pass). */
 #include "{self.t.vec_header}"
 #include "canao_kernels.h"
 _Static_assert(CANAO_ACT_OFFSET == {self.t.int8_act_offset}, "int8 column sums assume another activation offset");

@@ -19,7 +19,8 @@ from .pack import PRECISION_FORMATS, Source, arch_shapes, pack_gpt2, pack_llama
 
 DECODER_PRECISIONS = tuple(PRECISION_FORMATS)
 KV_CACHE_TYPES = ("f32", "f16")
-DECODER_FILES = ("canao_lm.h", "canao_decoder.c", "canao_decoder_kernels.h")
+DECODER_FILES = ("canao_lm.h", "canao_decoder.c", "canao_decoder_kernels.h", "canao_pool.h", "canao_weights.h",
+                 "canao_stats.h")
 RUNNER_SOURCE = "canao_lm_run.c"
 
 
@@ -30,7 +31,7 @@ def _build(folder: Path, target) -> list[str]:
     headers = [folder / n for n in (*DECODER_FILES, target.vec_header)]
     model = _cached("lm-model", cc, flags, [folder / "model.c", *headers], ".o",
                     lambda o: _run_cc([cc, *flags, "-c", "-I", str(folder), str(folder / "model.c"), "-o", str(o)]))
-    main = _cached("lm-main", cc, flags, [folder / RUNNER_SOURCE, folder / "canao_lm.h"], ".o",
+    main = _cached("lm-main", cc, flags, [folder / RUNNER_SOURCE, folder / "canao_lm.h", folder / "canao_stats.h"], ".o",
                    lambda o: _run_cc([cc, *flags, "-c", "-I", str(folder), str(folder / RUNNER_SOURCE), "-o", str(o)]))
     written = []
     if not is_cross(target):

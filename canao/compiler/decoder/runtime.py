@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import CanaoError
-from ..artifact import MANIFEST, WEIGHTS, load_library, open_build
-
-_ERR = 512
+from ..artifact import MANIFEST
+from ..native import NativeArtifact
 
 
 def is_decoder_artifact(folder) -> bool:
@@ -25,74 +23,50 @@ def is_decoder_artifact(folder) -> bool:
         return False
 
 
-class CompiledDecoder:
+class CompiledDecoder(NativeArtifact):
     """A loaded decoder artifact: forward(ids, pos) fills the KV cache and the last token's logits."""
+    PREFIX = "canao_lm"
+    SIGNATURES = {
+        "canao_lm_forward_all": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                                ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]),
+        "canao_lm_forward_batch": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                                  ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]),
+        "canao_lm_forward_slot": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                                 ctypes.c_int, ctypes.c_char_p, ctypes.c_int]),
+        "canao_lm_set_slots": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int]),
+        "canao_lm_logits": (ctypes.POINTER(ctypes.c_float), [ctypes.c_void_p]),
+        "canao_lm_sample": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_float,
+                                           ctypes.POINTER(ctypes.c_uint64)]),
+    }
 
     def __init__(self, folder, threads: int | None = None, check: bool = True):
-        self.path, self.manifest = open_build(Path(folder), check=check)
+        super().__init__(folder, threads, check)
+        self.max_ctx = int(self.manifest["max_seq"])
+        self.vocab = ctypes.c_long.in_dll(self._lib, "canao_lm_vocab").value
+        # a view of the C buffer: reading logits never copies them
+        self._logits = np.ctypeslib.as_array(self._lib.canao_lm_logits(self._handle), shape=(self.vocab,))
+
+    def _check_manifest(self) -> None:
         if self.manifest.get("kind") != "decoder":
             raise CanaoError(f"{self.path} is an encoder artifact; use it with `canao qa`, not for generation")
-        self.max_ctx = int(self.manifest["max_seq"])
-        lib = self._lib = load_library(self.path)
+
+    def _check_library(self, lib) -> None:
         if not hasattr(lib, "canao_lm_forward_slot"):
             raise CanaoError(f"{self.path} was compiled by an older canao (no sequence slots); compile it again "
                              "with `canao compile`")
-        lib.canao_lm_open.restype = ctypes.c_void_p
-        lib.canao_lm_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        lib.canao_lm_forward.restype = ctypes.c_int
-        lib.canao_lm_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                         ctypes.c_char_p, ctypes.c_int]
-        lib.canao_lm_forward_all.restype = ctypes.c_int
-        lib.canao_lm_forward_all.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                             ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
-        lib.canao_lm_forward_batch.restype = ctypes.c_int
-        lib.canao_lm_forward_batch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                               ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
-        lib.canao_lm_forward_slot.restype = ctypes.c_int
-        lib.canao_lm_forward_slot.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                              ctypes.c_char_p, ctypes.c_int]
-        lib.canao_lm_set_slots.restype = ctypes.c_int
-        lib.canao_lm_set_slots.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        lib.canao_lm_logits.restype = ctypes.POINTER(ctypes.c_float)
-        lib.canao_lm_logits.argtypes = [ctypes.c_void_p]
-        lib.canao_lm_sample.restype = ctypes.c_int
-        lib.canao_lm_sample.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_float,
-                                        ctypes.POINTER(ctypes.c_uint64)]
-        lib.canao_lm_set_threads.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        lib.canao_lm_close.argtypes = [ctypes.c_void_p]
-        self.vocab = ctypes.c_long.in_dll(lib, "canao_lm_vocab").value
-        # as the encoder runtime: the caller's count, else the artifact's own setting, else all cores
-        if threads is not None and threads < 1:
-            raise CanaoError(f"threads must be at least 1, got {threads}")
-        self.threads = threads or int(self.manifest.get("threads") or os.cpu_count() or 1)
-        err = ctypes.create_string_buffer(_ERR)
-        self._handle = lib.canao_lm_open(str(self.path / WEIGHTS).encode(), self.threads, err, _ERR)
-        if not self._handle:
-            raise CanaoError(f"{self.path}: {err.value.decode()}")
-        # a view of the C buffer: reading logits never copies them
-        self._logits = np.ctypeslib.as_array(lib.canao_lm_logits(self._handle), shape=(self.vocab,))
-
-    def set_threads(self, threads: int) -> None:
-        self.threads = threads
-        self._lib.canao_lm_set_threads(self._handle, threads)
 
     def forward(self, ids, pos: int, slot: int = 0) -> np.ndarray:
         """Logits [vocab] of the last of `ids` (placed at positions pos.. of the sequence in `slot`); a
         view valid until the next call."""
         arr = np.ascontiguousarray(np.asarray(ids, dtype=np.int32).reshape(-1))
-        err = ctypes.create_string_buffer(_ERR)
-        if self._lib.canao_lm_forward_slot(self._handle, int(slot), arr.ctypes.data, len(arr), int(pos), err, _ERR) != 0:
-            raise CanaoError(err.value.decode())
+        self._call("canao_lm_forward_slot", int(slot), arr.ctypes.data, len(arr), int(pos))
         return self._logits
 
     def forward_all(self, ids, pos: int) -> np.ndarray:
         """Logits [len(ids), vocab] of every position (scoring, perplexity)."""
         arr = np.ascontiguousarray(np.asarray(ids, dtype=np.int32).reshape(-1))
         out = np.empty((len(arr), self.vocab), np.float32)
-        err = ctypes.create_string_buffer(_ERR)
-        if self._lib.canao_lm_forward_all(self._handle, arr.ctypes.data, len(arr), int(pos), out.ctypes.data,
-                                          err, _ERR) != 0:
-            raise CanaoError(err.value.decode())
+        self._call("canao_lm_forward_all", arr.ctypes.data, len(arr), int(pos), out.ctypes.data)
         return out
 
     def set_slots(self, slots: int) -> None:
@@ -110,10 +84,7 @@ class CompiledDecoder:
         if not len(arrs[0]) == len(arrs[1]) == len(arrs[2]):
             raise CanaoError("forward_batch needs one slot and one position per token")
         out = np.empty((len(arrs[0]), self.vocab), np.float32)
-        err = ctypes.create_string_buffer(_ERR)
-        if self._lib.canao_lm_forward_batch(self._handle, *(a.ctypes.data for a in arrs), len(arrs[0]), out.ctypes.data,
-                                            err, _ERR) != 0:
-            raise CanaoError(err.value.decode())
+        self._call("canao_lm_forward_batch", *(a.ctypes.data for a in arrs), len(arrs[0]), out.ctypes.data)
         return out
 
     # the decode-benchmark protocol (canao.baselines.protocol): append ids, return the last logits
@@ -133,14 +104,6 @@ class CompiledDecoder:
         if state:
             state[0] = rng.value
         return token
-
-    def close(self) -> None:
-        if getattr(self, "_handle", None):
-            self._lib.canao_lm_close(self._handle)
-            self._handle = None
-
-    def __del__(self):
-        self.close()
 
 
 class CompiledLMBase:

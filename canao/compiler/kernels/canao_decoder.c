@@ -12,26 +12,15 @@
  * decode step uses weight-only quantized GEMVs (activations quantized once per matrix
  * input); a prompt of several tokens uses the panel GEMM, which dequantizes NR weight rows
  * once and reuses them for every token. */
-#include <errno.h>
-#include <fcntl.h>
-#include <limits.h>
-#include <linux/futex.h>
-#include <pthread.h>
-#include <sched.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include "canao_lm.h"
+#include "canao_pool.h"
+#include "canao_weights.h"
 
-#define WEIGHTS_MAGIC "CANAOW01"
-#define HEADER_BYTES 64
-#define MAX_THREADS 64
 #define Q_ROWS (N_HEAD * HEAD_DIM)
 #define KV_ROWS (N_KV * HEAD_DIM)
 #define QKV_ROWS (Q_ROWS + 2 * KV_ROWS)
@@ -39,39 +28,19 @@
 const long canao_lm_vocab = VOCAB, canao_lm_max_ctx = MAX_CTX, canao_lm_dim = DIM;
 const char canao_lm_target[] = TARGET_NAME;
 
-static inline void cpu_relax(void) {
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ volatile("yield");
-#endif
-}
-
 static long row_bytes(int type, int k) { return (long)k / block_weights(type) * block_bytes(type); }
 
-/* ---- thread pool: persistent workers, dynamic chunks, spin then futex ------------------ */
+/* ---- the thread pool (canao_pool.h): a task runs on items, each a chunk of rows or a head ---- */
 
 typedef void (*task_fn)(struct canao_lm *m, int tid, long item);
-
-typedef struct {
-    int threads;
-    pthread_t workers[MAX_THREADS];
-    atomic_uint gen;
-    atomic_int sleepers;
-    atomic_int stop;
-    atomic_ulong claim;         /* generation << 32 | next item: a stale worker can never claim */
-    atomic_long completed;      /* items finished in this generation */
-    _Atomic long items;
-    _Atomic(task_fn) fn;
-    struct canao_lm *m;
-} pool_t;
 
 struct canao_lm {
     void *map;
     size_t map_bytes;
     const char *W;
     int threads;
-    pool_t *pool;
+    canao_pool *pool;
+    task_fn task;                /* what the pool's items run (parallel) */
     kv_t *kcache, *vcache;       /* [slot][layer][kv_head][MAX_CTX][HEAD_DIM], fp32 or fp16 (KV_F16) */
     int slots;                   /* sequences with a cache of their own (canao_lm_set_slots) */
     int cap;                     /* tokens the activation buffers hold */
@@ -95,94 +64,15 @@ struct canao_lm {
 static long spin_iters = 4000;
 static long gemv_items_per_thread = 2;  /* CANAO_GEMV_SPLIT */
 
-static void futex_wait(atomic_uint *a, unsigned v) { syscall(SYS_futex, (unsigned *)a, FUTEX_WAIT_PRIVATE, v, NULL, NULL, 0); }
-static void futex_wake(atomic_uint *a) { syscall(SYS_futex, (unsigned *)a, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0); }
-
-/* Claim and run items of generation `gen` until none are left. Each claim is a CAS on
- * (generation, index), so a worker that was descheduled across a generation change fails its
- * claim instead of running an item of the next task with the old task's arguments; and the
- * caller waits for finished items, not for every worker to show up (on a shared core a
- * worker may not run for milliseconds). */
-static void drain(pool_t *p, int tid, unsigned gen) {
-    const task_fn fn = atomic_load_explicit(&p->fn, memory_order_relaxed);
-    const long items = atomic_load_explicit(&p->items, memory_order_relaxed);
-    unsigned long w = atomic_load_explicit(&p->claim, memory_order_acquire);
-    for (;;) {
-        if ((unsigned)(w >> 32) != gen || (long)(w & 0xffffffffUL) >= items) return;
-        if (!atomic_compare_exchange_weak_explicit(&p->claim, &w, w + 1, memory_order_acq_rel, memory_order_acquire))
-            continue;
-        fn(p->m, tid, (long)(w & 0xffffffffUL));
-        atomic_fetch_add_explicit(&p->completed, 1, memory_order_release);
-        w = atomic_load_explicit(&p->claim, memory_order_acquire);
-    }
+static void run_task_item(void *ctx, int tid, long item) {
+    struct canao_lm *m = ctx;
+    m->task(m, tid, item);
 }
 
-static void *worker_main(void *arg) {
-    pool_t *p = ((void **)arg)[0];
-    const int tid = (int)(long)((void **)arg)[1];
-    free(arg);
-    unsigned seen = 0;
-    for (;;) {
-        long i = 0;
-        while (atomic_load_explicit(&p->gen, memory_order_acquire) == seen && i++ < spin_iters) cpu_relax();
-        if (atomic_load(&p->gen) == seen) {
-            atomic_fetch_add(&p->sleepers, 1);
-            while (atomic_load(&p->gen) == seen) futex_wait(&p->gen, seen);
-            atomic_fetch_sub(&p->sleepers, 1);
-        }
-        seen = atomic_load(&p->gen);
-        if (atomic_load(&p->stop)) return NULL;
-        drain(p, tid, seen);
-    }
-}
-
+/* fn(m, tid, item) for every item, on every thread; returns when all are done */
 static void parallel(struct canao_lm *m, task_fn fn, long items) {
-    pool_t *p = m->pool;
-    if (p->threads == 1 || items == 1) {
-        for (long i = 0; i < items; i++) fn(m, 0, i);
-        return;
-    }
-    const unsigned gen = atomic_load(&p->gen) + 1;
-    p->m = m;
-    atomic_store_explicit(&p->fn, fn, memory_order_relaxed);
-    atomic_store_explicit(&p->items, items, memory_order_relaxed);
-    atomic_store(&p->completed, 0);
-    atomic_store(&p->claim, (unsigned long)gen << 32);
-    atomic_store(&p->gen, gen);
-    if (atomic_load(&p->sleepers) > 0) futex_wake(&p->gen);
-    drain(p, 0, gen);
-    /* join on finished items: spin briefly, then yield to a worker finishing its last item */
-    for (long i = 0; atomic_load_explicit(&p->completed, memory_order_acquire) != items; i++) {
-        if (i < spin_iters) cpu_relax();
-        else sched_yield();
-    }
-}
-
-static void pool_destroy(pool_t *p) {
-    if (!p) return;
-    atomic_store(&p->stop, 1);
-    atomic_fetch_add(&p->gen, 1);
-    futex_wake(&p->gen);
-    for (int i = 1; i < p->threads; i++) pthread_join(p->workers[i], NULL);
-    free(p);
-}
-
-static pool_t *pool_create(int threads) {
-    pool_t *p = calloc(1, sizeof(pool_t));
-    if (!p) return NULL;
-    p->threads = threads;
-    for (int i = 1; i < threads; i++) {
-        void **a = malloc(2 * sizeof(void *));
-        a[0] = p;
-        a[1] = (void *)(long)i;
-        if (pthread_create(&p->workers[i], NULL, worker_main, a) != 0) {
-            free(a);
-            p->threads = i;
-            pool_destroy(p);
-            return NULL;
-        }
-    }
-    return p;
+    m->task = fn;
+    pool_parallel(m->pool, run_task_item, m, items);
 }
 
 /* ---- matrix products ------------------------------------------------------------------ */
@@ -561,13 +451,13 @@ int canao_lm_set_slots(canao_lm *m, int slots) {
 
 int canao_lm_set_threads(canao_lm *m, int threads) {
     if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > CANAO_MAX_THREADS) threads = CANAO_MAX_THREADS;
     if (m->pool && m->threads == threads) return 0;
     pool_destroy(m->pool);
     free(m->scratch);
     m->scratch = aligned_alloc(64, ((size_t)threads * SCRATCH_FLOATS * sizeof(float) + 63) / 64 * 64);
     m->threads = threads;
-    m->pool = m->scratch ? pool_create(threads) : NULL;
+    m->pool = m->scratch ? pool_create(threads, spin_iters) : NULL;
     return m->pool ? 0 : -1;
 }
 
@@ -589,33 +479,13 @@ canao_lm *canao_lm_open(const char *weights_path, int threads, char *err, int er
     if (spin) spin_iters = atol(spin);
     const char *split = getenv("CANAO_GEMV_SPLIT");
     if (split && atol(split) > 0) gemv_items_per_thread = atol(split);
-    const int fd = open(weights_path, O_RDONLY);
-    if (fd < 0) {
-        snprintf(err, err_len, "cannot open %s: %s", weights_path, strerror(errno));
-        return NULL;
-    }
-    struct stat st;
-    if (fstat(fd, &st) != 0 || (unsigned long)st.st_size != HEADER_BYTES + (unsigned long)WEIGHT_BYTES) {
-        snprintf(err, err_len, "%s has %ld bytes, expected %ld: truncated or from another build", weights_path,
-                 (long)st.st_size, (long)(HEADER_BYTES + WEIGHT_BYTES));
-        close(fd);
-        return NULL;
-    }
-    void *map = mmap(NULL, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    close(fd);
-    if (map == MAP_FAILED) {
-        snprintf(err, err_len, "cannot map %s: %s", weights_path, strerror(errno));
-        return NULL;
-    }
-    if (memcmp(map, WEIGHTS_MAGIC, 8) != 0) {
-        snprintf(err, err_len, "%s is not a canao weights file", weights_path);
-        munmap(map, st.st_size);
-        return NULL;
-    }
+    size_t map_bytes = 0;
+    void *map = canao_map_weights(weights_path, WEIGHT_BYTES, &map_bytes, err, err_len);
+    if (!map) return NULL;
     canao_lm *m = calloc(1, sizeof *m);
     m->map = map;
-    m->map_bytes = st.st_size;
-    m->W = (const char *)map + HEADER_BYTES;
+    m->map_bytes = map_bytes;
+    m->W = (const char *)map + CANAO_WEIGHTS_HEADER;
     canao_lm_set_slots(m, 1);
     m->logits = aligned_alloc(64, ((size_t)VOCAB * sizeof(float) + 63) / 64 * 64);
     m->xq = aligned_alloc(64, (size_t)GEMV_TOKENS * KMAX + 64);

@@ -15,22 +15,7 @@
 #include <time.h>
 
 #include "canao_lm.h"
-
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double pct(double *v, int n, double q) {
-    qsort(v, n, sizeof *v, cmp_double);
-    return v[(int)(q * (n - 1))];
-}
+#include "canao_stats.h"
 
 static int usage(const char *msg) {
     fprintf(stderr, "canao-run: %s (see canao-run --help)\n", msg);
@@ -140,7 +125,7 @@ int main(int argc, char **argv) {
         next = step(m, &tok, 1, context + i);
         t[i] = now_ms() - t0;
     }
-    const double dmed = pct(t, steps, 0.5), dp90 = pct(t, steps, 0.9);
+    const double dmed = quantile(t, steps, 0.5), dp90 = quantile(t, steps, 0.9);
     step(m, prompt, ttft_prompt, 0);  /* warm-up */
     for (int i = 0; i < ttft_runs; i++) {
         const double t0 = now_ms();
@@ -150,7 +135,7 @@ int main(int argc, char **argv) {
     printf("{\"context\": %d, \"threads\": %d, \"steps\": %d, \"warmup\": %d, \"decode_ms_median\": %.4f, "
            "\"decode_ms_p90\": %.4f, \"tokens_per_s\": %.3f, \"ttft_prompt\": %d, \"ttft_ms_median\": %.4f, "
            "\"target\": \"%s\"}\n",
-           context, threads, steps, warmup, dmed, dp90, 1e3 / dmed, ttft_prompt, pct(t, ttft_runs, 0.5), canao_lm_target);
+           context, threads, steps, warmup, dmed, dp90, 1e3 / dmed, ttft_prompt, quantile(t, ttft_runs, 0.5), canao_lm_target);
     canao_lm_close(m);
     return 0;
 }

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "canao.h"
+#include "canao_stats.h"
 
 
 
@@ -77,24 +78,6 @@ static int64_t *read_i64(const char *opt, const char *path, long n, long limit) 
             die(2, "%s: %s", path, msg);
         }
     return x;
-}
-
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-/* the q-quantile of sorted v, linear between closest ranks (numpy's default) */
-static double quantile(const double *v, int n, double q) {
-    const double pos = q * (n - 1);
-    const int i = (int)pos;
-    return i + 1 < n ? v[i] + (pos - i) * (v[i + 1] - v[i]) : v[n - 1];
 }
 
 int main(int argc, char **argv) {
@@ -183,10 +166,10 @@ int main(int argc, char **argv) {
             if (r >= warmup) ms[r - warmup] = now_ms() - t0;
         }
         for (long r = 0; r < runs; r++) sum += ms[r];
-        qsort(ms, runs, sizeof(double), cmp_double);
+        const double median = quantile(ms, (int)runs, 0.5);  /* sorts ms */
         printf("{\"seq\":%ld,\"threads\":%ld,\"runs\":%ld,\"warmup\":%ld,\"median_ms\":%.4f,\"p90_ms\":%.4f,"
                "\"p95_ms\":%.4f,\"min_ms\":%.4f,\"mean_ms\":%.4f,\"target\":\"%s\"}\n",
-               seq, threads, runs, warmup, quantile(ms, (int)runs, 0.5), quantile(ms, (int)runs, 0.9),
+               seq, threads, runs, warmup, median, quantile(ms, (int)runs, 0.9),
                quantile(ms, (int)runs, 0.95), ms[0], sum / runs, canao_target);
         free(ms);
     }

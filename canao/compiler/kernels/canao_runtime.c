@@ -5,38 +5,25 @@
  * kernels of a phase only read rows of their inputs that the same row block produced
  * (token-wise GEMMs, LayerNorms, epilogues), so one row block can run through all of
  * a phase's kernels without waiting for anyone. Only a kernel that reads a tensor
- * across rows (attention reads every key) starts a new phase, behind a barrier:
- * one barrier per transformer layer instead of one per kernel.
+ * across rows (attention reads every key) starts a new phase, after every block of the
+ * last one is done: one join per transformer layer instead of one per kernel.
  *
- * Within a phase, threads take row blocks from a shared counter (dynamic schedule),
- * so a thread the OS descheduled on a shared core delays the others by at most one
- * block. Workers persist between runs; they and the barriers spin briefly and then
- * sleep on a futex, so an idle pool never competes for the cores. */
-#include <errno.h>
-#include <fcntl.h>
-#include <limits.h>
-#include <linux/futex.h>
-#include <pthread.h>
-#include <stdatomic.h>
+ * Within a phase, threads take row blocks from a shared counter (dynamic schedule,
+ * canao_pool.h, the pool the decoder runtime uses too), and the phase ends when every
+ * block is done, not when every thread has arrived: a thread the OS descheduled on a
+ * shared core delays the others by at most one block. Workers persist between runs;
+ * they spin briefly and then sleep on a futex, so an idle pool never competes for the
+ * cores. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include "canao.h"
+#include "canao_pool.h"
+#include "canao_weights.h"
 
-/* the pause hint while spinning: fewer wasted cycles, and the sibling hyperthread / core gets them */
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-static inline void cpu_relax(void) { _mm_pause(); }
-#elif defined(__aarch64__)
+#if defined(__aarch64__)
 #include <sys/auxv.h>
-static inline void cpu_relax(void) { __asm__ volatile("yield" ::: "memory"); }
-#else
-static inline void cpu_relax(void) {}
 #endif
 
 extern const long canao_scratch_floats, canao_block_rows, canao_row_quantum;
@@ -48,51 +35,16 @@ void canao_phase(int phase, const float *W, char *arena, float *scratch, long S,
 extern const int canao_num_kernels;
 extern const char *const canao_kernel_names[];
 
-#define WEIGHTS_MAGIC "CANAOW01"
-#define HEADER_BYTES 64
-#define MAX_THREADS 64
-#define MAX_PHASES 4096
-
-/* ---- spin-then-sleep waiting on a 32-bit word -------------------------------------- */
-
 static long spin_iters = 2000;  /* ~10-40 us of pause before sleeping (CANAO_SPIN overrides) */
-
-static void futex_wait(atomic_uint *addr, unsigned val) {
-    syscall(SYS_futex, (unsigned *)addr, FUTEX_WAIT_PRIVATE, val, NULL, NULL, 0);
-}
-static void futex_wake_all(atomic_uint *addr) {
-    syscall(SYS_futex, (unsigned *)addr, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
-}
-
-/* wait until *word != seen; sleepers counts threads that may be in futex_wait on it */
-static void wait_change(atomic_uint *word, unsigned seen, atomic_int *sleepers) {
-    for (long i = 0; i < spin_iters; i++) {
-        if (atomic_load_explicit(word, memory_order_acquire) != seen) return;
-        cpu_relax();
-    }
-    atomic_fetch_add(sleepers, 1);
-    while (atomic_load(word) == seen) futex_wait(word, seen);
-    atomic_fetch_sub(sleepers, 1);
-}
-
-static void publish(atomic_uint *word, atomic_int *sleepers) {
-    atomic_fetch_add(word, 1);  /* seq_cst: ordered before the sleepers load below */
-    if (atomic_load(sleepers) > 0) futex_wake_all(word);
-}
 
 /* ---- CANAO_PROFILE=1: time of every kernel call, printed to stderr at close ------------ */
 
-#include <time.h>
 int canao_profiling;                   /* read by the generated KCALL */
 static atomic_long *prof_ns;           /* per kernel, summed over threads and runs */
-static atomic_long prof_barrier_ns, prof_runs;
+static atomic_long prof_join_ns, prof_runs;
 
 /* the thread's CPU clock: on a shared core, time the OS gave to other processes does not count */
-long canao_profile_begin(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-    return t.tv_sec * 1000000000L + t.tv_nsec;
-}
+long canao_profile_begin(void) { return pool_thread_ns(); }
 void canao_profile_end(int kernel, long t0) {
     atomic_fetch_add_explicit(&prof_ns[kernel], canao_profile_begin() - t0, memory_order_relaxed);
 }
@@ -103,7 +55,7 @@ static void profile_report(void) {
     if (!prof_ns || runs == 0) return;
     double total = 0;
     for (int i = 0; i < canao_num_kernels; i++) total += atomic_load(&prof_ns[i]);
-    total += atomic_load(&prof_barrier_ns);
+    total += atomic_load(&prof_join_ns);
     fprintf(stderr, "canao profile: %ld runs, %.3f ms of thread CPU time per run (all threads)\n", runs, total / runs / 1e6);
     /* kernels grouped by what follows the name (the shape): same-shaped layers add up */
     int done[4096] = {0};
@@ -123,11 +75,12 @@ static void profile_report(void) {
         }
         fprintf(stderr, "  %8.3f ms %5.1f%%  %2dx %s\n", ns / runs / 1e6, 100 * ns / total, count, tail);
     }
-    fprintf(stderr, "  %8.3f ms %5.1f%%      barrier waits\n", atomic_load(&prof_barrier_ns) / (double)runs / 1e6,
-            100 * atomic_load(&prof_barrier_ns) / total);
+    /* the calling thread's wait for the others' last blocks at the end of each phase */
+    fprintf(stderr, "  %8.3f ms %5.1f%%      join waits\n", atomic_load(&prof_join_ns) / (double)runs / 1e6,
+            100 * atomic_load(&prof_join_ns) / total);
 }
 
-/* ---- the pool ------------------------------------------------------------------------ */
+/* ---- a run: each phase's row blocks through the pool ------------------------------- */
 
 typedef struct {
     const float *W;
@@ -136,21 +89,8 @@ typedef struct {
     long S, rb, nblocks;
     const int64_t *ids, *tt, *mask;
     float *const *outputs;
+    int phase;
 } job_t;
-
-typedef struct pool {
-    int threads;
-    pthread_t workers[MAX_THREADS];
-    atomic_uint job_gen;        /* bumped to start a job (or to stop) */
-    atomic_int job_sleepers;
-    atomic_uint bar_gen;        /* barrier generation */
-    atomic_uint bar_count;
-    atomic_int bar_sleepers;
-    atomic_int stop;
-    atomic_long next_block[MAX_PHASES];
-    job_t job;
-    struct canao_model *model;
-} pool_t;
 
 struct canao_model {
     void *map;
@@ -160,79 +100,14 @@ struct canao_model {
     int threads;
     long block_rows;            /* the largest row block (canao_block_rows, CANAO_BLOCK_ROWS overrides) */
     long blocks_per_thread;     /* aim for at least this many blocks per thread (CANAO_BLOCKS_PER_THREAD) */
-    pool_t *pool;
+    canao_pool *pool;
 };
 
-typedef struct { pool_t *p; int tid; } worker_arg;
-
-static void barrier(pool_t *p) {
-    const unsigned gen = atomic_load(&p->bar_gen);
-    if (atomic_fetch_add(&p->bar_count, 1) == (unsigned)p->threads - 1) {
-        atomic_store(&p->bar_count, 0);
-        publish(&p->bar_gen, &p->bar_sleepers);
-        return;
-    }
-    wait_change(&p->bar_gen, gen, &p->bar_sleepers);
-}
-
-static void run_job(pool_t *p, int tid) {
-    const job_t *j = &p->job;
-    float *scratch = j->scratch + (long)tid * canao_scratch_floats;
-    for (int ph = 0; ph < canao_num_phases; ph++) {
-        for (;;) {
-            const long b = p->threads > 1 ? atomic_fetch_add_explicit(&p->next_block[ph], 1, memory_order_relaxed)
-                                          : atomic_load_explicit(&p->next_block[ph], memory_order_relaxed);
-            if (b >= j->nblocks) break;
-            if (p->threads == 1) atomic_store_explicit(&p->next_block[ph], b + 1, memory_order_relaxed);
-            const long r0 = b * j->rb, r1 = r0 + j->rb < j->S ? r0 + j->rb : j->S;
-            canao_phase(ph, j->W, j->arena, scratch, j->S, r0, r1, j->ids, j->tt, j->mask, j->outputs);
-        }
-        if (p->threads > 1) {  /* the last one is the join */
-            const long t0 = canao_profiling ? canao_profile_begin() : 0;
-            barrier(p);
-            if (canao_profiling) atomic_fetch_add_explicit(&prof_barrier_ns, canao_profile_begin() - t0, memory_order_relaxed);
-        }
-    }
-}
-
-static void *worker_main(void *arg) {
-    pool_t *p = ((worker_arg *)arg)->p;
-    const int tid = ((worker_arg *)arg)->tid;
-    free(arg);
-    unsigned seen = 0;
-    for (;;) {
-        wait_change(&p->job_gen, seen, &p->job_sleepers);
-        seen = atomic_load(&p->job_gen);
-        if (atomic_load(&p->stop)) return NULL;
-        run_job(p, tid);
-    }
-}
-
-static void pool_destroy(pool_t *p) {
-    if (!p) return;
-    atomic_store(&p->stop, 1);
-    publish(&p->job_gen, &p->job_sleepers);
-    for (int i = 1; i < p->threads; i++) pthread_join(p->workers[i], NULL);
-    free(p);
-}
-
-static pool_t *pool_create(int threads) {
-    pool_t *p = aligned_alloc(64, (sizeof(pool_t) + 63) / 64 * 64);
-    if (!p) return NULL;
-    memset(p, 0, sizeof *p);
-    p->threads = threads;
-    for (int i = 1; i < threads; i++) {
-        worker_arg *a = malloc(sizeof *a);
-        a->p = p;
-        a->tid = i;
-        if (pthread_create(&p->workers[i], NULL, worker_main, a) != 0) {
-            free(a);
-            p->threads = i;
-            pool_destroy(p);
-            return NULL;
-        }
-    }
-    return p;
+static void phase_block(void *ctx, int tid, long b) {
+    const job_t *j = ctx;
+    const long r0 = b * j->rb, r1 = r0 + j->rb < j->S ? r0 + j->rb : j->S;
+    canao_phase(j->phase, j->W, j->arena, j->scratch + (long)tid * canao_scratch_floats, j->S, r0, r1, j->ids, j->tt,
+                j->mask, j->outputs);
 }
 
 /* ---- the C API ----------------------------------------------------------------------- */
@@ -260,7 +135,7 @@ static int cpu_ok(char *err, int n) {
 
 int canao_set_threads(canao_model *m, int threads) {
     if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > CANAO_MAX_THREADS) threads = CANAO_MAX_THREADS;
     if (m->pool && m->threads == threads) return 0;
     pool_destroy(m->pool);
     m->pool = NULL;
@@ -268,7 +143,8 @@ int canao_set_threads(canao_model *m, int threads) {
     m->scratch = aligned_alloc(64, ((size_t)threads * canao_scratch_floats * sizeof(float) + 63) / 64 * 64);
     m->threads = threads;
     if (!m->scratch) return -1;
-    m->pool = pool_create(threads);
+    m->pool = pool_create(threads, spin_iters);
+    if (m->pool) m->pool->timed = canao_profiling;
     return m->pool ? 0 : -1;
 }
 
@@ -279,25 +155,9 @@ static long env_long(const char *name, long fallback) {
 
 canao_model *canao_open(const char *path, int threads, char *err, int n) {
     if (!cpu_ok(err, n)) return NULL;
-    if (canao_num_phases > MAX_PHASES) { snprintf(err, n, "model has too many phases"); return NULL; }
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) { snprintf(err, n, "cannot open weights %s", path); return NULL; }
-    struct stat st;
-    fstat(fd, &st);
-    if ((size_t)st.st_size != HEADER_BYTES + (size_t)canao_weight_bytes) {
-        snprintf(err, n, "weights %s has %ld bytes, this library expects %ld", path, (long)st.st_size,
-                 (long)(HEADER_BYTES + canao_weight_bytes));
-        close(fd);
-        return NULL;
-    }
-    void *map = mmap(NULL, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    close(fd);
-    if (map == MAP_FAILED) { snprintf(err, n, "cannot map weights %s", path); return NULL; }
-    if (memcmp(map, WEIGHTS_MAGIC, 8) != 0) {
-        snprintf(err, n, "%s is not a canao weights file", path);
-        munmap(map, st.st_size);
-        return NULL;
-    }
+    size_t map_bytes = 0;
+    void *map = canao_map_weights(path, canao_weight_bytes, &map_bytes, err, n);
+    if (!map) return NULL;
     spin_iters = env_long("CANAO_SPIN", spin_iters);
     if (env_long("CANAO_PROFILE", 0) && !prof_ns) {
         prof_ns = calloc(canao_num_kernels, sizeof *prof_ns);
@@ -305,7 +165,7 @@ canao_model *canao_open(const char *path, int threads, char *err, int n) {
     }
     canao_model *m = calloc(1, sizeof *m);
     m->map = map;
-    m->map_bytes = st.st_size;
+    m->map_bytes = map_bytes;
     m->block_rows = env_long("CANAO_BLOCK_ROWS", canao_block_rows);
     m->blocks_per_thread = env_long("CANAO_BLOCKS_PER_THREAD", 1);
     m->arena = aligned_alloc(64, (canao_arena_bytes + 63) / 64 * 64 + 64);
@@ -356,19 +216,20 @@ int canao_run(canao_model *m, int batch, int seq, const int64_t *ids, const int6
             return -1;
         }
     }
-    const float *W = (const float *)((const char *)m->map + HEADER_BYTES);
+    const float *W = (const float *)((const char *)m->map + CANAO_WEIGHTS_HEADER);
     float *row_out[16];
-    pool_t *p = m->pool;
     for (int b = 0; b < batch; b++) {
         for (long i = 0; i < canao_num_outputs && i < 16; i++) row_out[i] = outputs[i] + (long)b * seq;
         const long o = (long)b * seq;
         const long rb = block_rows(m, seq);
-        p->job = (job_t){W, m->arena, m->scratch, seq, rb, (seq + rb - 1) / rb, ids + o, tt + o, mask + o, row_out};
-        for (int ph = 0; ph < canao_num_phases; ph++) atomic_store_explicit(&p->next_block[ph], 0, memory_order_relaxed);
-        if (p->threads > 1) publish(&p->job_gen, &p->job_sleepers);
-        run_job(p, 0);
+        job_t job = {W, m->arena, m->scratch, seq, rb, (seq + rb - 1) / rb, ids + o, tt + o, mask + o, row_out, 0};
+        for (job.phase = 0; job.phase < canao_num_phases; job.phase++)
+            pool_parallel(m->pool, phase_block, &job, job.nblocks);
     }
-    if (canao_profiling) atomic_fetch_add(&prof_runs, batch);
+    if (canao_profiling) {
+        atomic_fetch_add(&prof_runs, batch);
+        atomic_fetch_add(&prof_join_ns, atomic_exchange(&m->pool->join_ns, 0));
+    }
     return 0;
 }
 
