@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
-from canao.compiler.runtime import CompiledModel  # noqa: E402
+from canao.compiler.encoder_runtime import CompiledModel  # noqa: E402
 
 
 def main(argv):

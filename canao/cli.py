@@ -18,7 +18,7 @@ from .errors import CanaoError
 
 # Stage modules that contribute subcommands, in help order.
 COMMAND_MODULES = [
-    "canao.apps.commands",
+    "canao.apps.command",
     "canao.compiler.command",
     "canao.baselines.command",
     "canao.serve.command",

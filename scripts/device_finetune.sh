@@ -12,7 +12,7 @@ rm -rf /tmp/teacher
 python3 - "$out" "${LIMIT:-0}" "${EVAL_LIMIT:-0}" <<'PY'
 import json, sys, torch
 from canao.train.finetune import FinetuneConfig, finetune_squad
-from canao.apps.commands import _squad_eval
+from canao.apps.command import _squad_eval
 out, limit, eval_limit = sys.argv[1], int(sys.argv[2]) or None, int(sys.argv[3]) or None
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), flush=True)
 ft = finetune_squad(".gpu/minilm", ".gpu/data/squad/train-subset-v1.1.json", "/tmp/teacher",

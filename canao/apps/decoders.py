@@ -34,7 +34,7 @@ def load_causal_lm(spec: str | Path, threads: int | None = None):
 
 def _from_artifact(folder: Path, threads: int | None = None):
     """A decoder compiled by `canao compile` (native code; the tokenizer travels with it)."""
-    from ..compiler.decoder.runtime import CompiledCausalLM, CompiledDecoder
+    from ..compiler.decoder.decoder_runtime import CompiledCausalLM, CompiledDecoder
 
     decoder = CompiledDecoder(folder, threads=threads)
     tokenizer = BPETokenizer.from_folder(folder)

@@ -78,7 +78,7 @@ class Generator:
         model.to(DTYPES[dtype])
         info["dtype"] = dtype
         if slots > 1:
-            from ..compiler.decoder.runtime import CompiledCausalLM
+            from ..compiler.decoder.decoder_runtime import CompiledCausalLM
             from .slots import SlotLM
 
             if not isinstance(model, CompiledCausalLM):

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from ..compiler.decoder.runtime import CompiledLMBase
+from ..compiler.decoder.decoder_runtime import CompiledLMBase
 from ..errors import CanaoError
 
 

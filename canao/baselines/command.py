@@ -62,7 +62,7 @@ def _bench_model(spec: str):
 
 def _is_bench_decoder(spec: str) -> bool:
     from ..compiler.command import _is_decoder_source
-    from ..compiler.decoder.runtime import is_decoder_artifact
+    from ..compiler.decoder.decoder_runtime import is_decoder_artifact
     from ..paths import resolve_model_path
 
     return _is_decoder_source(spec) or is_decoder_artifact(resolve_model_path(spec))

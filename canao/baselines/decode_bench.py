@@ -62,7 +62,7 @@ def default_precision(weight_types: dict, compiled: str | None) -> str:
 
 def source_of(spec) -> tuple[Path, Path | None]:
     """(the model's source file or folder, the artifact if `spec` is a compiled decoder)."""
-    from ..compiler.decoder.runtime import is_decoder_artifact
+    from ..compiler.decoder.decoder_runtime import is_decoder_artifact
     from ..paths import resolve_model_path
 
     path = resolve_model_path(spec)
@@ -106,7 +106,7 @@ def canao_engine(source: Path, precision: str, n_ctx: int, artifact: Path | None
     from ..compiler.build import compiler_fingerprint
     from ..paths import cache_dir
     from ..compiler.decoder import CompiledDecoder, compile_decoder
-    from ..compiler.decoder.runtime import is_decoder_artifact
+    from ..compiler.decoder.decoder_runtime import is_decoder_artifact
     from ..fileio import file_digest
 
     if artifact is None:

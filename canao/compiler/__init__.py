@@ -7,7 +7,7 @@ Public API:
 """
 
 from .driver import compile_model
-from .runtime import CompiledModel
+from .encoder_runtime import CompiledModel
 
 
 def load_artifact(path, threads: int | None = None) -> CompiledModel:

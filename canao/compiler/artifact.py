@@ -94,7 +94,7 @@ def read_manifest(folder: Path, check: bool = True, here: bool = True) -> dict:
     if here and is_cross(target):
         raise CanaoError(f"{folder} was built for {target.arch} (target {target.name}), not this {host_arch()} "
                          f"machine; run it on the device with canao-run ({folder / RUNNER} "
-                         f"{folder / WEIGHTS} --help), or under qemu with canao.compiler.runner")
+                         f"{folder / WEIGHTS} --help), or under qemu with canao.compiler.standalone")
     missing = missing_features(target) if here else []
     if missing:
         raise CanaoError(f"{folder} was built for {target.name}, but this CPU lacks {', '.join(missing)}; "

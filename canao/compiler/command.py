@@ -108,7 +108,7 @@ def cmd_compile(args) -> dict:
     # The apps tokenize before they run the artifact: it carries the model's tokenizer.
     add_files(Path(summary["artifact"]), tokenizer_files(source))
     if args.verify:
-        from .runner import RunnerModel
+        from .standalone import RunnerModel
         from .targets import X86_64, get_target, is_cross
 
         if args.target != X86_64 and is_cross(get_target(args.target)):

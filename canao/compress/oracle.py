@@ -76,7 +76,7 @@ class LatencyOracle:
         self.host = host_id()
         self.device, self.target = device, "host"
         if device:
-            from ..device.runner import device_target, get_device
+            from ..device.device_runner import device_target, get_device
 
             info = get_device(device).probe()
             self.host = f"device:{info['spec']}|{info['cpu_model']}|{info['arch']}|{info['cores']}"
@@ -193,7 +193,7 @@ class LatencyOracle:
 
     def _device_rounds(self, path, seq: int, threads: int) -> dict:
         """canao-run on the device: `rounds` rounds (warm-up before the first), the lowest median kept."""
-        from ..device.runner import measure
+        from ..device.device_runner import measure
 
         rounds = [measure(path, self.device, seq=seq, threads=threads, runs=self.runs,
                           warmup=self.warmup if i == 0 else 0) for i in range(self.rounds)]

@@ -9,7 +9,7 @@ The transports know nothing about models: a later artifact kind (a decoder's `ca
 uses the same push/run/cleanup.
 """
 
-from .runner import measure
+from .device_runner import measure
 from .transport import Transport, open_transport
 
 __all__ = ["measure", "Transport", "open_transport"]

@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_measure(args) -> dict:
-    from .runner import measure, measure_decode, read_manifest
+    from .device_runner import measure, measure_decode, read_manifest
 
     if read_manifest(Path(args.artifact)).get("kind") == "decoder":  # --seq is the context before decoding
         r = measure_decode(args.artifact, args.device, context=args.seq, threads=args.threads or 1,
@@ -57,7 +57,7 @@ def cmd_measure(args) -> dict:
 
 def cmd_info(args) -> dict:
     from ..errors import CanaoError
-    from .runner import device_target, get_device
+    from .device_runner import device_target, get_device
 
     info = dict(get_device(args.device).probe())
     try:

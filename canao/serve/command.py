@@ -94,7 +94,7 @@ def load_models(qa_specs: list[str], lm_specs: list[str], threads: int | None = 
             say(f"canao serve: QA model '{key}' loaded from {path} in {time.perf_counter() - t0:.1f} s")
     if lm_specs:
         from ..apps.generate import Generator
-        from ..compiler.decoder.runtime import is_decoder_artifact
+        from ..compiler.decoder.decoder_runtime import is_decoder_artifact
         from ..paths import resolve_model_path
 
         for spec in lm_specs:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from canao.compiler import compile_model, load_artifact
-from canao.compiler.runner import bench_local, run_local
+from canao.compiler.standalone import bench_local, run_local
 from canao.errors import CanaoError
 from compiler_helpers import random_inputs, small_model
 
@@ -39,7 +39,7 @@ def _batch(seq, pad, vocab, seed):
     (12, 32, (2,), (64,), 16),
 ])
 def test_fp32_random_encoders_match_pytorch_under_qemu(tmp_path, seed, hidden, heads, ffn, head_dim):
-    from canao.compiler.runner import RunnerModel
+    from canao.compiler.standalone import RunnerModel
     from canao.compiler.verify import verify
 
     model = small_model(hidden=hidden, heads=heads, ffn=ffn, head_dim=head_dim, seed=seed)

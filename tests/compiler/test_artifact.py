@@ -28,7 +28,7 @@ def test_corrupted_weights_are_refused(copy):
 def test_truncated_weights_are_refused_by_the_library_too(copy):
     with open(copy / "weights.bin", "r+b") as f:
         f.truncate(1000)
-    from canao.compiler.runtime import CompiledModel
+    from canao.compiler.encoder_runtime import CompiledModel
 
     with pytest.raises(CanaoError, match="expects"):
         CompiledModel(copy, check=False)  # the C loader checks the size itself

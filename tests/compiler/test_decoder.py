@@ -252,7 +252,7 @@ def test_all_position_logits_and_perplexity_match_pytorch(smollm2, artifacts, da
 
 
 def test_decode_speed_measured_through_the_device_runner(artifacts):
-    from canao.device.runner import measure_decode
+    from canao.device.device_runner import measure_decode
 
     r = measure_decode(artifacts["q4_1"]["artifact"], "local", context=16, steps=20, warmup=2, ttft_prompt=16)
     assert r["decode_ms_median"] <= r["decode_ms_p90"] and r["tokens_per_s"] > 0 and r["ttft_ms_median"] > 0

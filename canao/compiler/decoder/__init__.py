@@ -2,6 +2,6 @@
 weight-only quantized GEMVs and a static KV cache. See compile.py for the pipeline."""
 
 from .compile import DECODER_PRECISIONS, compile_decoder
-from .runtime import CompiledDecoder, is_decoder_artifact
+from .decoder_runtime import CompiledDecoder, is_decoder_artifact
 
 __all__ = ["DECODER_PRECISIONS", "compile_decoder", "CompiledDecoder", "is_decoder_artifact"]

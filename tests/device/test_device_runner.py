@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from canao.device import runner
+from canao.device import device_runner as runner
 from canao.device.transport import ADBTransport, SSHTransport, open_transport, parse_cpuinfo
 from canao.errors import CanaoError
 

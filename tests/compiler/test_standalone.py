@@ -1,4 +1,4 @@
-"""canao-run, the artifact's standalone C program, and its Python driver canao.compiler.runner (host artifact)."""
+"""canao-run, the artifact's standalone C program, and its Python driver canao.compiler.standalone (host artifact)."""
 
 import json
 import subprocess
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from canao.compiler.runner import bench_local, run_local
+from canao.compiler.standalone import bench_local, run_local
 from canao.errors import CanaoError
 from compiler_helpers import random_inputs
 

@@ -37,7 +37,7 @@ def test_qa_pipeline_on_artifact(artifact):
 
 
 def test_eval_refuses_windows_longer_than_the_artifact(artifact, data_dir):
-    from canao.apps.commands import _squad_eval
+    from canao.apps.command import _squad_eval
 
     with pytest.raises(CanaoError, match="at most 128 tokens"):
         _squad_eval(str(artifact), data_dir / "squad" / "dev-v1.1.json", 2, 384, 128, 8)
@@ -48,7 +48,7 @@ def test_threads_flag_reaches_the_compiled_runtime(artifact, data_dir, capsys, p
     (it used to be dropped on the way: the artifact's own setting applied)."""
     import json
 
-    from canao.compiler.runtime import CompiledModel
+    from canao.compiler.encoder_runtime import CompiledModel
 
     opened = pools_opened(CompiledModel)
     for threads in ("1", "2"):
