@@ -208,12 +208,26 @@ def engine_names(spec: str) -> list[str]:
     return names
 
 
+def _tokenizer_and_info(path: Path):
+    """(tokenizer, {"context_length", "architecture", "weight_types"}) of a GGUF file, HF folder or compiled
+    artifact (read from its manifest: the native code is not loaded for this)."""
+    from ..models.bpe_tokenizer import BPETokenizer
+    from ..models.decoders import is_compiled_artifact, load_causal_lm
+
+    if is_compiled_artifact(path):
+        manifest = json.loads((path / "manifest.json").read_text())
+        return BPETokenizer.from_folder(path), {"context_length": int(manifest["max_seq"]), "weight_types": {},
+                                                "architecture": manifest["model"]["architecture"]}
+    model, tokenizer, info = load_causal_lm(path)
+    del model
+    return tokenizer, info
+
+
 def run_decode_bench(spec, engines: list[str], precisions: list[str] | None, contexts: list[int], threads: list[int],
                      steps: int = protocol.DECODE_STEPS, rounds: int = 1, log=None) -> dict:
     """The `canao bench` report for a decoder: rows per (engine, precision, context, threads, phase).
     precisions None: default_precision."""
     from ..compiler.targets import cpu_model
-    from ..apps.decoders import load_causal_lm
 
     if steps < 20:
         raise CanaoError("use at least 20 decode steps (--runs) so medians mean something")
@@ -221,8 +235,7 @@ def run_decode_bench(spec, engines: list[str], precisions: list[str] | None, con
         raise CanaoError(f"decode contexts (--seq) must be positive token counts, got {contexts}")
     source, artifact = source_of(spec)
     # the source's tokenizer and context (an artifact alone if its source is not on this machine)
-    model, tokenizer, info = load_causal_lm(source if source.exists() or artifact is None else artifact, threads=1)
-    del model
+    tokenizer, info = _tokenizer_and_info(source if source.exists() or artifact is None else artifact)
     # the longest prompt, the warm-up and the timed steps must fit the cache
     n_ctx = max(contexts) + steps + protocol.DECODE_WARMUP + 8
     if n_ctx > int(info["context_length"]):

@@ -19,13 +19,13 @@ does the same work.
 from __future__ import annotations
 
 import platform
-import statistics
 from pathlib import Path
 
 import numpy as np
 
 from ..compiler.targets import cpu_model
 from ..errors import CanaoError
+from ..timing import summary
 from .encoder_engines import ENGINES, open_engine
 
 SQUAD_SETTINGS = ("squad", "squad-unpadded")
@@ -78,11 +78,11 @@ def run_bench(model, artifact, engines: list[str], seqs: list, threads: list[int
                     for k, r in runners.items():  # interleaved: background load hits every engine alike
                         times[k].append(r.time_ms(*args))
                 tokens = float(np.mean([a[0].shape[1] for a in inputs]))
-                for (e, prec), ts_raw in times.items():
-                    ts = sorted(ts_raw)
+                for (e, prec), ts in times.items():
+                    st = summary(ts)
                     results.append({"engine": e, "version": runners[(e, prec)].version, "precision": prec, "seq": seq,
-                                    "mean_tokens": tokens, "threads": th, "median_ms": statistics.median(ts),
-                                    "mean_ms": statistics.fmean(ts), "p90_ms": ts[int(0.9 * (len(ts) - 1))], "runs": runs,
+                                    "mean_tokens": tokens, "threads": th, "median_ms": st["median_ms"],
+                                    "mean_ms": st["mean_ms"], "p90_ms": st["p90_ms"], "runs": runs,
                                     "padded_to": runners[(e, prec)].padded_to})
                 if progress:
                     progress(f"threads {th} seq {seq}: " + ", ".join(

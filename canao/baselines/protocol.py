@@ -11,10 +11,11 @@ own venv.
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import numpy as np
+
+from .. import timing
 
 DECODE_STEPS = 32
 DECODE_WARMUP = 4
@@ -70,7 +71,6 @@ def greedy(engine, prompt: list[int], n: int) -> list[int]:
 
 
 def summary(times: list[float]) -> dict:
-    """Median and p90 milliseconds (and tokens/s for per-token times)."""
-    s = sorted(times)
-    med = statistics.median(s)
-    return {"median_ms": med, "p90_ms": s[int(0.9 * (len(s) - 1))], "runs": len(s)}
+    """Median and p90 milliseconds of a list of timings."""
+    st = timing.summary(times)
+    return {"median_ms": st["median_ms"], "p90_ms": st["p90_ms"], "runs": st["runs"]}

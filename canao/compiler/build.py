@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import CanaoError
-from ..paths import cache_dir  # noqa: F401  (the compiler's caches live there too; imported from here by its modules)
+from ..paths import cache_dir
 from .targets import Target, is_cross
 
 KERNEL_DIR = Path(__file__).parent / "kernels"

@@ -269,7 +269,7 @@ def _cache_key(model: torch.nn.Module, max_seq: int) -> str | None:
 
 
 def _cache_path(key: str):
-    from .build import cache_dir
+    from ..paths import cache_dir
 
     return cache_dir() / "frontend" / f"{key}.json"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import platform
-from pathlib import Path
 
+from ..cpuinfo import host_cpuinfo
 from ..errors import CanaoError
 
 
@@ -61,24 +61,13 @@ def is_cross(target: Target) -> bool:
 
 
 def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):  # x86, ARM
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    """The ISA flags of this machine's CPU (x86 flags, ARM Features)."""
+    return set(host_cpuinfo()["flags"])
 
 
 def cpu_model() -> str:
     """The processor's name, recorded with every timing and tuning result."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return host_cpuinfo()["cpu_model"] or platform.processor() or platform.machine()
 
 
 def host_target() -> Target:

@@ -36,7 +36,8 @@ from pathlib import Path
 
 from ..errors import CanaoError
 from ..fileio import read_json_object, update_json_object
-from .build import KERNEL_DIR, cache_dir, compiler
+from ..paths import cache_dir
+from .build import KERNEL_DIR, compiler
 from .codegen.c import TILE_SOURCES, Schedule, gemm_loop, gemm_loop_int8, gemm_mode
 from .targets import Target, cpu_model
 

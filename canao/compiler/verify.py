@@ -58,25 +58,10 @@ F1_TOLERANCE = {"bf16": 0.3, "int8": 0.5}
 F1_QUESTIONS = 300
 
 
-def verify_f1(model, tokenizer, compiled, squad_file: Path, precision: str, max_seq: int,
-              questions: int = F1_QUESTIONS) -> dict:
-    import numpy as np
-
-    from ..tasks.squad import evaluate, read_squad
-
-    examples = read_squad(squad_file, limit=questions)
-    max_len = min(384, max_seq)
-    stride = min(128, max_len // 3)
-
-    def torch_run(ids, tt, mask):
-        with torch.inference_mode():
-            s, e = model(torch.as_tensor(ids), torch.as_tensor(tt), torch.as_tensor(mask))
-        return s.numpy(), e.numpy()
-
-    ref = evaluate(torch_run, tokenizer, examples, max_len=max_len, stride=stride)
-    got = evaluate(lambda i, t, m: compiled.run(np.asarray(i), np.asarray(t), np.asarray(m)), tokenizer, examples,
-                   max_len=max_len, stride=stride)
+def f1_verdict(reference: dict, got: dict, precision: str, questions: int) -> dict:
+    """The rule for a bf16 / int8 artifact, given SQuAD metrics ({"f1", "em"}) of the fp32 PyTorch model
+    (reference) and of the artifact (got) on the same questions (the command scores them: canao.tasks)."""
     tol = F1_TOLERANCE[precision]
-    return {"ok": got["f1"] >= ref["f1"] - tol, "precision": precision, "questions": len(examples),
-            "f1_fp32": ref["f1"], "f1": got["f1"], "em_fp32": ref["em"], "em": got["em"],
-            "f1_delta": got["f1"] - ref["f1"], "tolerance": tol, "rule": "f1 >= f1_fp32 - tolerance"}
+    return {"ok": got["f1"] >= reference["f1"] - tol, "precision": precision, "questions": questions,
+            "f1_fp32": reference["f1"], "f1": got["f1"], "em_fp32": reference["em"], "em": got["em"],
+            "f1_delta": got["f1"] - reference["f1"], "tolerance": tol, "rule": "f1 >= f1_fp32 - tolerance"}

@@ -30,6 +30,7 @@ import numpy as np
 from ..compiler.build import compiler_fingerprint
 from ..errors import CanaoError
 from ..fileio import locked, read_json_object, update_json_object
+from ..timing import summary
 from .space import Arch
 
 
@@ -47,9 +48,9 @@ def host_id() -> str:
 
 
 def timing_stats(times_ms: list[float]) -> dict:
-    a = np.asarray(times_ms)
-    return {"median_ms": float(np.median(a)), "p95_ms": float(np.percentile(a, 95)),
-            "min_ms": float(a.min()), "runs": int(a.size)}
+    """What the search records of a timing: median, p95 (the budget's statistic), min, runs."""
+    st = summary(times_ms)
+    return {k: st[k] for k in ("median_ms", "p95_ms", "min_ms", "runs")}
 
 
 class LatencyOracle:

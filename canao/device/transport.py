@@ -26,48 +26,13 @@ import uuid
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from ..cpuinfo import host_cpuinfo, parse_cpuinfo
 from ..errors import CanaoError
 
 DEFAULT_TIMEOUT = 600.0
 # One call collects everything `measure` records about a device (one round trip over ssh/adb).
 _PROBE = ("echo @uname; uname -m; echo @cpuinfo; cat /proc/cpuinfo 2>/dev/null; "
           "echo @model; getprop ro.product.model 2>/dev/null; echo @soc; getprop ro.soc.model 2>/dev/null; true")
-
-# ARM Ltd. (implementer 0x41) core part numbers, for a readable CPU name on boards and phones.
-_ARM_PARTS = {0xd03: "Cortex-A53", 0xd04: "Cortex-A35", 0xd05: "Cortex-A55", 0xd07: "Cortex-A57",
-              0xd08: "Cortex-A72", 0xd09: "Cortex-A73", 0xd0a: "Cortex-A75", 0xd0b: "Cortex-A76",
-              0xd0c: "Neoverse-N1", 0xd0d: "Cortex-A77", 0xd40: "Neoverse-V1", 0xd41: "Cortex-A78",
-              0xd44: "Cortex-X1", 0xd46: "Cortex-A510", 0xd47: "Cortex-A710", 0xd48: "Cortex-X2",
-              0xd49: "Neoverse-N2", 0xd4d: "Cortex-A715", 0xd4e: "Cortex-X3", 0xd4f: "Neoverse-V2",
-              0xd80: "Cortex-A520", 0xd81: "Cortex-A720", 0xd82: "Cortex-X4"}
-
-
-def parse_cpuinfo(text: str) -> dict:
-    """x86 flags / arm Features, a CPU name and the core count from /proc/cpuinfo text."""
-    info = {"flags": [], "cpu_model": None, "cores": 0}
-    parts = []
-    for line in text.splitlines():
-        key, _, value = (s.strip() for s in line.partition(":"))
-        key = key.lower()
-        if key == "processor":
-            info["cores"] += 1
-        elif key in ("flags", "features") and not info["flags"]:
-            info["flags"] = value.split()
-        elif key == "model name" and not info["cpu_model"]:
-            info["cpu_model"] = value
-        elif key == "hardware" and not info["cpu_model"]:
-            info["cpu_model"] = value
-        elif key == "cpu part":
-            try:
-                parts.append(int(value, 16))
-            except ValueError:
-                pass
-    if not info["cpu_model"] and parts:
-        # big.LITTLE: name each core type once, in the order the kernel lists them
-        names = [_ARM_PARTS.get(p, f"ARM part {p:#x}") for p in dict.fromkeys(parts)]
-        info["cpu_model"] = " + ".join(names)
-    return info
-
 
 class Transport:
     """push(files, remote_dir) -> remote_dir; run(argv, timeout, cwd) -> (rc, stdout, stderr); cleanup()."""
@@ -231,7 +196,7 @@ class QemuTransport(LocalTransport):
 
     def probe(self) -> dict:
         if self._probe is None:
-            host = parse_cpuinfo(Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "")
+            host = host_cpuinfo()
             # no flags: -cpu max emulates every extension, so no ISA check applies
             self._probe = {"spec": self.spec, "transport": self.kind, "arch": self.arch, "flags": [],
                            "cpu_model": f"qemu-{self.arch} -cpu max on {host['cpu_model'] or 'this machine'} (emulated)",

@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import math
 import sys
 import threading
 import time
 from urllib.parse import urlsplit
+
+from .. import timing
 
 CASES = [
     ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after "
@@ -42,11 +43,8 @@ CASES = [
 
 
 def percentile(values: list[float], p: float) -> float | None:
-    """Nearest-rank percentile (p in 0..100)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+    """Nearest-rank percentile (p in 0..100): a latency some request really had."""
+    return timing.percentile(values, p, nearest_rank=True)
 
 
 class _Client:
