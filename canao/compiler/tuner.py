@@ -9,7 +9,7 @@ Compiling a new architecture of the search space whose shapes were seen before
 measures nothing.
 
 Measuring: every candidate schedule of every unseen signature is generated with the
-same code generator as the model (codegen.c.gemm_loop / tile_source) into one small
+same code generator as the model (codegen.gemm.gemm_loop / tile_source) into one small
 standalone harness, compiled once, that packs the same random weights for each
 candidate, checks every candidate's result against the first, and times them
 interleaved (round-robin), with the weights evicted from the caches before each call
@@ -38,7 +38,7 @@ from ..errors import CanaoError
 from ..fileio import read_json_object, update_json_object
 from ..paths import cache_dir
 from .build import KERNEL_DIR, compiler
-from .codegen.c import TILE_SOURCES, Schedule, gemm_loop, gemm_loop_int8, gemm_mode
+from .codegen.gemm import TILE_SOURCES, Schedule, gemm_loop, gemm_loop_int8, gemm_mode
 from .targets import Target, cpu_model
 
 TUNER_VERSION = 6  # bump when generated kernels change so old measurements are not reused

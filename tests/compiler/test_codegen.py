@@ -161,7 +161,7 @@ def test_int8_models_default_to_int8_attention_and_fp32_attention_is_a_choice(mo
 
 
 def test_int8_packing_layout_and_column_sums():
-    from canao.compiler.codegen.c import quantize_int8
+    from canao.compiler.codegen.weights import quantize_int8
 
     rng = np.random.default_rng(0)
     w = rng.normal(size=(10, 20)).astype(np.float32)
