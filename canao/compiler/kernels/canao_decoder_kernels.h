@@ -171,6 +171,25 @@ static inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #define GEMV_TOKENS 8
 
 #if defined(__AVX2__)
+/* Two unpacked blocks (bi, bi + 1: QK weights each, in q0 and q1, scales d0, d1) against every token's
+ * activations: into the even and odd accumulators, and the blocks' min terms m0, m1 times each token's
+ * activation sums into offset (Q4_1 adds it, the k-quants subtract it). Shared by dot_q4_1_n and
+ * dot_qk_n, so both do the same arithmetic in the same order. */
+static inline __attribute__((always_inline)) void blocks_x_tokens(__m256i q0, __m256i q1, float d0, float d1, float m0,
+                                                                  float m1, int bi, const int8_t *xq, const float *xd,
+                                                                  const float *xs, int n, long kq, long kb,
+                                                                  __m256 *acc0, __m256 *acc1, float *offset) {
+    for (int j = 0; j < n; j++) {
+        const int8_t *a = xq + j * kq + bi * QK;
+        const float *dj = xd + j * kb + bi, *sj = xs + j * kb + bi;
+        const __m256i p0 = dot_u8s8(q0, _mm256_loadu_si256((const __m256i *)a));
+        const __m256i p1 = dot_u8s8(q1, _mm256_loadu_si256((const __m256i *)(a + QK)));
+        acc0[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * dj[0]), acc0[j]);
+        acc1[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d1 * dj[1]), acc1[j]);
+        offset[j] += m0 * sj[0] + m1 * sj[1];
+    }
+}
+
 static inline __attribute__((always_inline)) void dot_q4_1_n(const uint8_t *w, const int8_t *xq, const float *xd,
                                                              const float *xs, int nb, int n, long kq, long kb, float *y) {
     __m256 acc0[GEMV_TOKENS], acc1[GEMV_TOKENS];
@@ -181,15 +200,7 @@ static inline __attribute__((always_inline)) void dot_q4_1_n(const uint8_t *w, c
         const uint8_t *w0 = w + b * Q4_1_BYTES, *w1 = w0 + Q4_1_BYTES;
         const __m256i q0 = unpack_nibbles(w0 + 4), q1 = unpack_nibbles(w1 + 4);
         const float d0 = fp16_to_f32(w0), d1 = fp16_to_f32(w1), m0 = fp16_to_f32(w0 + 2), m1 = fp16_to_f32(w1 + 2);
-        for (int j = 0; j < n; j++) {
-            const int8_t *a = xq + j * kq + b * QK;
-            const float *dj = xd + j * kb + b, *sj = xs + j * kb + b;
-            const __m256i p0 = dot_u8s8(q0, _mm256_loadu_si256((const __m256i *)a));
-            const __m256i p1 = dot_u8s8(q1, _mm256_loadu_si256((const __m256i *)(a + QK)));
-            acc0[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * dj[0]), acc0[j]);
-            acc1[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d1 * dj[1]), acc1[j]);
-            offset[j] += m0 * sj[0] + m1 * sj[1];
-        }
+        blocks_x_tokens(q0, q1, d0, d1, m0, m1, b, xq, xd, xs, n, kq, kb, acc0, acc1, offset);
     }
     for (; b < nb; b++) {
         const uint8_t *w0 = w + b * Q4_1_BYTES;
@@ -277,15 +288,7 @@ static inline __attribute__((always_inline)) void dot_qk_n(const uint8_t *w, int
             const float d0 = d * (float)sc[2 * p], d1 = d * (float)sc[2 * p + 1];
             const float m0 = dmin * (float)mn[2 * p], m1 = dmin * (float)mn[2 * p + 1];
             const int bi = sb * 8 + 2 * p;
-            for (int j = 0; j < n; j++) {
-                const int8_t *a = xq + j * kq + bi * QK;
-                const float *dj = xd + j * kb + bi, *sj = xs + j * kb + bi;
-                const __m256i p0 = dot_u8s8(q0, _mm256_loadu_si256((const __m256i *)a));
-                const __m256i p1 = dot_u8s8(q1, _mm256_loadu_si256((const __m256i *)(a + QK)));
-                acc0[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * dj[0]), acc0[j]);
-                acc1[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d1 * dj[1]), acc1[j]);
-                offset[j] += m0 * sj[0] + m1 * sj[1];
-            }
+            blocks_x_tokens(q0, q1, d0, d1, m0, m1, bi, xq, xd, xs, n, kq, kb, acc0, acc1, offset);
         }
     }
     for (int j = 0; j < n; j++) y[j] = hsum256(_mm256_add_ps(acc0[j], acc1[j])) - offset[j];
