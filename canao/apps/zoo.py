@@ -146,7 +146,7 @@ def export_student(search: Path, name: str, data: Path, threads: int | None = No
     def scored(run_fn) -> dict:
         metrics, preds = squad.score(run_fn, dev, feats)
         return {**metrics, "f1_heldout": squad.squad_metrics(held, preds)["f1"], "heldout_questions": len(held),
-                "f1_first200": squad.squad_metrics(dev[:200], preds)["f1"]}  # what tests/test_zoo.py checks
+                "f1_first200": squad.squad_metrics(dev[:200], preds)["f1"]}  # what tests/apps/test_zoo.py checks
 
     f1_torch = scored(torch_runner(fp16_model))
     art = compiled_student(name, precision=entry["arch"]["precision"], max_seq=seq, threads=threads)

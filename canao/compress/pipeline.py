@@ -452,7 +452,10 @@ class SearchRun:
             candidates = [e for e in ranked if e["key"] not in tried]
             if not candidates:
                 raise CanaoError(f"every candidate's compiled model exceeded the {self.job.budget_ms} ms budget when measured")
-            arch, m, trail = self.search.confirm(candidates, guard=self.pre.latency_guard)
+            # a rejected shrunk-to-fit candidate is not in `ranked`: excluded so it is not proposed again
+            arch, m, trail = self.search.confirm(candidates, guard=self.pre.latency_guard, exclude=tried)
+            if arch.key() in tried:  # cannot happen with `exclude`; never train a rejected model twice
+                raise CanaoError(f"{arch.key()} was confirmed again after its trained model measured over the budget")
             st.set("confirm", trail)
             student = self.train(arch, self.out / "model")
             final = self.final(student, arch, self.out / f"artifact-{arch.key()}", "phase2")

@@ -209,18 +209,20 @@ class Search:
 
     # ------------------------------------------------------------ the guarantee
     def confirm(self, ranked: list[dict], limit: int = 8, retries: int = 2, guard: float = 0.0,
-                repairs: int = 2) -> tuple[Arch, dict, list[dict]]:
+                repairs: int = 2, exclude=()) -> tuple[Arch, dict, list[dict]]:
         """Measure candidates in order; the first whose measured p95 is at least `guard` (a fraction)
         under the budget wins, so that the trained model's own timing, a session later, still meets it.
         Each over-budget measurement is repeated `retries` times first and the best session kept.
         The first `repairs` candidates that measure over are shrunk until they fit (`fit`) and the
         result joins the queue by its F1: the predictor can be 10-15 % off, and the next candidate in
         the ranking may be far worse than the best one made a little smaller.
-        Where none of the first `limit` clears the guard, the first within the budget itself wins."""
+        Where none of the first `limit` clears the guard, the first within the budget itself wins.
+        exclude: keys already rejected (trained, then measured over the budget): a shrunk candidate equal
+        to one of them is not proposed again."""
         trail, within = [], None
         limit_ms = self.cfg.budget_ms * (1.0 - guard)
         queue = list(ranked[:limit])
-        seen = {e["key"] for e in ranked}
+        seen = {e["key"] for e in ranked} | set(exclude)
         i = 0
         while i < len(queue):
             e = queue[i]

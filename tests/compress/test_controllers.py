@@ -176,3 +176,39 @@ def test_a_candidate_over_the_budget_is_shrunk_until_it_fits_and_confirmed(tmp_p
     assert all(f <= 768 for f in arch.ffn) and sum(arch.ffn) < sum(best.ffn)
     fitted = [e for e in search.entries if e["controller"] == "fit"]
     assert len(fitted) == 1 and fitted[0]["from"] == best.key() and fitted[0]["key"] == arch.key()
+
+
+def test_a_rejected_shrunk_candidate_is_not_proposed_again(tmp_path):
+    """The search's phase-2 loop rejects a trained model that measures over the budget and confirms again
+    without it; the shrink of the same over-budget candidate gives the same architecture, which must not
+    come back (it did: the quick main job trained one shrunk model again and again)."""
+    from canao.compress.search import Search, SearchConfig
+
+    class Flops:
+        def predict(self, arch):
+            return sum(h * 64 + f for h, f in zip(arch.heads, arch.ffn)) / 100
+
+    class Measured(_Timings):
+        def measure(self, arch, threads=1, fresh=False):
+            self.calls.append(arch.key())
+            p = Flops().predict(arch) * 1.2
+            return {"median_ms": p * 0.95, "p95_ms": p}
+
+    class Slices:
+        def f1(self, arch):
+            return sum(arch.heads) * 2.0 + sum(arch.ffn) / 1000
+
+    best = SPACE.uniform(6, 6, 768, 384, "int8")
+    weak = SPACE.uniform(2, 2, 192, 384, "int8")
+    budget = Flops().predict(best) * 1.05
+    ranked = [{"arch": a.to_dict(), "key": a.key(), "f1": Slices().f1(a), "predicted_ms": Flops().predict(a)}
+              for a in (best, weak)]
+
+    def search():
+        return Search(SPACE, BertConfig(), Flops(), Measured({}), Slices(), SearchConfig(budget_ms=budget),
+                      tmp_path / "log.jsonl", progress=False)
+
+    first, _, _ = search().confirm(ranked, guard=0.03)
+    assert first.key() not in {best.key(), weak.key()}  # the shrunk one
+    again, _, _ = search().confirm(ranked, guard=0.03, exclude=[first.key()])
+    assert again.key() != first.key() and again == weak
