@@ -211,11 +211,12 @@ def engine_names(spec: str) -> list[str]:
 def _tokenizer_and_info(path: Path):
     """(tokenizer, {"context_length", "architecture", "weight_types"}) of a GGUF file, HF folder or compiled
     artifact (read from its manifest: the native code is not loaded for this)."""
+    from ..compiler.artifact import read_manifest
     from ..models.bpe_tokenizer import BPETokenizer
     from ..models.decoders import is_compiled_artifact, load_causal_lm
 
     if is_compiled_artifact(path):
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest = read_manifest(path, check=False, here=False)
         return BPETokenizer.from_folder(path), {"context_length": int(manifest["max_seq"]), "weight_types": {},
                                                 "architecture": manifest["model"]["architecture"]}
     model, tokenizer, info = load_causal_lm(path)

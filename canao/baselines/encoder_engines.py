@@ -139,10 +139,28 @@ class OnnxRuntimeEngine(EncoderEngine):
 
 class _StaticShapeWorkerEngine(EncoderEngine):
     """An engine with static input shapes, in a venv worker: one converted model per length; an input runs
-    on the shortest loaded length that holds it (padded there by the worker, outputs cut back to it)."""
+    on the shortest loaded length that holds it (padded there by the worker, outputs cut back to it).
+    backend: the module (in this package) with the engine's convert() and Worker."""
+    backend = ""
+
+    def __init__(self, model, precision: str = "fp32", artifact=None, log=None):
+        import importlib
+
+        self.model, self.precision = model, precision
+        self.backend_module = importlib.import_module(f".{self.backend}", __package__)
+        if log:
+            self._log = log
+        self.worker = self.backend_module.Worker(log=self._log)
+        self.version = f"{self.worker.version} {precision}"
+        self.paths, self.widths = {}, []
 
     def _log(self, line):
         print(line, file=sys.stderr)
+
+    def _convert(self, width: int):
+        if width not in self.paths:
+            self.paths[width] = self.backend_module.convert(self.model, width, self.precision, log=self._log)
+        return self.paths[width]
 
     def _width(self, ids) -> int:
         n = ids.shape[1]
@@ -159,25 +177,18 @@ class _StaticShapeWorkerEngine(EncoderEngine):
 class TFLiteEngine(_StaticShapeWorkerEngine):
     """TFLite/LiteRT (XNNPACK) in its own venv (canao.baselines.litert). Real SQuAD inputs run padded to 384,
     the way TFLite QA apps run them ("squad"), or each on a model of its own length ("squad-unpadded")."""
-    name, precisions = "tflite", ("fp32", "int8")
+    name, precisions, backend = "tflite", ("fp32", "int8"), "litert"
 
     def __init__(self, model, precision: str = "fp32", artifact=None, log=None):
-        from . import litert
-
-        self.model, self.precision, self.litert = model, precision, litert
-        if log:
-            self._log = log
-        self.worker = litert.Worker(log=self._log)
-        self.version = f"{self.worker.version} {precision}"
-        self.paths, self.loaded, self.widths = {}, set(), []
+        super().__init__(model, precision, artifact, log)
+        self.loaded = set()
 
     def setup(self, seq, inputs=()):
         # squad-unpadded: one static model per distinct input length, so nothing is padded
         self.widths = sorted({a[0].shape[1] for a in inputs}) if seq == "squad-unpadded" else \
             [384 if seq == "squad" else int(seq)]
         for w in self.widths:
-            if w not in self.paths:
-                self.paths[w] = self.litert.convert(self.model, w, self.precision, log=self._log)
+            self._convert(w)
         self.padded_to = self.widths[-1] if seq == "squad" else None
 
     def prepare(self, threads):
@@ -203,25 +214,14 @@ class TFLiteEngine(_StaticShapeWorkerEngine):
 class ExecuTorchEngine(_StaticShapeWorkerEngine):
     """ExecuTorch (XNNPACK delegate) in its own venv (canao.baselines.executorch_engine). Static shapes like
     TFLite: one program per length, real SQuAD inputs padded to 384."""
-    name, precisions = "executorch", ("fp32", "int8")
-
-    def __init__(self, model, precision: str = "fp32", artifact=None, log=None):
-        from . import executorch_engine
-
-        self.model, self.precision, self.et = model, precision, executorch_engine
-        if log:
-            self._log = log
-        self.worker = executorch_engine.Worker(log=self._log)
-        self.version = f"{self.worker.version} {precision}"
-        self.paths, self.widths = {}, []
+    name, precisions, backend = "executorch", ("fp32", "int8"), "executorch_engine"
 
     def setup(self, seq, inputs=()):
         if seq == "squad-unpadded":
             raise CanaoError("executorch: --seq squad-unpadded needs a program per length; bench it with --seq squad")
         width = 384 if seq == "squad" else int(seq)
         if width not in self.paths:
-            self.paths[width] = self.et.convert(self.model, width, self.precision, log=self._log)
-            self.worker.load(str(width), self.paths[width])
+            self.worker.load(str(width), self._convert(width))
         self.widths = [width]
         self.padded_to = width if seq == "squad" else None
 

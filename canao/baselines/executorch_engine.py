@@ -51,7 +51,6 @@ def convert(model, seq: int, precision: str, log=None) -> Path:
     out = folder / f"{weights.name}-{seq}-{precision}.pte"
     if out.exists():
         return out
-    ensure_venv(log)
     return convert_in_venv(VENV, MODULE, weights, [str(seq), precision], out,
                            "exporting and lowering to XNNPACK", log=log)
 
@@ -60,7 +59,6 @@ class Worker(EncoderWorker):
     """A serving worker in the venv: load(key, path), threads(n), run(key, ids, tt, mask) -> forward ms."""
 
     def __init__(self, log=None):
-        ensure_venv(log)
         super().__init__(VENV, MODULE, log=log)
         self.version = self.ask({"cmd": "version"})["version"]
 

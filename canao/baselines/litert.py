@@ -48,7 +48,6 @@ def convert(model, seq: int, precision: str, log=None) -> Path:
     out = folder / f"{weights.name}-{seq}-{precision}-v2.tflite"
     if out.exists():
         return out
-    ensure_venv(log)
     return convert_in_venv(VENV, MODULE, weights, [str(seq), precision], out, "converting with litert-torch",
                            log=log, env=QUIET_TF)
 
@@ -58,7 +57,6 @@ class Worker(EncoderWorker):
     logits(key, ids, tt, mask) -> (start, end)."""
 
     def __init__(self, log=None):
-        ensure_venv(log)
         super().__init__(VENV, MODULE, log=log, env=QUIET_TF)
         self.version = self.ask({"cmd": "version"})["version"]
 

@@ -52,7 +52,6 @@ class Worker(JsonLinesWorker):
     """A llama.cpp worker process in the venv. Timings are taken inside it, without the pipe."""
 
     def __init__(self, log=None):
-        ensure_venv(log)
         super().__init__(VENV, MODULE, log=log, stderr=venv_dir() / "worker.log")
         self.info = self.ask({"cmd": "version"})
         self.version = f"llama-cpp-python {self.info['version']}"

@@ -103,11 +103,16 @@ def cmd_compile(args) -> dict:
     source = resolve_model_path(args.model)
     model, tokenizer = load_encoder(source, task="qa")
     tune = False if args.no_tuning_db else (True if args.tune else None)
-    summary = compile_model(model, args.out, precision=args.precision, max_seq=args.max_seq,
-                            target=args.target, threads=args.threads, tune=tune,
-                            log=lambda line: print(line, file=sys.stderr), attention=args.attention)
-    # The apps tokenize before they run the artifact: it carries the model's tokenizer.
-    add_files(Path(summary["artifact"]), tokenizer_files(source))
+
+    def build(attention: str | None) -> dict:
+        summary = compile_model(model, args.out, precision=args.precision, max_seq=args.max_seq,
+                                target=args.target, threads=args.threads, tune=tune,
+                                log=lambda line: print(line, file=sys.stderr), attention=attention)
+        # The apps tokenize before they run the artifact: it carries the model's tokenizer.
+        add_files(Path(summary["artifact"]), tokenizer_files(source))
+        return summary
+
+    summary = build(args.attention)
     if args.verify:
         from .standalone import RunnerModel
         from .targets import X86_64, get_target, is_cross
@@ -138,36 +143,33 @@ def cmd_compile(args) -> dict:
                                  f"> {summary['verify']['tolerance']}")
         else:
             # reduced precision is judged by its answers: SQuAD F1 on a fixed slice vs fp32
-            summary["verify"] = verify(model, compiled, cases, tolerance=float("inf"))
             if squad is None:
                 raise CanaoError(f"--verify of a {args.precision} artifact needs SQuAD dev (--data or $CANAO_DATA)")
-            summary["verify"]["f1"] = f1 = _squad_f1_verdict(model, tokenizer, compiled, squad, args.precision,
-                                                                 args.max_seq)
-            summary["verify"]["ok"] = f1["ok"]
-            if not f1["ok"] and args.attention is None and summary["attention"] == "int8":
+
+            def judged(compiled) -> dict:
+                checked = verify(model, compiled, cases, tolerance=float("inf"))
+                checked["f1"] = _squad_f1_verdict(model, tokenizer, compiled, squad, args.precision, args.max_seq)
+                checked["ok"] = checked["f1"]["ok"]
+                return checked
+
+            summary["verify"] = checked = judged(compiled)
+            first = None
+            if not checked["ok"] and args.attention is None and summary["attention"] == "int8":
                 # the attention's precision was the default, not the user's: int8 products can cost F1 on short
                 # windows (the teacher at --max-seq 128: -1.9 with them, -0.2 without), so try fp32 products
-                print(f"canao compile: int8 F1 {f1['f1']:.2f} vs fp32 {f1['f1_fp32']:.2f} with int8 attention products; "
-                      "compiling again with fp32 attention products", file=sys.stderr)
+                first = checked["f1"]
+                print(f"canao compile: int8 F1 {first['f1']:.2f} vs fp32 {first['f1_fp32']:.2f} with int8 attention "
+                      "products; compiling again with fp32 attention products", file=sys.stderr)
                 compiled.close()
-                first = f1
-                summary = compile_model(model, args.out, precision=args.precision, max_seq=args.max_seq,
-                                        target=args.target, threads=args.threads, tune=tune,
-                                        log=lambda line: print(line, file=sys.stderr), attention="fp32")
-                add_files(Path(summary["artifact"]), tokenizer_files(source))
+                summary = build("fp32")
                 compiled = load_artifact(args.out, threads=args.threads)
-                summary["verify"] = verify(model, compiled, cases, tolerance=float("inf"))
-                summary["verify"]["f1"] = f1 = _squad_f1_verdict(model, tokenizer, compiled, squad, args.precision,
-                                                                     args.max_seq)
-                summary["verify"]["ok"] = f1["ok"]
-                summary["verify"]["int8_attention"] = first
-                if not f1["ok"]:
-                    raise CanaoError(f"verification failed: {args.precision} F1 {f1['f1']:.2f} vs fp32 "
-                                     f"{f1['f1_fp32']:.2f} on {f1['questions']} questions with fp32 attention products "
-                                     f"({first['f1']:.2f} with int8 ones; allowed drop {f1['tolerance']})")
+                summary["verify"] = checked = judged(compiled)
+                checked["int8_attention"] = first
+            f1 = checked["f1"]
             if not f1["ok"]:
+                retried = (f" with fp32 attention products ({first['f1']:.2f} with int8 ones; " if first else " (")
                 raise CanaoError(f"verification failed: {args.precision} F1 {f1['f1']:.2f} vs fp32 {f1['f1_fp32']:.2f} "
-                                 f"on {f1['questions']} questions (allowed drop {f1['tolerance']})")
+                                 f"on {f1['questions']} questions{retried}allowed drop {f1['tolerance']})")
     if not args.json:
         f = summary["fusion"]
         print(f"wrote {summary['artifact']} ({summary['target']['name']}, {summary['precision']}, attention "

@@ -31,7 +31,7 @@ from .attention import ATT_MAX_HEAD_DIM, ATT_ROWS, AttentionSizes, attention_dim
 from .gemm import TILE_SOURCES, Schedule, matmul_label, render_matmul
 from .layout import assign_layouts
 from .memory import Plan
-from .plan import ARGS, CALL_ARGS, Kernel, Planner, ProgramPlan
+from .plan import ARGS, CALL_ARGS, Kernel, Planner, ProgramPlan, kt_buffer, vt_buffer
 from .rowwise import render_elementwise, render_layernorm
 from .weights import WeightBlob
 
@@ -82,7 +82,7 @@ class _Gen:
 
     def buffer_bytes(self, name: str) -> int:
         if name.endswith(("__kt", "__vt")):
-            op = next(o for o in self.kernel_ops if name in (f"{o.output}__kt", f"{o.output}__vt"))
+            op = next(o for o in self.kernel_ops if name in (kt_buffer(o), vt_buffer(o)))
             return self.att.buffer_bytes(op, name[-2:])
         return self.g.tensors[name].nbytes(self.max_seq)
 
