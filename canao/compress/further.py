@@ -60,6 +60,7 @@ class FurtherJob:
     arch: str | None = None  # Arch.parse text: start from the importance-ordered teacher's slices
     supernet: Path | None = None  # with arch: take the importance order from this supernet (else compute it)
     shared_embeddings: str | None = None  # with arch: refer to this built-in model's word-embedding table
+    repair_windows: int = 128  # with arch: refit the slices' output projections on this many windows (0: as cut)
     command: list[str] = field(default_factory=list)
 
 
@@ -91,6 +92,8 @@ def run(job: FurtherJob, resume: bool = False, progress: bool = True) -> dict:
     if record.get("finished"):
         raise CanaoError(f"{out}: this run has finished (best F1 {record['best']['f1']:.2f} at step "
                          f"{record['best']['step']}); its model is {out / 'model'}. Choose another --out for more")
+    if job.repair_windows < 0:
+        raise CanaoError(f"--repair-windows must be >= 0 (0: no refit), got {job.repair_windows}")
     if (job.student is None) == (job.arch is None):
         raise CanaoError("give a trained student (--student) or an architecture to start from teacher slices (--arch)")
     if job.student is not None and (job.supernet or job.shared_embeddings):
@@ -124,7 +127,10 @@ def run(job: FurtherJob, resume: bool = False, progress: bool = True) -> dict:
             if not record.get("importance"):  # decided once: a resumed run slices the same channels
                 record["importance"] = _importance(job, teacher, windows, spre)
                 atomic_write_text(record_path, json.dumps(record, indent=1))
-            student, shared = _teacher_slices(job, teacher, arch, record["importance"])
+            student, shared, repair = _teacher_slices(job, teacher, arch, record["importance"], windows)
+            if repair is not None and "repair" not in record:
+                record["repair"] = repair
+                atomic_write_text(record_path, json.dumps(record, indent=1))
         del teacher
 
         _, dev_file = data_files(job.data)
@@ -190,8 +196,9 @@ def _check_fits(arch, cfg) -> None:
                          f"heads, FFN {min(cfg.layer_ffn)}, hidden {cfg.hidden_size}): a student is a slice of it")
 
 
-def _teacher_slices(job: FurtherJob, teacher, arch, importance: dict):
-    """(student, shared-table spec): `arch`'s slices of the importance-ordered teacher."""
+def _teacher_slices(job: FurtherJob, teacher, arch, importance: dict, windows):
+    """(student, shared-table spec, refit record or None): `arch`'s slices of the importance-ordered teacher,
+    their output projections refit by least squares on `job.repair_windows` training windows (reconstruct.py)."""
     import copy
 
     from .pipeline import _apply_perms
@@ -210,7 +217,13 @@ def _teacher_slices(job: FurtherJob, teacher, arch, importance: dict):
         swap_word_table(sliced, job.shared_embeddings, hidden_perm)
         shared = {"model": job.shared_embeddings, "channels": list(hidden_perm[:H])}
     space = SearchSpace.from_teacher(cfg, seq=arch.seq)
-    return SuperNet(sliced.eval(), space).extract(arch).float(), shared
+    student = SuperNet(sliced.eval(), space).extract(arch).float()
+    repair = None
+    if job.repair_windows:
+        from .reconstruct import Reconstructor, calibration_windows
+
+        repair = Reconstructor(sliced, calibration_windows(windows, job.repair_windows, job.seed))(student, arch)
+    return student, shared, repair
 
 
 def register_distill(sub) -> None:
@@ -230,6 +243,9 @@ def register_distill(sub) -> None:
     p.add_argument("--shared-embeddings", default=None, metavar="MODEL",
                    help="with --arch: refer to this built-in model's word-embedding table (e.g. minilm) instead "
                         "of storing one")
+    p.add_argument("--repair-windows", type=int, default=128, metavar="N",
+                   help="with --arch: refit the slices' output projections by least squares on N training windows "
+                        "before distilling (seconds; 0: start from the slices as cut)")
     p.add_argument("--teacher", required=True, help="the teacher checkpoint folder it was distilled from")
     p.add_argument("--data", required=True, help="data folder laid out like ../shared/data")
     p.add_argument("--out", required=True, help="output folder (model/, distill.json)")
@@ -250,7 +266,7 @@ def register_distill(sub) -> None:
 def cmd_distill(args) -> dict:
     minutes = args.minutes if args.minutes is not None or args.steps is not None else 30.0
     job = FurtherJob(student=args.student, arch=args.arch, supernet=Path(args.supernet) if args.supernet else None,
-                     shared_embeddings=args.shared_embeddings, teacher=Path(args.teacher), data=Path(args.data), out=Path(args.out),
+                     shared_embeddings=args.shared_embeddings, repair_windows=args.repair_windows, teacher=Path(args.teacher), data=Path(args.data), out=Path(args.out),
                      minutes=minutes, steps=args.steps, lr=args.lr, eval_every=args.eval_every,
                      data_preset=args.data_preset, select_n=args.select_questions, seed=args.seed,
                      threads=args.threads, command=["canao", *sys.argv[1:]])

@@ -5,16 +5,17 @@
  3 calibration    measure candidates through the compiler, fit the latency predictor, held-out error
  4 data           augmented questions + the teacher's cached logits (shared with every search)
  5 supernet       --supernet DIR, or trained into OUT/supernet by the preset (canao supernet train),
-                  or none (quick: slices of the importance-ordered teacher)
+                  or none (quick: slices of the importance-ordered teacher); every teacher slice is
+                  refit by least squares on calibration windows when extracted (reconstruct.py)
  6 search         controllers (RL, evolution, random) over the space, every candidate's sub-network
                   F1 on the search slice (>= 300 dev questions), every candidate logged
  7 confirm        measure the best candidates in order of F1: the first 3 % under the budget is taken
- 8 phase2         the chosen architecture from the better of its supernet weights and its teacher
-                  slice, distilled from the cached teacher; the best checkpoint by F1 on the
+ 8 phase2         the chosen architecture from the better of its supernet weights and its (refit)
+                  teacher slice, distilled from the cached teacher; the best checkpoint by F1 on the
                   selection slice (>= 500 dev questions, disjoint from the search slice) is kept
  9 final          compile, verify against PyTorch, measure p50/p95 (padded and per question),
                   F1 of the compiled model; over budget -> the next confirmed candidate
-10 baselines      width-shrunk and layer-dropped students from teacher slices with the same phase-2
+10 baselines      width-shrunk and layer-dropped students from (refit) teacher slices with the same phase-2
                   steps on the same cached data (one identical to CANAO's model is not trained
                   twice; quick: width-shrunk only), and the teacher in int8 where that fits the budget,
                   each compiled and measured; the int8 teacher on other engines (Pareto points)
@@ -82,11 +83,13 @@ class Preset:
     external: tuple[str, ...] = ("onnxruntime", "tflite")  # engines of the int8-teacher points on the plot
     hidden_fracs: tuple[float, ...] = (0.5, 0.75, 1.0)  # residual-stream widths searched (fractions of the teacher's)
     min_depth: int = 2
+    # calibration windows for the least-squares refit of teacher slices (reconstruct.py); 0: slices as cut
+    repair_windows: int = 128
 
 
 PRESETS = {
     # The README's main job: 15 minutes on 2 CPU cores. No supernet: candidates are ranked by the F1 of
-    # importance-ordered teacher slices; phase 2 distills on 1,000 training questions and two augmented
+    # importance-ordered teacher slices, each refit by least squares (a few seconds each); phase 2 distills on 1,000 training questions and two augmented
     # copies of each. The hidden size stays the teacher's (untrained narrow slices of the residual stream
     # cannot be ranked). One baseline, the width-shrunk student (the layer-dropped one never came near at
     # 2x-4x), and no other engines: each costs another phase 2 or minutes of evaluation.
@@ -399,6 +402,11 @@ class SearchRun:
         if job.shared_embeddings:
             supernet_train.swap_word_table(sliced, job.shared_embeddings, perms.get("hidden"))
         self.slices = SuperNet(copy_teacher(sliced), self.space)
+        if pre.repair_windows:  # every teacher-slice student (ranked, started from, baseline) is refit first
+            from .reconstruct import Reconstructor, RepairedSlices, calibration_windows
+
+            calib = calibration_windows(self.windows, pre.repair_windows, job.seed)
+            self.slices = RepairedSlices(self.slices, Reconstructor(self.slices.model, calib))
         self.net = SuperNet(trained.model, self.space) if sup_dir is not None else self.slices
         self.net.model.eval()
         self.hidden_perm = perms.get("hidden") or list(range(tcfg.hidden_size))
@@ -495,9 +503,8 @@ class SearchRun:
             return student
         t0 = time.perf_counter()
         # start from whichever is better on the selection slice: the supernet's weights or the teacher's slices
-        starts = {"supernet": self.net.extract(arch)}
-        if self.net is not self.slices:
-            starts["teacher-slices"] = self.slices.extract(arch)
+        starts = {"supernet": self.net.extract(arch)} if self.net is not self.slices else {}
+        starts["teacher-slices"] = self.slices.extract(arch)
         start_f1 = {k: self.sets.f1(torch_runner(m), "select", arch.seq) for k, m in starts.items()}
         start = max(start_f1, key=start_f1.get)
         _log(f"phase 2: distilling {arch.key()} from its {start} weights (selection-slice F1 "
@@ -506,7 +513,7 @@ class SearchRun:
         student, res = self._distill(arch, starts[start], state_root, self.pre.phase2_steps, self.pre.phase2_seconds)
         self._save(student, model_dir)
         st.set("phase2", {"key": arch.key(), "arch": arch.to_dict(), "train_s": time.perf_counter() - t0,
-                          "steps": res["steps"], "start": start, "start_f1": start_f1, "best": res["best"],
+                          "steps": res["steps"], "start": start, "start_f1": start_f1, "repair": self._repair_record(arch), "best": res["best"],
                           "evals": res["evals"], "f1_select_torch": res["best"]["f1"], "device": res["device"],
                           "bf16": res["bf16"], "train_windows": len(self.windows)})
         clear_state(state_root)  # only once the model and its record are saved: before, a crash resumes at the end
@@ -582,7 +589,8 @@ class SearchRun:
         student, res = self._distill(arch, self.slices.extract(arch), self.out / f"baseline-{name}-state", steps, None)
         folder = self.out / f"baseline-{name}"
         self._save(student, folder / "model")
-        r = {"arch": arch.to_dict(), "key": arch.key(), "steps": res["steps"], "best": res["best"], "model": str(folder / "model")}
+        r = {"arch": arch.to_dict(), "key": arch.key(), "steps": res["steps"], "best": res["best"], "model": str(folder / "model"),
+             "repair": self._repair_record(arch)}
         if self.oracle is not None:
             r.update(self.final(student, arch, folder / f"artifact-{arch.key()}", "baseline") or {})
         else:
@@ -594,7 +602,12 @@ class SearchRun:
     def _teacher_slice_start(self) -> bool:
         """Did CANAO's phase 2 start from the teacher's slices (as a baseline does)?"""
         p2 = self.st.data.get("phase2", {})
+        # (a quick search recorded before the refit called its teacher-slice start "supernet")
         return p2.get("start") == "teacher-slices" or (self.net is self.slices and p2.get("start") == "supernet")
+
+    def _repair_record(self, arch: Arch) -> dict | None:
+        """The least-squares refit of `arch`'s teacher slices (reconstruct.py), if there was one."""
+        return getattr(self.slices, "records", {}).get(arch.shape_key())
 
     def int8_teacher(self, arch: Arch) -> None:
         """The teacher compiled by canao in int8: a baseline wherever it fits the budget."""

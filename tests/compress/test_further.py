@@ -53,6 +53,7 @@ def test_distill_from_teacher_slices_of_an_architecture(tmp_path, teacher_dir, d
     rec = json.loads((tmp_path / "out" / "distill.json").read_text())
     assert rec["source"] == "teacher slices L2-h4.2-f768.768-s384-fp32" and rec["importance"]["from"] == "computed"
     assert [e["step"] for e in rec["evals"]] == [0, 2] and res["best"]["f1"] >= rec["start_f1"]
+    assert rec["repair"]["windows"] > 0 and len(rec["repair"]["unexplained_after"]) == 4  # two blocks per layer
     model, _ = load_encoder(tmp_path / "out" / "model")
     assert model.config.layer_heads == [4, 2] and model.config.layer_ffn == [768, 768]
     with safe_open(str(tmp_path / "out" / "model" / "model.safetensors"), "pt") as f:

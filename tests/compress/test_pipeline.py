@@ -10,6 +10,7 @@ from canao.errors import CanaoError
 
 TINY = dict(search_dev=6, select_dev=6, choose_dev=4, eval_dev=20, calibration=4, proposals=3, phase2_steps=2, phase2_seconds=None,
             eval_every=0, batch_size=4, runs=3, rounds=2, hidden_fracs=(0.5, 1.0),  # the hidden width searched too
+            repair_windows=8,  # teacher slices refit on 8 calibration windows
             baselines=("width-shrunk", "layer-dropped"), external=("onnxruntime",))  # the quick preset's are fewer
 # the distillation data (and, in the standard preset, the supernet): 16 questions and one augmented copy each
 SUPER_TINY = dict(train_limit=16, copies=1, window=WindowSettings(128, 32), importance_batches=1, steps=4, seconds=None,
@@ -51,7 +52,8 @@ def test_search_end_to_end_and_resume(tmp_path, teacher_dir, data_dir):
     assert "teacher-int8-onnxruntime" in (out / "report.md").read_text()
     assert res["predictor"]["n"] >= 1
     state = json.loads((out / "state.json").read_text())
-    assert state["phase2"]["steps"] == 2 and state["phase2"]["start"] == "supernet"
+    assert state["phase2"]["steps"] == 2 and state["phase2"]["start"] == "teacher-slices"
+    assert state["phase2"]["repair"]["windows"] == 8  # the slices were refit before phase 2
     assert {b["steps"] for b in state["baselines"].values() if "steps" in b} == {2}  # the baselines got the same
     assert state["phase2"]["best"]["f1"] == max(e["f1"] for e in state["phase2"]["evals"])  # kept the best
     # never below an in-budget baseline on the choice slice (selection + 4 further questions)
