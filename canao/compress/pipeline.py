@@ -461,7 +461,8 @@ class SearchRun:
         while final is None:
             candidates = [e for e in ranked if e["key"] not in tried]
             if not candidates:
-                raise CanaoError(f"every candidate's compiled model exceeded the {self.job.budget_ms} ms budget when measured")
+                raise CanaoError(f"every candidate's compiled model was rejected: over the {self.job.budget_ms} ms budget "
+                                 "when measured, or its compiled F1 more than 3 below PyTorch's (see the search log)")
             # a rejected shrunk-to-fit candidate is not in `ranked`: excluded so it is not proposed again
             arch, m, trail = self.search.confirm(candidates, guard=self.pre.latency_guard, exclude=tried)
             if arch.key() in tried:  # cannot happen with `exclude`; never train a rejected model twice
@@ -522,7 +523,8 @@ class SearchRun:
         return student
 
     def final(self, student, arch: Arch, art: Path, stage: str) -> dict | None:
-        """Compile, verify, measure, F1: None when the measured p95 misses the budget (twice)."""
+        """Compile, verify, measure, F1: None (phase 2) when the measured p95 misses the budget (twice) or the
+        compiled model's F1 is more than 3 below PyTorch's on the selection slice."""
         job, oracle = self.job, self.oracle
         # Each candidate gets its own folder: a process keeps every shared library it has loaded, so
         # re-using one path for another model would run the old library. Only the accepted one is renamed.
@@ -556,8 +558,13 @@ class SearchRun:
             close()
         torch_f1 = self.sets.f1(torch_runner(student), "select", arch.seq)
         if f1_select < torch_f1 - 3.0:
-            raise CanaoError(f"compiled {arch.precision} model loses {torch_f1 - f1_select:.1f} F1 against PyTorch; "
-                             f"see {art}")
+            loss = f"compiled {arch.precision} model loses {torch_f1 - f1_select:.1f} F1 against PyTorch"
+            if stage == "phase2":  # as a model over the budget: the next confirmed candidate, not a dead search
+                _log(f"{arch.key()}: {loss}: taking the next candidate")
+                shutil.rmtree(art, ignore_errors=True)
+                shutil.rmtree(timed, ignore_errors=True)
+                return None
+            raise CanaoError(f"{loss}; see {art}")
         # per-question timing needs the Python binding, so it is taken on this machine even with a device
         pq = {**per_question_latency(art, self.sets.features("eval", arch.seq), job.threads), "on": "this machine"}
         return {"arch": arch.to_dict(), "key": arch.key(), **scores, "f1_select": f1_select, "f1_select_torch": torch_f1,

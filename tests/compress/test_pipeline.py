@@ -87,6 +87,31 @@ def test_a_baseline_identical_to_canaos_model_is_not_trained_twice(tmp_path, tea
     assert not (tmp_path / "out" / "baseline-width-shrunk").exists() and state["returned"]["name"] == "canao"
 
 
+def test_a_compiled_model_that_loses_f1_is_rejected_and_the_next_candidate_trained(tmp_path, teacher_dir, data_dir,
+                                                                                    monkeypatch):
+    import numpy as np
+
+    from canao.compress import pipeline
+
+    real, calls = pipeline.artifact_runner, []
+
+    def first_one_broken(path, threads):  # the first compiled model answers with flat logits: F1 near 0
+        calls.append(str(path))
+        run_fn, close = real(path, threads)
+        if len(calls) > 1:
+            return run_fn, close
+        return (lambda *a: tuple(np.zeros_like(x) for x in run_fn(*a))), close
+
+    monkeypatch.setattr(pipeline, "artifact_runner", first_one_broken)
+    # the anchors and three random candidates, all within a generous budget
+    res = run(job(tmp_path, teacher_dir, data_dir, 400.0, controllers=("random",), over=dict(baselines=(), external=())),
+              progress=False)
+    state = json.loads((tmp_path / "out" / "state.json").read_text())
+    assert len(state["rejected"]) == 1 and state["final"]["key"] != state["rejected"][0]
+    assert res["arch"] == state["final"]["arch"] and res["f1"] > 5  # the second one, trained and compiled intact
+    assert not any(p.name == f"artifact-{state['rejected'][0]}" for p in (tmp_path / "out").iterdir())
+
+
 def test_training_without_the_target_then_the_device_stages_on_it(tmp_path, teacher_dir, data_dir):
     """scripts/device_search.sh: a GPU machine trains with a predictor fitted on the target (measure=False),
     then `--resume` on the target measures, compiles and reports without training again."""
