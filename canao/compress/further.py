@@ -266,7 +266,8 @@ def register_distill(sub) -> None:
 def cmd_distill(args) -> dict:
     minutes = args.minutes if args.minutes is not None or args.steps is not None else 30.0
     job = FurtherJob(student=args.student, arch=args.arch, supernet=Path(args.supernet) if args.supernet else None,
-                     shared_embeddings=args.shared_embeddings, repair_windows=args.repair_windows, teacher=Path(args.teacher), data=Path(args.data), out=Path(args.out),
+                     shared_embeddings=args.shared_embeddings, repair_windows=args.repair_windows,
+                     teacher=Path(args.teacher), data=Path(args.data), out=Path(args.out),
                      minutes=minutes, steps=args.steps, lr=args.lr, eval_every=args.eval_every,
                      data_preset=args.data_preset, select_n=args.select_questions, seed=args.seed,
                      threads=args.threads, command=["canao", *sys.argv[1:]])

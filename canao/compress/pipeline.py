@@ -516,8 +516,8 @@ class SearchRun:
         student, res = self._distill(arch, starts[start], state_root, self.pre.phase2_steps, self.pre.phase2_seconds)
         self._save(student, model_dir)
         st.set("phase2", {"key": arch.key(), "arch": arch.to_dict(), "train_s": time.perf_counter() - t0,
-                          "steps": res["steps"], "start": start, "start_f1": start_f1, "repair": self._repair_record(arch), "best": res["best"],
-                          "evals": res["evals"], "f1_select_torch": res["best"]["f1"], "device": res["device"],
+                          "steps": res["steps"], "start": start, "start_f1": start_f1,
+                          "repair": self._repair_record(arch), "best": res["best"], "evals": res["evals"], "f1_select_torch": res["best"]["f1"], "device": res["device"],
                           "bf16": res["bf16"], "train_windows": len(self.windows)})
         clear_state(state_root)  # only once the model and its record are saved: before, a crash resumes at the end
         return student
@@ -545,11 +545,14 @@ class SearchRun:
             if m["p95_ms"] <= job.budget_ms:
                 break
             m = min(m, oracle.time_artifact(timed, arch.seq), key=lambda r: r["p95_ms"])
-        if m["p95_ms"] > job.budget_ms and stage == "phase2":
-            _log(f"{arch.key()} measured p95 {m['p95_ms']:.2f} ms > budget {job.budget_ms} ms: taking the next candidate")
+
+        def rejected(why: str) -> None:  # phase 2 takes the next confirmed candidate
+            _log(f"{arch.key()} {why}: taking the next candidate")
             shutil.rmtree(art, ignore_errors=True)
             shutil.rmtree(timed, ignore_errors=True)
-            return None
+
+        if m["p95_ms"] > job.budget_ms and stage == "phase2":
+            return rejected(f"measured p95 {m['p95_ms']:.2f} ms > budget {job.budget_ms} ms")
         run_fn, close = artifact_runner(art, job.threads)
         try:
             f1_select = self.sets.f1(run_fn, "select", arch.seq)
@@ -560,10 +563,7 @@ class SearchRun:
         if f1_select < torch_f1 - 3.0:
             loss = f"compiled {arch.precision} model loses {torch_f1 - f1_select:.1f} F1 against PyTorch"
             if stage == "phase2":  # as a model over the budget: the next confirmed candidate, not a dead search
-                _log(f"{arch.key()}: {loss}: taking the next candidate")
-                shutil.rmtree(art, ignore_errors=True)
-                shutil.rmtree(timed, ignore_errors=True)
-                return None
+                return rejected(loss)
             raise CanaoError(f"{loss}; see {art}")
         # per-question timing needs the Python binding, so it is taken on this machine even with a device
         pq = {**per_question_latency(art, self.sets.features("eval", arch.seq), job.threads), "on": "this machine"}

@@ -31,11 +31,8 @@ import time
 import numpy as np
 import torch
 
+from ..models.bert import mask_bias
 from .space import Arch, keep_layers
-
-
-def _mask_bias(mask: torch.Tensor) -> torch.Tensor:
-    return (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
 
 
 class Reconstructor:
@@ -61,7 +58,7 @@ class Reconstructor:
             for layer in teacher.bert.encoder.layer:
                 attn_sums, ffn_sums = [], []
                 for k, (_, _, mask) in enumerate(self.batches):
-                    ctx = layer.attention.self(xs[k], _mask_bias(mask))[0]
+                    ctx = layer.attention.self(xs[k], mask_bias(mask))[0]
                     ao, fo = layer.attention.output, layer.output
                     u = xs[k] + ao.dense(ctx)
                     mid = ao.LayerNorm(u)
@@ -85,7 +82,7 @@ class Reconstructor:
             layer = student.bert.encoder.layer[si]
             ao, fo = layer.attention.output, layer.output
             attn_target, ffn_target = (t[:, :hidden] for t in self.targets[li])
-            ctxs = [layer.attention.self(xs[k], _mask_bias(m))[0] for k, (_, _, m) in enumerate(self.batches)]
+            ctxs = [layer.attention.self(xs[k], mask_bias(m))[0] for k, (_, _, m) in enumerate(self.batches)]
             unexplained.append(self._refit(ao.dense, ctxs, xs, attn_target))
             mids = [ao.LayerNorm(x + ao.dense(c)) for x, c in zip(xs, ctxs)]
             inters = [layer.intermediate(m) for m in mids]
@@ -105,8 +102,7 @@ class Reconstructor:
         at = 0
         for (_, _, mask), a, r in zip(self.batches, inputs, residuals):
             keep = mask.bool()
-            held = torch.zeros_like(keep)
-            held[torch.arange(len(keep)) % 4 == 3] = True
+            held = (torch.arange(len(keep)) % 4 == 3)[:, None].expand_as(keep)  # every fourth window
             rows = torch.cat([a[keep], torch.ones(int(keep.sum()), 1)], 1)
             y = target[at:at + len(rows)].float() - r[keep]
             at += len(rows)
@@ -191,11 +187,6 @@ class RepairedSlices:
 
     def runner(self, arch: Arch):
         """A `run(ids, types, mask) -> (start, end)` callable for squad.predict, as SuperNet.runner."""
-        sub = self.extract(arch)
+        from .pipeline import torch_runner
 
-        @torch.no_grad()
-        def run(ids, tt, mask):
-            s, e = sub(*(torch.as_tensor(a) for a in (ids, tt, mask)))
-            return s.float().numpy(), e.float().numpy()
-
-        return run
+        return torch_runner(self.extract(arch))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.bert import BertForQuestionAnswering
+from ..models.bert import BertForQuestionAnswering, mask_bias
 from .space import Arch, SearchSpace, keep_layers
 
 
@@ -35,7 +35,7 @@ class SuperNet(nn.Module):
         m, cfg = self.model, self.model.config
         d, H = cfg.head_dim, arch.width(cfg)
         eps = cfg.layer_norm_eps
-        mask_bias = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        bias = mask_bias(attention_mask)
 
         def norm(x, ln):  # a LayerNorm over the kept channels only
             return F.layer_norm(x, (H,), ln.weight[:H], ln.bias[:H], eps)
@@ -58,11 +58,11 @@ class SuperNet(nn.Module):
             q, k, v = proj(sa.query), proj(sa.key), proj(sa.value)
             drop = sa.dropout if self.training else 0.0
             if output_attentions:
-                probs = (q @ k.transpose(-1, -2) / math.sqrt(d) + mask_bias).softmax(-1)
+                probs = (q @ k.transpose(-1, -2) / math.sqrt(d) + bias).softmax(-1)
                 ctx = F.dropout(probs, drop, self.training) @ v
                 attns.append(probs)
             else:
-                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias, dropout_p=drop)
+                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
             ctx = ctx.transpose(1, 2).reshape(b, s, w)
             ao = layer.attention.output
             x = norm(ao.dropout(F.linear(ctx, ao.dense.weight[:H, :w], ao.dense.bias[:H])) + x, ao.LayerNorm)

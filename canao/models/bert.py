@@ -215,6 +215,12 @@ class EncoderOutput:
     attentions: list[torch.Tensor] | None = None
 
 
+def mask_bias(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The additive attention mask: 0 for real tokens, float32's minimum for padding, broadcast over heads
+    and query positions (b, 1, 1, s)."""
+    return (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+
+
 class BertModel(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -227,13 +233,12 @@ class BertModel(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        # Additive mask, broadcast over heads and query positions.
-        mask_bias = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        bias = mask_bias(attention_mask)
         x = self.embeddings(input_ids, token_type_ids)
         hidden = [x] if output_hidden else None
         attns = [] if output_attentions else None
         for layer in self.encoder.layer:
-            x, probs = layer(x, mask_bias, output_attentions)
+            x, probs = layer(x, bias, output_attentions)
             if output_hidden:
                 hidden.append(x)
             if output_attentions:
